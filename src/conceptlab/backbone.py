@@ -1,0 +1,244 @@
+"""The frozen Stable Diffusion parts: loaded from any diffusers SD 1.x/2.x folder or hub id, or the
+embedded tiny backbone (built once from code, saved with save_pretrained, then loaded like a folder)."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import BackboneError, ConfigError
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+# Bump when the tiny backbone's architecture changes, so stale caches are rebuilt, not reused.
+TINY_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Backbone(nn.Module):
+    """Tokenizer, text encoder, VAE, UNet and noise scheduler; frozen and always in eval mode."""
+
+    def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, name: str, path: str):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.unet = unet
+        self.scheduler = scheduler
+        self.name = name
+        self.path = path
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Backbone:
+        # Frozen means frozen: no dropout, whatever Lightning asks of the module that holds us.
+        return super().train(False)
+
+    @property
+    def context_dim(self) -> int:
+        return self.text_encoder.config.hidden_size
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The UNet's text context (last hidden state) for token ids [batch, 77]."""
+        return self.text_encoder(input_ids)[0]
+
+
+def resolve_dtype(name: str, device: torch.device, precision: str) -> torch.dtype:
+    """The frozen parts' dtype: `auto` = half precision on CUDA, float32 elsewhere."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if "bf16" in str(precision) else torch.float16
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_backbone(cfg: ModelConfig) -> Backbone:
+    """Load the frozen backbone a model config names (a folder, a hub id, or the tiny default)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = str(Path(cfg.path).expanduser()) if cfg.path else str(ensure_tiny_backbone(cfg))
+    local = Path(source).is_dir()
+    if local:
+        missing = [c for c in COMPONENTS if not (Path(source) / c).is_dir()]
+        if missing:
+            raise BackboneError(
+                f"model folder {source} has no {', '.join(m + '/' for m in missing)}: a diffusers Stable "
+                f"Diffusion folder holds {', '.join(c + '/' for c in COMPONENTS)}; point model.path at a "
+                "complete folder (single-file .ckpt/.safetensors checkpoints must be converted to one first)"
+            )
+    elif Path(source).exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise BackboneError(
+            f"model.path={cfg.path!r} is neither a diffusers model folder nor a hub id (owner/name); "
+            "point it at a folder holding tokenizer/, text_encoder/, vae/, unet/ and scheduler/"
+        )
+    kwargs = {} if local else {"revision": cfg.revision}
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(
+            source, subfolder="text_encoder", variant=cfg.variant, **kwargs
+        )
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=cfg.variant, **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.variant, **kwargs)
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        where = f"folder {source}" if local else f"hub id {source!r} (is it downloaded, and is the hub reachable?)"
+        raise BackboneError(f"could not load the Stable Diffusion backbone from {where}: {err}") from err
+    if cfg.prediction_type:
+        if cfg.prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(
+                f"model.prediction_type={cfg.prediction_type!r}: use epsilon, v_prediction or null"
+            )
+        scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    backbone = Backbone(tokenizer, text_encoder, vae, unet, scheduler, name=cfg.name, path=source)
+    if cfg.context_dim is not None and backbone.context_dim != cfg.context_dim:
+        raise BackboneError(
+            f"{source} has a {backbone.context_dim}-wide text context, but model={cfg.name} expects "
+            f"{cfg.context_dim}; pick the model config that matches the folder (sd15: 768, sd21: 1024)"
+        )
+    return backbone
+
+
+def tiny_backbone_dir(cfg: ModelConfig) -> Path:
+    root = Path(os.environ.get("CONCEPTLAB_CACHE") or cfg.cache_dir).expanduser()
+    return root / f"tiny-v{TINY_VERSION}-seed{cfg.tiny_seed}"
+
+
+def ensure_tiny_backbone(cfg: ModelConfig) -> Path:
+    """The cached tiny backbone folder, built on first use (atomically: parallel sweep jobs are safe)."""
+    folder = tiny_backbone_dir(cfg)
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        log.info("building the embedded tiny backbone in %s (once)", folder)
+        save_tiny_backbone(tmp, seed=cfg.tiny_seed)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "model_index.json").is_file():  # not a finished twin from another job
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def save_tiny_backbone(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Build the tiny SD-1.x-shaped pipeline (random weights, fixed seed) and save it as a diffusers folder."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=32,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    # Factor-8 VAE (4 blocks) like SD's, so a 64-px image gives an 8x8x4 latent.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    # SD's own schedule (scaled linear 0.00085-0.012, 1000 steps, epsilon prediction).
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def clip_tokenizer():
+    """OpenAI's CLIP tokenizer (49,408 tokens), built from the BPE file the openai-clip package ships."""
+    from transformers import CLIPTokenizer
+
+    try:
+        bpe_file = metadata.distribution("openai-clip").locate_file("clip/bpe_simple_vocab_16e6.txt.gz")
+    except metadata.PackageNotFoundError as err:
+        raise BackboneError("the CLIP vocabulary comes from the openai-clip package: pip install openai-clip") from err
+    lines = gzip.open(bpe_file).read().decode("utf-8").split("\n")
+    # CLIP keeps the first 48,894 merges; its vocabulary is the 256 byte symbols, the same with an
+    # end-of-word mark, one entry per merge, then the two special tokens (OpenAI's simple_tokenizer).
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    symbols = _byte_symbols()
+    words = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    words += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={w: i for i, w in enumerate(words)}, merges=merges, model_max_length=77)
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP's reversible byte-to-character map, in CLIP's vocabulary order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]

@@ -1,0 +1,159 @@
+"""Lightning callbacks: sample grids, the learned concept files, and the run's own statistics."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from .atomic import atomic_path
+from .config import SamplesConfig
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written beside their target and renamed over it: never a half-written last.ckpt."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+class SampleGrid(pl.Callback):
+    """A grid (rows: prompts, columns: seeds) at step 0, every N steps and at the end; saved and logged."""
+
+    def __init__(self, cfg: SamplesConfig, prompts: list[str], prompt_text: str, folder: Path):
+        self.cfg = cfg
+        self.prompts = [p.replace("{}", prompt_text) for p in prompts]
+        self.folder = folder
+        self.last_step = -1
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.cfg.every_n_steps > 0:
+            self.render(trainer, module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.cfg.every_n_steps > 0 and trainer.global_step % self.cfg.every_n_steps == 0:
+            self.render(trainer, module)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.cfg.every_n_steps > 0:
+            self.render(trainer, module)
+
+    @torch.no_grad()
+    def render(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self.last_step or not trainer.is_global_zero:
+            return
+        self.last_step = step
+        grid = render_grid(module.backbone, self.prompts, self.cfg)
+        path = self.folder / f"step_{step:06d}.png"
+        with atomic_path(path) as tmp:
+            grid.save(tmp, format="PNG")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="samples", images=[grid], step=step, caption=[" | ".join(self.prompts)])
+
+
+def render_grid(backbone, prompts: list[str], cfg: SamplesConfig):
+    """Sample every prompt at every seed with the backbone as it is now; one labelled PIL grid."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.utils import make_image_grid
+
+    pipe = StableDiffusionPipeline(
+        vae=backbone.vae,
+        text_encoder=backbone.text_encoder,
+        tokenizer=backbone.tokenizer,
+        unet=backbone.unet,
+        scheduler=DDIMScheduler.from_config(backbone.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for prompt in prompts:
+        # Encoded here (not by the pipeline) so a multi-vector placeholder reads exactly as in training.
+        context = encode_prompts(backbone, [prompt] * len(cfg.seeds))
+        negative = encode_prompts(backbone, [cfg.negative_prompt] * len(cfg.seeds))
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in cfg.seeds]
+        out = pipe(
+            prompt_embeds=context,
+            negative_prompt_embeds=negative,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            generator=generators,
+            height=backbone.native_resolution,
+            width=backbone.native_resolution,
+            output_type="pil",
+        )
+        rows.extend(out.images)
+    return make_image_grid(rows, rows=len(prompts), cols=len(cfg.seeds))
+
+
+def encode_prompts(backbone, prompts: list[str]) -> torch.Tensor:
+    tokenizer = backbone.tokenizer
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids  # fmt: skip
+    context = backbone.encode_text(ids.to(backbone.text_encoder.device))
+    return context.to(backbone.unet.dtype)
+
+
+class ConceptExport(pl.Callback):
+    """Writes the method's concept files when training ends."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files: list[Path] = []
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.files = module.method.export(self.folder, trainer.global_step, module.backbone)
+
+
+class RunStats(pl.Callback):
+    """Loss, speed and memory figures for summary.json."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.started: float | None = None
+        self.steps_at_start = 0
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.started = time.perf_counter()
+        self.steps_at_start = trainer.global_step
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss.detach()))
+
+    def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.started if self.started else 0.0
+        steps = trainer.global_step - self.steps_at_start
+        return {
+            "final_loss": self.losses[-1] if self.losses else None,
+            "mean_loss": sum(self.losses) / len(self.losses) if self.losses else None,
+            "train_time_s": round(elapsed, 3),
+            "steps_this_process": steps,
+            "steps_per_s": round(steps / elapsed, 4) if elapsed > 0 else None,
+            "peak_memory_mb": peak_memory_mb(),
+        }
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak host memory of this process (and peak CUDA memory when a GPU was used), in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"host": round(rss / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak

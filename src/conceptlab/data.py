@@ -1,0 +1,334 @@
+"""Concept images, captions from templates, and cached VAE latents.
+
+The images are read and checked before anything heavy loads (bad input fails in a second). The VAE
+encodes each image once per flip; every training sample is then a pure function of (seed, global
+position in the sample stream): which image, flip, caption, latent draw, noise and timestep. That
+makes a resumed run see exactly the batches an uninterrupted one would, and a run on W devices with
+batch B the same samples as one device with batch W*B.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .backbone import Backbone
+from .config import DataConfig
+from .errors import ConceptDataError, ConfigError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# The textual-inversion paper's neutral templates (Gal et al. 2022).
+OBJECT_TEMPLATES = [
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}",
+    "a cropped photo of a {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
+    "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}",
+    "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}",
+    "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+    "a photo of a cool {}", "a photo of a small {}",
+]  # fmt: skip
+STYLE_TEMPLATES = [
+    "a painting in the style of {}", "a rendering in the style of {}",
+    "a cropped painting in the style of {}", "the painting in the style of {}",
+    "a clean painting in the style of {}", "a dirty painting in the style of {}",
+    "a dark painting in the style of {}", "a picture in the style of {}",
+    "a cool painting in the style of {}", "a close-up painting in the style of {}",
+    "a bright painting in the style of {}", "a good painting in the style of {}",
+    "a rendition in the style of {}", "a nice painting in the style of {}",
+    "a small painting in the style of {}", "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+]  # fmt: skip
+# AUTOMATIC1111's [filewords]: the caption in a .txt beside each image.
+FILEWORDS_TEMPLATES = [
+    "a photo of a [name], [filewords]", "a rendering of a [name], [filewords]",
+    "a close-up photo of a [name], [filewords]", "a good photo of a [name], [filewords]",
+    "a photo of the [name], [filewords]", "a rendition of the [name], [filewords]",
+]  # fmt: skip
+BUILTIN_TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES, "filewords": FILEWORDS_TEMPLATES}
+
+
+@dataclass
+class ConceptImage:
+    path: Path
+    image: Image.Image  # decoded RGB, any size
+    caption: str  # the [filewords] text ("" when unused)
+
+
+def resolve_data_path(path: str) -> Path:
+    """A concept folder: a path, or `bundled:NAME` for an example set shipped with conceptlab."""
+    if path.startswith("bundled:"):
+        name = path.removeprefix("bundled:")
+        folder = Path(str(resources.files("conceptlab") / "examples" / name))
+        if not folder.is_dir():
+            available = sorted(p.name for p in Path(str(resources.files("conceptlab") / "examples")).iterdir())
+            raise ConceptDataError(f"no bundled example set {name!r}; available: {', '.join(available)}")
+        return folder
+    return Path(path).expanduser()
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files in `folder` (not recursive), sorted by name."""
+    if not folder.exists():
+        raise ConceptDataError(f"image folder {folder} does not exist; set data.path to a folder of images")
+    if not folder.is_dir():
+        raise ConceptDataError(f"data.path={folder} is a file; point it at the folder that holds the images")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ConceptDataError(
+            f"no images in {folder} (looked for {' '.join(IMAGE_EXTENSIONS)}); add 3-5 or more pictures of the concept"
+        )
+    return files
+
+
+def open_rgb(path: Path, resolution: int) -> Image.Image | None:
+    """Decode an image as 8-bit RGB (EXIF-rotated, transparency over white); None if unreadable."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (resolution * 2, resolution * 2))  # JPEG: decode huge photos at a reduced size
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        log.warning("skipping %s: not a readable image (%s)", path, err)
+        return None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit / 32-bit grayscale
+        array = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if array.max() > 255 else 255.0
+        img = Image.fromarray((array / top * 255.0).round().clip(0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        array = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray((array.clip(0, 1) * 255).round().astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def to_square(img: Image.Image, resolution: int, center_crop: bool) -> Image.Image:
+    """Crop the central square (or squash the whole image), then resize to resolution x resolution."""
+    if center_crop:
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    return img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+
+
+def select_subset(paths: list[Path], num_images: int | None, seed: int) -> list[Path]:
+    """The first `num_images` of one seeded shuffle: subsets of growing size are nested."""
+    if num_images is None:
+        return paths
+    if num_images < 1:
+        raise ConfigError(f"data.num_images={num_images}: use at least 1 (or null for all images)")
+    if num_images > len(paths):
+        raise ConceptDataError(
+            f"data.num_images={num_images} but the folder holds only {len(paths)} usable images; "
+            f"use data.num_images<={len(paths)} or null for all"
+        )
+    order = list(paths)
+    random.Random(seed).shuffle(order)
+    return sorted(order[:num_images])
+
+
+def filewords(path: Path) -> str:
+    """The caption beside an image (`img.txt`), else words from its file name (as AUTOMATIC1111 does)."""
+    caption_file = path.with_suffix(".txt")
+    if caption_file.is_file():
+        return caption_file.read_text(encoding="utf-8").strip()
+    log.warning("no caption file %s; using words from the file name for [filewords]", caption_file.name)
+    return re.sub(r"[\d_\-()\[\]]+", " ", path.stem).strip()
+
+
+def load_templates(templates: str) -> list[str]:
+    """Caption templates: a built-in set's name or a file with one template per line ({} or [name])."""
+    if templates in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[templates]
+    path = Path(templates).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"data.templates={templates!r} is neither {', '.join(BUILTIN_TEMPLATES)} nor a template file"
+        )
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise ConceptDataError(f"template file {path} has no templates (one per line, with {{}} or [name])")
+    for number, line in enumerate(lines, 1):
+        if "{}" not in line and "[name]" not in line:
+            raise ConceptDataError(f"{path}: template {number} {line!r} has no {{}} or [name] for the concept")
+    return lines
+
+
+def fill_template(template: str, name: str, caption: str) -> str:
+    text = template.replace("{}", name).replace("[name]", name).replace("[filewords]", caption)
+    return re.sub(r"\s+", " ", text).strip(" ,")
+
+
+def read_concept_images(cfg: DataConfig) -> list[ConceptImage]:
+    """Read and check the concept images; raise before any model loads if they cannot work."""
+    folder = resolve_data_path(cfg.path)
+    decode_size = cfg.resolution or 1024
+    readable = []
+    for path in list_images(folder):
+        image = open_rgb(path, decode_size)
+        if image is not None:
+            readable.append((path, image))
+    if not readable:
+        raise ConceptDataError(f"none of the files in {folder} is a readable image; add PNG or JPEG pictures")
+    chosen = set(select_subset([p for p, _ in readable], cfg.num_images, cfg.subset_seed))
+    wants_captions = "[filewords]" in " ".join(load_templates(cfg.templates))
+    return [
+        ConceptImage(path, image, filewords(path) if wants_captions else "")
+        for path, image in readable
+        if path in chosen
+    ]
+
+
+def check_resolution(resolution: int, backbone: Backbone) -> None:
+    multiple = backbone.vae_scale_factor * 2 ** (len(backbone.unet.config.block_out_channels) - 1)
+    if resolution < multiple or resolution % multiple:
+        raise ConfigError(
+            f"data.resolution={resolution} must be a multiple of {multiple} for this backbone "
+            f"(native: {backbone.native_resolution})"
+        )
+
+
+def sample_seed(seed: int, position: int) -> int:
+    return (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 1) % (2**63)
+
+
+class ConceptLatents(Dataset):
+    """Training samples drawn from cached latents; item = (image index, global stream position)."""
+
+    def __init__(self, mean, std, caption_ids, flip_p: float, seed: int, scaling_factor: float, num_timesteps: int):
+        self.mean, self.std = mean, std  # [images, flips, C, h, w]
+        self.caption_ids = caption_ids  # [images, templates, 77]
+        self.flip_p, self.seed = flip_p, seed
+        self.scaling_factor, self.num_timesteps = scaling_factor, num_timesteps
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, position = item
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, position))
+        flip = int(self.mean.shape[1] > 1 and torch.rand((), generator=gen).item() < self.flip_p)
+        template = int(torch.randint(self.caption_ids.shape[1], (), generator=gen))
+        mean, std = self.mean[index, flip], self.std[index, flip]
+        latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scaling_factor
+        return {
+            "latents": latents,
+            "noise": torch.randn(mean.shape, generator=gen),
+            "timesteps": torch.randint(self.num_timesteps, (), generator=gen),
+            "input_ids": self.caption_ids[index, template],
+        }
+
+
+class StreamSampler(Sampler):
+    """This rank's share of one seeded stream of samples, continuing from a given global batch.
+
+    Position p of the stream shows image perm_k[p mod n] with k = p div n (one shuffle per pass over
+    the images). Global batch g holds positions [g*B*W, (g+1)*B*W); rank r takes its r-th slice of B.
+    An "epoch" is a fixed number of global batches; iterating continues from `next_batch`.
+    """
+
+    def __init__(self, num_images: int, batch_size: int, world_size: int, rank: int, seed: int,
+                 batches_per_epoch: int, next_batch: int = 0):  # fmt: skip
+        self.n, self.batch_size, self.world_size, self.rank = num_images, batch_size, world_size, rank
+        self.seed, self.batches_per_epoch, self.next_batch = seed, batches_per_epoch, next_batch
+
+    def _image(self, position: int) -> int:
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, -1 - position // self.n))
+        return int(torch.randperm(self.n, generator=gen)[position % self.n])
+
+    def __iter__(self):
+        end = (self.next_batch // self.batches_per_epoch + 1) * self.batches_per_epoch
+        start, self.next_batch = self.next_batch, end
+        for batch in range(start, end):
+            first = (batch * self.world_size + self.rank) * self.batch_size
+            for position in range(first, first + self.batch_size):
+                yield self._image(position), position
+
+    def __len__(self) -> int:
+        # The full epoch: Lightning counts a resumed epoch's batches from where it stopped.
+        return self.batches_per_epoch * self.batch_size
+
+
+class ConceptDataModule(pl.LightningDataModule):
+    """Concept images -> cached latents and tokenized captions -> a resumable stream of samples."""
+
+    def __init__(self, cfg: DataConfig, images: list[ConceptImage], backbone: Backbone, prompt_text: str,
+                 seed: int, resolution: int):  # fmt: skip
+        super().__init__()
+        check_resolution(resolution, backbone)
+        self.cfg, self.images, self.backbone, self.seed = cfg, images, backbone, seed
+        self.resolution = resolution
+        templates = load_templates(cfg.templates)
+        self.captions = [[fill_template(t, prompt_text, image.caption) for t in templates] for image in images]
+        self.dataset: ConceptLatents | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        squares = [to_square(im.image, self.resolution, self.cfg.center_crop) for im in self.images]
+        mean, std = encode_latents(self.backbone, squares, self.cfg.flip_p > 0, device)
+        tokenizer = self.backbone.tokenizer
+        flat = [c for captions in self.captions for c in captions]
+        ids = tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        self.dataset = ConceptLatents(
+            mean, std, ids.view(len(self.images), -1, ids.shape[-1]), self.cfg.flip_p, self.seed,
+            self.backbone.vae.config.scaling_factor, self.backbone.scheduler.config.num_train_timesteps,
+        )  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        accumulate = trainer.accumulate_grad_batches if trainer else 1
+        done = trainer.global_step * accumulate if trainer else 0  # restored before this is called
+        per_epoch = max(1, math.ceil(len(self.images) * self.cfg.repeats / (self.cfg.batch_size * world)))
+        sampler = StreamSampler(len(self.images), self.cfg.batch_size, world, rank, self.seed, per_epoch, done)
+        return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler,
+                          num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)  # fmt: skip
+
+
+@torch.no_grad()
+def encode_latents(backbone: Backbone, images: list[Image.Image], flips: bool, device: torch.device):
+    """Latent distribution (mean, std) of each image, and of its mirror image: [images, flips, C, h, w]."""
+    vae = backbone.vae.to(device)
+    pixels = torch.stack([image_to_tensor(im) for im in images])
+    views = [pixels, pixels.flip(-1)] if flips else [pixels]
+    means, stds = [], []
+    for view in views:
+        mean, std = [], []
+        for chunk in view.split(8):
+            dist = vae.encode(chunk.to(device, vae.dtype)).latent_dist
+            mean.append(dist.mean.float().cpu())
+            std.append(dist.std.float().cpu())
+        means.append(torch.cat(mean))
+        stds.append(torch.cat(std))
+    return torch.stack(means, 1), torch.stack(stds, 1)
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

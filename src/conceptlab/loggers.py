@@ -1,0 +1,81 @@
+"""Experiment loggers: metrics.csv always; Weights & Biases when configured, never blocking a run."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.loggers import CSVLogger, Logger
+
+from .config import LoggerConfig
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def make_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any]) -> list[Logger]:
+    """metrics.csv in the run directory, plus a WandbLogger if `cfg.wandb`."""
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name=None, version="")]
+    if cfg.wandb:
+        loggers.append(make_wandb_logger(cfg, run_dir, run_name, config))
+    return loggers
+
+
+def wandb_mode(cfg: LoggerConfig) -> str:
+    """`auto`: WANDB_MODE if set, else online with credentials and offline without."""
+    if cfg.mode not in WANDB_MODES:
+        raise ConfigError(f"logger.mode={cfg.mode!r}: use one of {', '.join(WANDB_MODES)}")
+    if cfg.mode != "auto":
+        return cfg.mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if has_wandb_credentials():
+        return "online"
+    log.warning("W&B: no credentials (WANDB_API_KEY or `wandb login`), logging offline; sync later with `wandb sync`")
+    return "offline"
+
+
+def has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any]) -> Logger:
+    """A started WandbLogger; if the server cannot be reached in time the run goes on offline."""
+    import wandb
+    from pytorch_lightning.loggers import WandbLogger
+
+    mode = wandb_mode(cfg)
+
+    def start(mode: str) -> WandbLogger:
+        logger = WandbLogger(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name or run_name,
+            group=cfg.group,
+            tags=list(cfg.tags),
+            save_dir=str(run_dir),
+            mode=mode,
+            config=config,
+            settings=wandb.Settings(init_timeout=cfg.init_timeout, silent=True),
+        )
+        logger.experiment  # noqa: B018 - start the run now, where a failure can still be handled
+        return logger
+
+    if mode == "online":
+        try:
+            return start(mode)
+        # W&B raises many kinds of errors for an unreachable or refusing server; any of them means
+        # "log offline instead", never "fail the run".
+        except Exception as err:  # noqa: BLE001
+            log.warning("W&B: could not reach the server (%s); logging offline, sync later with `wandb sync`", err)
+            return start("offline")
+    return start(mode)

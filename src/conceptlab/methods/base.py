@@ -1,0 +1,40 @@
+"""The Method interface: everything the training loop, the data and the exports need from a method.
+
+The LightningModule knows nothing method-specific: it asks the method for its parameters, lets it
+install itself into the backbone, and hands it the run directory when the concept files are due.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from torch import nn
+
+from ..backbone import Backbone
+
+
+class Method(nn.Module, ABC):
+    """A trainable add-on to a frozen backbone. Its own parameters are the only ones that train."""
+
+    def __init__(self, name: str, lr: float, scale_lr: bool):
+        super().__init__()
+        self.name = name
+        self.lr = lr
+        self.scale_lr = scale_lr
+
+    @abstractmethod
+    def attach(self, backbone: Backbone) -> None:
+        """Install into the backbone (add tokens, wrap attention processors); raise on a misfit."""
+
+    @property
+    @abstractmethod
+    def prompt_text(self) -> str:
+        """What stands for the concept in a caption or prompt ({} / [name] in templates)."""
+
+    @abstractmethod
+    def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
+        """Write the learned concept files into `folder` (atomically); return their paths."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,90 @@
+"""The LightningModule: the latent-diffusion loss over a frozen backbone and one trainable method.
+
+Nothing here knows which method trains: it optimizes `method.trainable_parameters()` and checkpoints
+the method's state only (kilobytes for an embedding), never the backbone's weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from .backbone import Backbone
+from .config import OptimConfig
+from .errors import TrainingError
+from .methods.base import Method
+
+
+class ConceptModule(pl.LightningModule):
+    def __init__(self, backbone: Backbone, method: Method, optim: OptimConfig, lr: float, max_steps: int,
+                 run_info: dict[str, Any] | None = None):  # fmt: skip
+        super().__init__()
+        self.backbone = backbone
+        self.method = method
+        self.optim = optim
+        self.lr = lr  # the effective learning rate (after scale_lr)
+        self.max_steps = max_steps
+        self.run_info = run_info or {}
+        # Checkpoints hold the method's tensors only; the backbone comes from its own folder.
+        self.strict_loading = False
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
+        scheduler = self.backbone.scheduler
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        context = self.backbone.encode_text(batch["input_ids"])
+        unet = self.backbone.unet
+        prediction = unet(noisy.to(unet.dtype), timesteps, context.to(unet.dtype)).sample
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        loss = F.mse_loss(prediction.float(), target.float())
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss.item()} at step {self.global_step}; lower method.lr "
+                f"(now {self.lr:g}), or use trainer.precision=32-true / model.dtype=float32 if half precision overflowed"
+            )
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=latents.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        from diffusers.optimization import get_scheduler
+
+        optimizer = torch.optim.AdamW(
+            self.method.trainable_parameters(),
+            lr=self.lr,
+            betas=tuple(self.optim.betas),
+            eps=self.optim.eps,
+            weight_decay=self.optim.weight_decay,
+        )
+        schedule = get_scheduler(
+            self.optim.scheduler,
+            optimizer,
+            num_warmup_steps=self.optim.warmup_steps,
+            num_training_steps=self.max_steps,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("method.")}
+        checkpoint["conceptlab"] = self.run_info
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        ours = set(self.method.state_dict(prefix="method."))
+        theirs = set(checkpoint.get("state_dict", {}))
+        if ours != theirs:
+            raise TrainingError(
+                f"the checkpoint holds {sorted(theirs) or 'no method tensors'} but this run's method has "
+                f"{sorted(ours)}: it was written by another method or configuration"
+            )
+        for key, value in checkpoint["state_dict"].items():
+            expected = self.method.state_dict(prefix="method.")[key].shape
+            if value.shape != expected:
+                raise TrainingError(
+                    f"checkpoint tensor {key} has shape {tuple(value.shape)} but this run needs "
+                    f"{tuple(expected)} (another num_vectors or model?)"
+                )

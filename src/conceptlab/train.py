@@ -1,0 +1,195 @@
+"""One training run: compose -> backbone -> method -> data -> Lightning -> the run record."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConceptLabError, ConfigError
+
+log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Keys that say how to run, not what to run: two commands differing only in these are the same run.
+RESUME_KEYS = ("resume", "ckpt_path")
+
+
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """The Hydra task: train, and turn a user's mistake into one line on stderr and exit status 2."""
+    try:
+        return run(cfg)
+    except ConceptLabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train one concept with one method; returns the summary (also written to summary.json)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .records import RunRecord
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
+    concept = cfg.concept or concept_name(cfg.data.path)
+    record = RunRecord(
+        run_dir,
+        method=cfg.method.name,
+        concept=concept,
+        model=cfg.model.name,
+        overrides=overrides,
+        seed=cfg.seed,
+        max_steps=cfg.trainer.max_steps,
+    )
+    try:
+        fit(cfg, run_dir, overrides, concept, record)
+    except BaseException as err:
+        record.finish("interrupted" if isinstance(err, KeyboardInterrupt | SystemExit) else "failed", err)
+        raise
+    record.finish("completed")
+    return record.data
+
+
+def concept_name(data_path: str) -> str:
+    name = Path(data_path.removeprefix("bundled:")).expanduser().name
+    return name or "concept"
+
+
+def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, record) -> None:
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from .backbone import load_backbone, resolve_dtype
+    from .callbacks import AtomicCheckpointIO, ConceptExport, RunStats, SampleGrid
+    from .data import ConceptDataModule, read_concept_images
+    from .loggers import make_loggers
+    from .module import ConceptModule
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", concept):
+        raise ConfigError(f"concept={concept!r}: use letters, digits, '.', '_' and '-' (it names the concept files)")
+    if cfg.trainer.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps}: train at least one step")
+    ckpt_path = find_resume_checkpoint(cfg, run_dir, overrides)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    # Cheap checks first: a bad image folder fails before any model loads.
+    images = read_concept_images(cfg.data)
+    backbone = load_backbone(cfg.model)
+    method = instantiate(cfg.method, concept=concept)
+    method.attach(backbone)
+    resolution = cfg.data.resolution or backbone.native_resolution
+    data = ConceptDataModule(cfg.data, images, backbone, method.prompt_text, cfg.seed, resolution)
+
+    run_name = cfg.logger.name or f"{cfg.method.name}-{concept}-seed{cfg.seed}"
+    config = OmegaConf.to_container(cfg, resolve=True)
+    stats, export = RunStats(), ConceptExport(run_dir / "concepts")
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=cfg.checkpoint.every_n_steps,
+            save_on_train_epoch_end=True,
+        ),
+        SampleGrid(cfg.samples, list(cfg.data.sample_prompts), method.prompt_text, run_dir / "samples"),
+        export,
+        stats,
+    ]
+    try:
+        trainer = pl.Trainer(
+            **OmegaConf.to_container(cfg.trainer, resolve=True),
+            max_epochs=-1,
+            default_root_dir=str(run_dir),
+            logger=make_loggers(cfg.logger, run_dir, run_name, config),
+            callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
+        )
+    except (MisconfigurationException, ValueError) as err:
+        raise ConfigError(f"trainer: {err}") from err
+
+    backbone.to(resolve_dtype(cfg.model.dtype, trainer.strategy.root_device, trainer.precision))
+    lr = method.lr
+    if method.scale_lr:
+        lr *= cfg.data.batch_size * trainer.num_devices * trainer.num_nodes * trainer.accumulate_grad_batches
+    module = ConceptModule(backbone, method, cfg.optim, lr, cfg.trainer.max_steps, run_info={"config": config})
+    record.update(
+        lr=lr,
+        trainable_params=sum(p.numel() for p in method.trainable_parameters()),
+        num_images=len(images),
+        images=[str(im.path) for im in images],
+        resolution=resolution,
+        resumed_from=str(ckpt_path) if ckpt_path else None,
+    )
+    record.write()
+    with warnings.catch_warnings():
+        # The data stream restarts exactly where a checkpoint left it (see data.StreamSampler), so
+        # Lightning's warning about resuming mid-epoch does not apply.
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
+
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    record.update(
+        steps=trainer.global_step,
+        **stats.summary(trainer),
+        files={
+            "checkpoint": record.relative(checkpoint) if checkpoint.is_file() else None,
+            "concepts": [record.relative(p) for p in export.files],
+            "samples": sorted(record.relative(p) for p in (run_dir / "samples").glob("*.png")),
+            "metrics": record.relative(run_dir / "metrics.csv"),
+        },
+    )
+    if cfg.logger.wandb:
+        import wandb
+
+        wandb.finish()
+
+
+def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path | None:
+    """`ckpt_path`, or with `resume=true` the newest last.ckpt of an earlier run of the same command."""
+    if cfg.ckpt_path:
+        path = Path(cfg.ckpt_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        return path
+    if not cfg.resume:
+        return None
+    own = run_dir / "checkpoints" / "last.ckpt"
+    if own.is_file():
+        return own
+    wanted = same_run_key(overrides)
+    found = []
+    for saved in Path(cfg.output_root).glob("**/.hydra/overrides.yaml"):
+        candidate = saved.parent.parent / "checkpoints" / "last.ckpt"
+        if saved.parent.parent.resolve() != run_dir.resolve() and candidate.is_file():
+            if same_run_key(yaml.safe_load(saved.read_text()) or []) == wanted:
+                found.append(candidate)
+    if not found:
+        raise ConfigError(
+            f"resume=true, but no earlier run of this command has a checkpoints/last.ckpt under "
+            f"{cfg.output_root}/; pass ckpt_path=path/to/last.ckpt to continue another run"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def same_run_key(overrides: list[str]) -> list[str]:
+    return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in RESUME_KEYS)
+
+
+def cli() -> None:
+    """Console script `conceptlab-train`: the same as `python train.py` in a checkout."""
+    import hydra
+
+    from .config import register_configs
+
+    register_configs()
+    # Hydra finds a relative config_path beside the task function's module; ours lives in the repo.
+    hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(main)()
