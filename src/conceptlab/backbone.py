@@ -105,8 +105,12 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=cfg.variant, **kwargs)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.variant, **kwargs)
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
-        where = f"folder {source}" if local else f"hub id {source!r} (is it downloaded, and is the hub reachable?)"
+    except (OSError, ValueError) as err:
+        where = (
+            f"folder {source}"
+            if local
+            else f"hub id {source!r} (is it downloaded, and is the hub reachable?)"
+        )
         raise BackboneError(f"could not load the Stable Diffusion backbone from {where}: {err}") from err
     if cfg.prediction_type:
         if cfg.prediction_type not in ("epsilon", "v_prediction"):
@@ -226,7 +230,9 @@ def clip_tokenizer():
     try:
         bpe_file = metadata.distribution("openai-clip").locate_file("clip/bpe_simple_vocab_16e6.txt.gz")
     except metadata.PackageNotFoundError as err:
-        raise BackboneError("the CLIP vocabulary comes from the openai-clip package: pip install openai-clip") from err
+        raise BackboneError(
+            "the CLIP vocabulary comes from the openai-clip package: pip install openai-clip"
+        ) from err
     lines = gzip.open(bpe_file).read().decode("utf-8").split("\n")
     # CLIP keeps the first 48,894 merges; its vocabulary is the 256 byte symbols, the same with an
     # end-of-word mark, one entry per merge, then the two special tokens (OpenAI's simple_tokenizer).
@@ -239,6 +245,10 @@ def clip_tokenizer():
 
 def _byte_symbols() -> list[str]:
     """GPT-2/CLIP's reversible byte-to-character map, in CLIP's vocabulary order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     others = [b for b in range(256) if b not in printable]
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]

@@ -27,6 +27,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
+class LastCheckpoint(pl.Callback):
+    """checkpoints/last.ckpt every N optimizer steps and when training ends (the step a resume needs)."""
+
+    def __init__(self, path: Path, every_n_steps: int):
+        self.path, self.every_n_steps = path, every_n_steps
+        self.saved_step = -1
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+    def save(self, trainer: pl.Trainer) -> None:
+        if trainer.global_step not in (0, self.saved_step):
+            trainer.save_checkpoint(self.path)  # rank zero writes, through AtomicCheckpointIO
+            self.saved_step = trainer.global_step
+
+
 class SampleGrid(pl.Callback):
     """A grid (rows: prompts, columns: seeds) at step 0, every N steps and at the end; saved and logged."""
 
@@ -73,7 +93,7 @@ def render_grid(backbone, prompts: list[str], cfg: SamplesConfig):
         text_encoder=backbone.text_encoder,
         tokenizer=backbone.tokenizer,
         unet=backbone.unet,
-        scheduler=DDIMScheduler.from_config(backbone.scheduler.config),
+        scheduler=DDIMScheduler.from_config(backbone.scheduler.config, clip_sample=False),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

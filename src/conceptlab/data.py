@@ -75,7 +75,9 @@ def resolve_data_path(path: str) -> Path:
         name = path.removeprefix("bundled:")
         folder = Path(str(resources.files("conceptlab") / "examples" / name))
         if not folder.is_dir():
-            available = sorted(p.name for p in Path(str(resources.files("conceptlab") / "examples")).iterdir())
+            available = sorted(
+                p.name for p in Path(str(resources.files("conceptlab") / "examples")).iterdir()
+            )
             raise ConceptDataError(f"no bundled example set {name!r}; available: {', '.join(available)}")
         return folder
     return Path(path).expanduser()
@@ -173,7 +175,9 @@ def load_templates(templates: str) -> list[str]:
         raise ConceptDataError(f"template file {path} has no templates (one per line, with {{}} or [name])")
     for number, line in enumerate(lines, 1):
         if "{}" not in line and "[name]" not in line:
-            raise ConceptDataError(f"{path}: template {number} {line!r} has no {{}} or [name] for the concept")
+            raise ConceptDataError(
+                f"{path}: template {number} {line!r} has no {{}} or [name] for the concept"
+            )
     return lines
 
 
@@ -218,7 +222,9 @@ def sample_seed(seed: int, position: int) -> int:
 class ConceptLatents(Dataset):
     """Training samples drawn from cached latents; item = (image index, global stream position)."""
 
-    def __init__(self, mean, std, caption_ids, flip_p: float, seed: int, scaling_factor: float, num_timesteps: int):
+    def __init__(
+        self, mean, std, caption_ids, flip_p: float, seed: int, scaling_factor: float, num_timesteps: int
+    ):
         self.mean, self.std = mean, std  # [images, flips, C, h, w]
         self.caption_ids = caption_ids  # [images, templates, 77]
         self.flip_p, self.seed = flip_p, seed
@@ -282,7 +288,9 @@ class ConceptDataModule(pl.LightningDataModule):
         self.cfg, self.images, self.backbone, self.seed = cfg, images, backbone, seed
         self.resolution = resolution
         templates = load_templates(cfg.templates)
-        self.captions = [[fill_template(t, prompt_text, image.caption) for t in templates] for image in images]
+        self.captions = [
+            [fill_template(t, prompt_text, image.caption) for t in templates] for image in images
+        ]
         self.dataset: ConceptLatents | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -306,7 +314,9 @@ class ConceptDataModule(pl.LightningDataModule):
         accumulate = trainer.accumulate_grad_batches if trainer else 1
         done = trainer.global_step * accumulate if trainer else 0  # restored before this is called
         per_epoch = max(1, math.ceil(len(self.images) * self.cfg.repeats / (self.cfg.batch_size * world)))
-        sampler = StreamSampler(len(self.images), self.cfg.batch_size, world, rank, self.seed, per_epoch, done)
+        sampler = StreamSampler(
+            len(self.images), self.cfg.batch_size, world, rank, self.seed, per_epoch, done
+        )
         return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler,
                           num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)  # fmt: skip
 

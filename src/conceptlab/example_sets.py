@@ -70,13 +70,24 @@ def draw_ink(subject: int) -> tuple[Image.Image, str]:
     name = INK_SUBJECTS[subject]
     outlines: list[tuple[str, tuple]] = []
     if name == "house":
-        outlines += [("rect", (32, 60, 96, 108)), ("poly", ((26, 62), (64, 28), (102, 62))), ("rect", (56, 82, 72, 108))]
+        outlines += [
+            ("rect", (32, 60, 96, 108)),
+            ("poly", ((26, 62), (64, 28), (102, 62))),
+            ("rect", (56, 82, 72, 108)),
+        ]
     elif name == "tree":
         outlines += [("rect", (58, 78, 70, 112)), ("ellipse", (30, 20, 98, 86))]
     elif name == "sun over hills":
-        outlines += [("ellipse", (70, 14, 108, 52)), ("ellipse", (-20, 70, 80, 150)), ("ellipse", (50, 80, 150, 160))]
+        outlines += [
+            ("ellipse", (70, 14, 108, 52)),
+            ("ellipse", (-20, 70, 80, 150)),
+            ("ellipse", (50, 80, 150, 160)),
+        ]
     elif name == "boat":
-        outlines += [("poly", ((20, 84), (108, 84), (92, 104), (36, 104))), ("poly", ((62, 24), (62, 80), (96, 80)))]
+        outlines += [
+            ("poly", ((20, 84), (108, 84), (92, 104), (36, 104))),
+            ("poly", ((62, 24), (62, 80), (96, 80))),
+        ]
     else:  # cat
         outlines += [("ellipse", (30, 40, 98, 104)), ("poly", ((34, 56), (40, 22), (58, 42))),
                      ("poly", ((94, 56), (88, 22), (70, 42)))]  # fmt: skip

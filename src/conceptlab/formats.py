@@ -80,7 +80,9 @@ def read_embedding(path: str | Path) -> Embedding:
     if isinstance(data, dict) and "string_to_param" in data:
         params = data["string_to_param"]
         if not isinstance(params, dict) or len(params) != 1:
-            raise ConceptFileError(f"{path}: an AUTOMATIC1111 embedding holds exactly one entry in string_to_param")
+            raise ConceptFileError(
+                f"{path}: an AUTOMATIC1111 embedding holds exactly one entry in string_to_param"
+            )
         vectors = next(iter(params.values()))
         name, step = path.stem, data.get("step")
     elif isinstance(data, dict) and "emb_params" in data:
@@ -94,8 +96,12 @@ def read_embedding(path: str | Path) -> Embedding:
             "AUTOMATIC1111 one (string_to_param); hypernetwork and LoRA files are not embeddings"
         )
     if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2):
-        raise ConceptFileError(f"{path}: expected embedding vectors of shape [N, width], got {getattr(vectors, 'shape', vectors)}")
+        raise ConceptFileError(
+            f"{path}: expected embedding vectors of shape [N, width], got {getattr(vectors, 'shape', vectors)}"
+        )
     vectors = vectors.detach().to("cpu", torch.float32)
+    if not torch.isfinite(vectors).all():
+        raise ConceptFileError(f"{path} holds NaN or infinite values: it was saved from a diverged run")
     if vectors.dim() == 1:
         vectors = vectors.unsqueeze(0)
     return Embedding(name=str(name), vectors=vectors, step=int(step) if step is not None else None)

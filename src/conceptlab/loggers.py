@@ -35,7 +35,9 @@ def wandb_mode(cfg: LoggerConfig) -> str:
         return os.environ["WANDB_MODE"]
     if has_wandb_credentials():
         return "online"
-    log.warning("W&B: no credentials (WANDB_API_KEY or `wandb login`), logging offline; sync later with `wandb sync`")
+    log.warning(
+        "W&B: no credentials (WANDB_API_KEY or `wandb login`), logging offline; sync later with `wandb sync`"
+    )
     return "offline"
 
 
@@ -76,6 +78,8 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
         # W&B raises many kinds of errors for an unreachable or refusing server; any of them means
         # "log offline instead", never "fail the run".
         except Exception as err:  # noqa: BLE001
-            log.warning("W&B: could not reach the server (%s); logging offline, sync later with `wandb sync`", err)
+            log.warning(
+                "W&B: could not reach the server (%s); logging offline, sync later with `wandb sync`", err
+            )
             return start("offline")
     return start(mode)

@@ -70,7 +70,9 @@ class ConceptModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("method.")}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k.startswith("method.")
+        }
         checkpoint["conceptlab"] = self.run_info
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -16,8 +16,9 @@ from .errors import ConceptLabError, ConfigError
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-# Keys that say how to run, not what to run: two commands differing only in these are the same run.
-RESUME_KEYS = ("resume", "ckpt_path")
+# Keys that say how (long) to run, not what to run: `resume=true` continues an earlier run whose
+# command differed only in these (so a run can be resumed with a larger step budget).
+RESUME_KEYS = ("resume", "ckpt_path", "trainer.max_steps")
 
 
 def main(cfg: DictConfig) -> dict[str, Any]:
@@ -64,18 +65,20 @@ def concept_name(data_path: str) -> str:
 
 def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, record) -> None:
     import pytorch_lightning as pl
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
     from lightning_fabric.utilities.exceptions import MisconfigurationException
-    from pytorch_lightning.callbacks import ModelCheckpoint
 
     from .backbone import load_backbone, resolve_dtype
-    from .callbacks import AtomicCheckpointIO, ConceptExport, RunStats, SampleGrid
+    from .callbacks import AtomicCheckpointIO, ConceptExport, LastCheckpoint, RunStats, SampleGrid
     from .data import ConceptDataModule, read_concept_images
     from .loggers import make_loggers
     from .module import ConceptModule
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", concept):
-        raise ConfigError(f"concept={concept!r}: use letters, digits, '.', '_' and '-' (it names the concept files)")
+        raise ConfigError(
+            f"concept={concept!r}: use letters, digits, '.', '_' and '-' (it names the concept files)"
+        )
     if cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps}: train at least one step")
     ckpt_path = find_resume_checkpoint(cfg, run_dir, overrides)
@@ -84,7 +87,12 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     # Cheap checks first: a bad image folder fails before any model loads.
     images = read_concept_images(cfg.data)
     backbone = load_backbone(cfg.model)
-    method = instantiate(cfg.method, concept=concept)
+    try:
+        method = instantiate(cfg.method, concept=concept)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConceptLabError):  # the method's own check, not Hydra's wrapper
+            raise err.__cause__ from None
+        raise
     method.attach(backbone)
     resolution = cfg.data.resolution or backbone.native_resolution
     data = ConceptDataModule(cfg.data, images, backbone, method.prompt_text, cfg.seed, resolution)
@@ -93,13 +101,7 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     config = OmegaConf.to_container(cfg, resolve=True)
     stats, export = RunStats(), ConceptExport(run_dir / "concepts")
     callbacks = [
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            save_last=True,
-            save_top_k=0,
-            every_n_train_steps=cfg.checkpoint.every_n_steps,
-            save_on_train_epoch_end=True,
-        ),
+        LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", cfg.checkpoint.every_n_steps),
         SampleGrid(cfg.samples, list(cfg.data.sample_prompts), method.prompt_text, run_dir / "samples"),
         export,
         stats,
@@ -112,15 +114,20 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
             logger=make_loggers(cfg.logger, run_dir, run_name, config),
             callbacks=callbacks,
             plugins=[AtomicCheckpointIO()],
+            enable_checkpointing=False,  # LastCheckpoint owns checkpoints/last.ckpt
         )
     except (MisconfigurationException, ValueError) as err:
         raise ConfigError(f"trainer: {err}") from err
 
-    backbone.to(resolve_dtype(cfg.model.dtype, trainer.strategy.root_device, trainer.precision))
+    dtype = resolve_dtype(cfg.model.dtype, trainer.strategy.root_device, trainer.precision)
+    if dtype != backbone.unet.dtype:
+        backbone.to(dtype)
     lr = method.lr
     if method.scale_lr:
         lr *= cfg.data.batch_size * trainer.num_devices * trainer.num_nodes * trainer.accumulate_grad_batches
-    module = ConceptModule(backbone, method, cfg.optim, lr, cfg.trainer.max_steps, run_info={"config": config})
+    module = ConceptModule(
+        backbone, method, cfg.optim, lr, cfg.trainer.max_steps, run_info={"config": config}
+    )
     record.update(
         lr=lr,
         trainable_params=sum(p.numel() for p in method.trainable_parameters()),
@@ -131,9 +138,14 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     )
     record.write()
     with warnings.catch_warnings():
-        # The data stream restarts exactly where a checkpoint left it (see data.StreamSampler), so
-        # Lightning's warning about resuming mid-epoch does not apply.
-        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
+        # The data stream restarts exactly where a checkpoint left it (see data.StreamSampler), the
+        # frozen backbone is meant to be in eval mode, and metrics.csv shares the run directory with
+        # Hydra's files: Lightning's warnings about these do not apply.
+        warnings.filterwarnings(
+            "ignore", message=".*resuming from a checkpoint that ended before the epoch ended"
+        )
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training")
+        warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty")
         trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
 
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
@@ -144,7 +156,9 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
             "checkpoint": record.relative(checkpoint) if checkpoint.is_file() else None,
             "concepts": [record.relative(p) for p in export.files],
             "samples": sorted(record.relative(p) for p in (run_dir / "samples").glob("*.png")),
-            "metrics": record.relative(run_dir / "metrics.csv"),
+            "metrics": record.relative(run_dir / "metrics.csv")
+            if (run_dir / "metrics.csv").is_file()
+            else None,
         },
     )
     if cfg.logger.wandb:

@@ -64,7 +64,9 @@ class TextualInversion(Method):
         self.concept = concept
         self.placeholder = placeholder or f"<{concept}>"
         if any(c.isspace() for c in self.placeholder):
-            raise ConfigError(f"placeholder {self.placeholder!r} contains white space; use one word like <my-cat>")
+            raise ConfigError(
+                f"placeholder {self.placeholder!r} contains white space; use one word like <my-cat>"
+            )
         self.num_vectors = num_vectors
         self.initializer_token = initializer_token
         self.init_from = init_from

@@ -1,0 +1,234 @@
+"""Time conceptlab's textual-inversion training step against the diffusers example script's step.
+
+Both run in this one process, on the same backbone weights and batch size:
+* conceptlab: cached VAE latents, AdamW over the placeholder's vectors only (ConceptModule.training_step).
+* baseline, as diffusers' examples/textual_inversion/textual_inversion.py does it: each step opens and
+  preprocesses the images, VAE-encodes them, runs AdamW over the whole token-embedding table, then
+  copies every row but the placeholder's back from a saved copy.
+
+    python scripts/bench_step.py                                   # tiny backbone, CPU
+    python scripts/bench_step.py --shape sd15 --device cuda        # SD-1.5 shapes (random weights), GPU
+
+Prints one JSON object: steps/s of each, their ratio (conceptlab / baseline) and memory figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conceptlab.backbone import Backbone, ensure_tiny_backbone, load_backbone
+from conceptlab.config import DataConfig, ModelConfig, OptimConfig
+from conceptlab.data import ConceptDataModule, read_concept_images, resolve_data_path, to_square
+from conceptlab.methods.textual_inversion import TextualInversion
+from conceptlab.module import ConceptModule
+
+
+def sd15_shaped_folder(folder: Path) -> Path:
+    """A diffusers folder with SD-1.5's architecture and random weights (nothing is downloaded)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from conceptlab.backbone import clip_tokenizer
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+    ))  # fmt: skip
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+    )  # fmt: skip
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)  # fmt: skip
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+def conceptlab_step(folder, images, args, device, dtype):
+    backbone = load_backbone(ModelConfig(path=str(folder))).to(device, dtype)
+    method = TextualInversion(
+        name="ti", lr=5e-3, scale_lr=False, concept="bench", num_vectors=args.num_vectors
+    )
+    method.attach(backbone)
+    method.to(device)
+    cfg = DataConfig(path=args.images, batch_size=args.batch_size)
+    data = ConceptDataModule(cfg, images, backbone, method.prompt_text, seed=0, resolution=args.resolution)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    module = ConceptModule(backbone, method, OptimConfig(), lr=5e-3, max_steps=10**6)
+    module.log = lambda *a, **k: None  # no Trainer here to log to
+    optimizer = module.configure_optimizers()["optimizer"]
+    batches = iter(loader)
+
+    def step():
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, optimizer, method.trainable_parameters()
+
+
+def baseline_step(folder, image_paths, args, device, dtype):
+    """The diffusers example's step, re-written here to measure it (not imported: it is a script)."""
+    backbone: Backbone = load_backbone(ModelConfig(path=str(folder)))
+    backbone.vae.to(device, dtype)
+    backbone.unet.to(device, dtype)
+    text_encoder = backbone.text_encoder.to(device)  # the example keeps the trained text encoder in fp32
+    tokenizer, scheduler = backbone.tokenizer, backbone.scheduler
+    placeholder = ["<bench>"] + [f"<bench>_{i}" for i in range(1, args.num_vectors)]
+    tokenizer.add_tokens(placeholder)
+    ids = tokenizer.convert_tokens_to_ids(placeholder)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    table = text_encoder.get_input_embeddings()
+    table.weight.requires_grad_(True)
+    optimizer = torch.optim.AdamW(table.parameters(), lr=5e-3, weight_decay=1e-2)
+    original = table.weight.data.clone()
+    keep = torch.ones(len(tokenizer), dtype=torch.bool)
+    keep[min(ids) : max(ids) + 1] = False
+    captions = ["a photo of a " + " ".join(placeholder)]
+
+    def item():
+        image = Image.open(random.choice(image_paths)).convert("RGB")
+        image = to_square(image, args.resolution, center_crop=True)
+        if random.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+        input_ids = tokenizer(
+            captions, padding="max_length", truncation=True, max_length=77, return_tensors="pt"
+        ).input_ids[0]
+        return pixels, input_ids
+
+    def step():
+        pixels, input_ids = map(torch.stack, zip(*[item() for _ in range(args.batch_size)]))
+        pixels, input_ids = pixels.to(device, dtype), input_ids.to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            latents = (
+                backbone.vae.encode(pixels).latent_dist.sample().detach() * backbone.vae.config.scaling_factor
+            )
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(
+                0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
+            )
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            context = text_encoder(input_ids)[0].to(dtype)
+            prediction = backbone.unet(noisy, timesteps, context).sample
+        loss = F.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            table.weight[keep] = original[keep]
+
+    return step, optimizer, [table.weight]
+
+
+def measure(make, args, device) -> dict:
+    step, optimizer, params = make()
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    state_bytes = sum(
+        t.numel() * t.element_size()
+        for s in optimizer.state.values()
+        for t in s.values()
+        if torch.is_tensor(t)
+    )
+    result = {
+        "steps_per_s": round(args.steps / elapsed, 3),
+        "trainable_params": sum(p.numel() for p in params),
+        "optimizer_state_mb": round(state_bytes / 2**20, 3),
+        "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="frozen parts' dtype (default: float16 on CUDA, float32 on CPU)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--num-vectors", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--images", default="bundled:robot")
+    parser.add_argument("--min-speedup", type=float, default=None,
+                        help="exit non-zero if conceptlab is not at least this many times faster (target: 1.5)")  # fmt: skip
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.float16 if device.type == "cuda" else torch.float32)
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = (
+            ensure_tiny_backbone(ModelConfig())
+            if args.shape == "tiny"
+            else sd15_shaped_folder(Path(tmp) / "sd15")
+        )
+        args.resolution = 64 if args.shape == "tiny" else 512
+        cfg = DataConfig(path=args.images, resolution=args.resolution)
+        images = read_concept_images(cfg)
+        paths = sorted(p for p in resolve_data_path(args.images).iterdir() if p.suffix == ".png")
+        ours = measure(lambda: conceptlab_step(folder, images, args, device, dtype), args, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        theirs = measure(lambda: baseline_step(folder, paths, args, device, dtype), args, device)
+    report = {
+        "shape": args.shape,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": args.batch_size,
+        "num_vectors": args.num_vectors,
+        "steps": args.steps,
+        "conceptlab": ours,
+        "diffusers_example": theirs,
+        "speedup": round(ours["steps_per_s"] / theirs["steps_per_s"], 3),
+    }
+    print(json.dumps(report, indent=2))
+    if args.min_speedup is not None and report["speedup"] < args.min_speedup:
+        print(f"speedup {report['speedup']} is below the target {args.min_speedup}", file=sys.stderr)
+        report["failed"] = True
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main().get("failed") else 0)

@@ -1,0 +1,122 @@
+"""Shared fixtures: the tiny backbone built once per session, configs composed as users compose them,
+and helpers that run the real entry point (in-process and as a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DREAMBOOTH = ROOT.parent / "shared" / "datasets" / "dreambooth"
+# Seconds-sized runs: a few steps, one tiny sample grid, checkpoints every 2 steps, no W&B process.
+FAST = [
+    "trainer.max_steps=4",
+    "trainer.enable_progress_bar=false",
+    "checkpoint.every_n_steps=2",
+    "samples.every_n_steps=2",
+    "samples.num_inference_steps=2",
+    "samples.seeds=[0]",
+    "data.batch_size=2",
+    "logger=csv",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env(tmp_path_factory):
+    """No network, no W&B server, a session-wide cache for the tiny backbone."""
+    cache = tmp_path_factory.mktemp("cache")
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "CONCEPTLAB_CACHE": str(cache),
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield cache
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(isolated_env) -> Path:
+    """The embedded tiny backbone's folder (built once, through the same code path users take)."""
+    from conceptlab.backbone import ensure_tiny_backbone
+    from conceptlab.config import ModelConfig
+
+    return ensure_tiny_backbone(ModelConfig())
+
+
+@pytest.fixture
+def backbone(tiny_dir):
+    """A fresh frozen tiny backbone (methods change its tokenizer, so never share one)."""
+    from conceptlab.backbone import load_backbone
+    from conceptlab.config import ModelConfig
+
+    return load_backbone(ModelConfig(path=str(tiny_dir)))
+
+
+def compose(overrides: list[str], with_hydra: bool = False):
+    """The training config exactly as `python train.py <overrides>` composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from conceptlab.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides, return_hydra_config=with_hydra)
+
+
+def run_train(run_dir: Path, *overrides: str, fast: bool = True) -> dict:
+    """Run conceptlab.train.run in-process with Hydra's runtime set as train.py would; return the summary."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from conceptlab.train import run
+
+    args = [*(FAST if fast else []), f"output_root={run_dir.parent}", *overrides]
+    cfg = compose(args, with_hydra=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.overrides.task = args
+    HydraConfig.instance().set_config(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # train.py's run directory also holds Hydra's own record of the command.
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {a}\n" for a in args))
+    with open_dict(cfg):
+        del cfg.hydra
+    return run(cfg)
+
+
+def train_subprocess(
+    cwd: Path, *overrides: str, fast: bool = True, timeout: int = 300, env: dict | None = None
+):
+    """`python train.py ...` as a user types it; returns (completed process, run directories made)."""
+    before = set((cwd / "outputs").glob("runs/*")) if (cwd / "outputs").exists() else set()
+    args = [sys.executable, str(ROOT / "train.py"), *(FAST if fast else []), f"output_root={cwd / 'outputs'}"]
+    proc = subprocess.run(
+        [*args, *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    after = set((cwd / "outputs").glob("runs/*")) if (cwd / "outputs").exists() else set()
+    return proc, sorted(after - before)
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())

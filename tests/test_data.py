@@ -1,0 +1,186 @@
+"""Concept images in, checked and converted; a sample stream that resumes and shards exactly."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import DREAMBOOTH
+from PIL import Image
+
+from conceptlab.config import DataConfig
+from conceptlab.data import (
+    ConceptDataModule,
+    StreamSampler,
+    fill_template,
+    load_templates,
+    read_concept_images,
+    select_subset,
+)
+from conceptlab.errors import ConceptDataError, ConfigError
+from conceptlab.example_sets import EXAMPLE_SETS
+
+
+def write(path, mode="RGB", size=(40, 30), value=128):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value).save(path)
+    return path
+
+
+def test_missing_folder_names_the_fix(tmp_path):
+    with pytest.raises(ConceptDataError, match="does not exist; set data.path"):
+        read_concept_images(DataConfig(path=str(tmp_path / "nope")))
+
+
+def test_folder_without_images(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(ConceptDataError, match="no images in .*looked for .png .jpg"):
+        read_concept_images(DataConfig(path=str(tmp_path)))
+
+
+def test_unreadable_files_are_skipped_with_a_warning(tmp_path, caplog):
+    write(tmp_path / "a.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with caplog.at_level(logging.WARNING):
+        images = read_concept_images(DataConfig(path=str(tmp_path)))
+    assert [im.path.name for im in images] == ["a.png"]
+    assert "broken.jpg" in caplog.text
+
+
+def test_only_unreadable_files_is_an_error(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"garbage")
+    with pytest.raises(ConceptDataError, match="none of the files .* is a readable image"):
+        read_concept_images(DataConfig(path=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "mode,value",
+    [
+        ("L", 77),
+        ("RGBA", (10, 20, 30, 0)),
+        ("I;16", 40000),
+        ("P", 3),
+        ("LA", (5, 255)),
+        ("CMYK", (0, 0, 0, 0)),
+    ],
+)
+def test_odd_modes_become_rgb(tmp_path, mode, value):
+    write(tmp_path / "img.png" if mode != "CMYK" else tmp_path / "img.jpg", mode, value=value)
+    [image] = read_concept_images(DataConfig(path=str(tmp_path)))
+    assert image.image.mode == "RGB"
+    if mode == "RGBA":  # fully transparent pixels are composited over white
+        assert image.image.getpixel((0, 0)) == (255, 255, 255)
+    if mode == "I;16":  # 16-bit values are scaled, not clipped
+        assert image.image.getpixel((0, 0))[0] == round(40000 / 65535 * 255)
+
+
+def test_huge_jpeg_is_decoded_reduced(tmp_path):
+    Image.new("RGB", (6000, 4000), (200, 10, 10)).save(tmp_path / "huge.jpg", quality=80)
+    [image] = read_concept_images(DataConfig(path=str(tmp_path), resolution=64))
+    assert image.image.mode == "RGB" and max(image.image.size) < 6000
+
+
+def test_num_images_larger_than_folder(tmp_path):
+    for i in range(3):
+        write(tmp_path / f"{i}.png")
+    with pytest.raises(ConceptDataError, match="num_images=5 but the folder holds only 3"):
+        read_concept_images(DataConfig(path=str(tmp_path), num_images=5))
+    with pytest.raises(ConfigError, match="at least 1"):
+        read_concept_images(DataConfig(path=str(tmp_path), num_images=0))
+
+
+def test_subsets_are_deterministic_and_nested(tmp_path):
+    paths = [tmp_path / f"{i:02d}.png" for i in range(10)]
+    three, five = select_subset(paths, 3, seed=0), select_subset(paths, 5, seed=0)
+    assert three == select_subset(paths, 3, seed=0)
+    assert set(three) <= set(five)
+    assert select_subset(paths, 3, seed=1) != three or select_subset(paths, 5, seed=1) != five
+
+
+def test_filewords_use_the_caption_beside_each_image(tmp_path):
+    write(tmp_path / "cat_01.png")
+    (tmp_path / "cat_01.txt").write_text("sitting on a sofa\n")
+    write(tmp_path / "dog-2.png")
+    images = read_concept_images(DataConfig(path=str(tmp_path), templates="filewords"))
+    assert [im.caption for im in images] == ["sitting on a sofa", "dog"]
+    assert (
+        fill_template("a photo of a [name], [filewords]", "<c>", images[0].caption)
+        == "a photo of a <c>, sitting on a sofa"
+    )
+
+
+def test_template_file(tmp_path):
+    good = tmp_path / "t.txt"
+    good.write_text("# mine\n{} on a table\na [name] sketch\n\n")
+    assert load_templates(str(good)) == ["{} on a table", "a [name] sketch"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("{} ok\nno placeholder here\n")
+    with pytest.raises(ConceptDataError, match="template 2 'no placeholder here' has no"):
+        load_templates(str(bad))
+    with pytest.raises(ConfigError, match="neither object, style, filewords nor a template file"):
+        load_templates("objcet")
+
+
+def test_bundled_examples_are_what_their_code_draws():
+    for name, (draw, count) in EXAMPLE_SETS.items():
+        images = read_concept_images(DataConfig(path=f"bundled:{name}", templates="filewords"))
+        assert len(images) == count
+        for i, image in enumerate(images):
+            drawn, caption = draw(i)
+            assert np.array_equal(np.asarray(image.image), np.asarray(drawn)), f"{name}/{i:02d}.png is stale"
+            assert image.caption == caption
+
+
+def test_unknown_bundled_set_lists_the_available_ones():
+    with pytest.raises(ConceptDataError, match="available: ink, robot"):
+        read_concept_images(DataConfig(path="bundled:nope"))
+
+
+def test_sampler_resumes_exactly_where_it_stopped():
+    uninterrupted = StreamSampler(5, batch_size=2, world_size=1, rank=0, seed=3, batches_per_epoch=7)
+    two_epochs = list(uninterrupted) + list(uninterrupted)
+    resumed = StreamSampler(5, 2, 1, 0, seed=3, batches_per_epoch=7, next_batch=4)
+    rest_of_epoch = list(resumed)
+    assert len(rest_of_epoch) == (7 - 4) * 2
+    assert rest_of_epoch + list(resumed) == two_epochs[4 * 2 :]
+
+
+def test_ranks_split_the_global_batch_of_one_process():
+    single = list(StreamSampler(5, batch_size=4, world_size=1, rank=0, seed=0, batches_per_epoch=6))
+    ranks = [list(StreamSampler(5, 2, world_size=2, rank=r, seed=0, batches_per_epoch=6)) for r in (0, 1)]
+    for g in range(6):
+        assert ranks[0][2 * g : 2 * g + 2] + ranks[1][2 * g : 2 * g + 2] == single[4 * g : 4 * g + 4]
+
+
+def test_every_image_is_shown_once_per_pass():
+    positions = list(StreamSampler(5, 5, 1, 0, seed=1, batches_per_epoch=4))
+    for k in range(4):
+        assert sorted(i for i, _ in positions[5 * k : 5 * k + 5]) == [0, 1, 2, 3, 4]
+
+
+def test_latents_are_cached_once_per_flip_and_samples_are_reproducible(backbone):
+    cfg = DataConfig(path="bundled:robot", batch_size=2)
+    dm = ConceptDataModule(cfg, read_concept_images(cfg), backbone, "<robot>", seed=0, resolution=64)
+    dm.setup("fit")
+    assert dm.dataset.mean.shape == (5, 2, 4, 8, 8)  # images, flips, latent channels, 64/8, 64/8
+    a, b = dm.dataset[(1, 17)], dm.dataset[(1, 17)]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["noise"], dm.dataset[(1, 18)]["noise"])
+    assert dm.captions[0][0] == "a photo of a <robot>"
+
+
+def test_resolution_must_fit_the_backbone(backbone):
+    cfg = DataConfig(path="bundled:robot")
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        ConceptDataModule(cfg, read_concept_images(cfg), backbone, "<robot>", seed=0, resolution=70)
+
+
+@pytest.mark.skipif(not DREAMBOOTH.is_dir(), reason="../shared/datasets/dreambooth is not present")
+def test_real_photos_from_the_dreambooth_set(backbone):
+    """Real JPEGs of many sizes and aspect ratios go through the same path to latents."""
+    cfg = DataConfig(path=str(DREAMBOOTH / "cat"), num_images=3)
+    images = read_concept_images(cfg)
+    assert len(images) == 3 and all(im.image.mode == "RGB" for im in images)
+    dm = ConceptDataModule(cfg, images, backbone, "<cat>", seed=0, resolution=64)
+    dm.setup("fit")
+    assert torch.isfinite(dm.dataset.mean).all()

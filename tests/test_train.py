@@ -1,0 +1,177 @@
+"""`python train.py` end to end on the tiny backbone: the run record, resume, and bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import read_summary, run_train, train_subprocess
+from safetensors.torch import load_file
+
+from conceptlab.errors import ConceptFileError, ConceptLabError, TrainingError
+from conceptlab.formats import read_embedding, write_a1111_embedding
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_py_leaves_a_complete_run_record(tmp_path):
+    proc, [run_dir] = train_subprocess(tmp_path, "logger=wandb", "method.num_vectors=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed" and summary["error"] is None
+    assert summary["method"] == "ti" and summary["concept"] == "robot" and summary["steps"] == 4
+    assert "method.num_vectors=2" in summary["overrides"] and summary["seed"] == 0
+    assert summary["trainable_params"] == 2 * 32
+    for key in ("final_loss", "mean_loss", "wall_time_s", "steps_per_s", "peak_memory_mb", "lr", "versions"):
+        assert summary[key] is not None, key
+    assert summary["lr"] == pytest.approx(
+        5e-4 * 2
+    )  # scale_lr: x batch 2 x 1 device x 1 node x 1 accumulation
+    assert summary["versions"]["torch"].startswith("2.13")
+
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    metrics = (run_dir / "metrics.csv").read_text().splitlines()
+    assert metrics[0].split(",")[-1] == "train/loss" and len(metrics) > 1
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == [
+        "step_000000.png", "step_000002.png", "step_000004.png",
+    ]  # fmt: skip
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B ran offline, in the run directory"
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert list(checkpoint["state_dict"]) == ["method.vectors"]  # no backbone weights
+    assert checkpoint["global_step"] == 4 and checkpoint["optimizer_states"]
+    assert (run_dir / "checkpoints" / "last.ckpt").stat().st_size < 64 * 1024
+
+    vectors = checkpoint["state_dict"]["method.vectors"]
+    assert torch.equal(load_file(run_dir / "concepts" / "robot.safetensors")["<robot>"], vectors)
+    a1111 = read_embedding(run_dir / "concepts" / "robot.pt")
+    assert a1111.name == "robot" and a1111.step == 4 and torch.equal(a1111.vectors, vectors)
+    assert sorted(summary["files"]["concepts"]) == ["concepts/robot.pt", "concepts/robot.safetensors"]
+    assert not list(run_dir.rglob("*.tmp")), "no temporary files left behind"
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    straight = run_train(tmp_path / "a" / "straight", "trainer.max_steps=6")
+    assert straight["steps"] == 6 and straight["resumed_from"] is None
+    first = run_train(tmp_path / "b" / "first", "trainer.max_steps=3")
+    assert first["steps"] == 3
+    resumed = run_train(tmp_path / "b" / "resumed", "trainer.max_steps=6", "resume=true")
+    assert resumed["resumed_from"].endswith("first/checkpoints/last.ckpt")
+    assert resumed["steps"] == 6 and resumed["steps_this_process"] == 3
+    ours = load_file(tmp_path / "b" / "resumed" / "concepts" / "robot.safetensors")["<robot>"]
+    reference = load_file(tmp_path / "a" / "straight" / "concepts" / "robot.safetensors")["<robot>"]
+    assert torch.equal(ours, reference)
+    assert not torch.equal(
+        ours, load_file(tmp_path / "b" / "first" / "concepts" / "robot.safetensors")["<robot>"]
+    )
+
+
+def test_ckpt_path_continues_from_a_given_checkpoint(tmp_path):
+    run_train(tmp_path / "one", "trainer.max_steps=2")
+    summary = run_train(
+        tmp_path / "two", "trainer.max_steps=4", f"ckpt_path={tmp_path / 'one/checkpoints/last.ckpt'}"
+    )
+    assert summary["steps"] == 4 and summary["steps_this_process"] == 2
+
+
+def test_resume_without_an_earlier_run_says_what_to_do(tmp_path):
+    with pytest.raises(ConceptLabError, match="no earlier run of this command"):
+        run_train(tmp_path / "run", "resume=true")
+
+
+def test_v_prediction_backbone_trains(tmp_path):
+    summary = run_train(tmp_path / "run", "model.prediction_type=v_prediction", "samples.every_n_steps=0")
+    assert summary["status"] == "completed" and summary["final_loss"] > 0
+
+
+def test_nan_loss_stops_the_run_with_advice_and_keeps_earlier_files(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingError, match="loss became nan.*lower method.lr"):
+        run_train(
+            run_dir,
+            "method.lr=1e30",
+            "method.scale_lr=false",
+            "trainer.max_steps=50",
+            "samples.every_n_steps=0",
+        )
+    summary = read_summary(run_dir)
+    assert summary["status"] == "failed" and "TrainingError" in summary["error"]
+    assert not (run_dir / "concepts").exists(), "a diverged embedding is not exported"
+
+
+def broken_model(tmp_path, tiny_dir):
+    shutil.copytree(tiny_dir, tmp_path / "model")
+    shutil.rmtree(tmp_path / "model" / "vae")
+    return f"model.path={tmp_path / 'model'}"
+
+
+BAD_INPUT = {
+    "missing image folder": (lambda t, m: "data.path=" + str(t / "nope"), "does not exist"),
+    "too few images": (lambda t, m: "data.num_images=9", "num_images=9 but the folder holds only 5"),
+    "placeholder in vocabulary": (
+        lambda t, m: "method.placeholder=cat",
+        "already in the tokenizer's vocabulary",
+    ),
+    "initializer of two tokens": (
+        lambda t, m: "method.initializer_token=teddy bear",
+        "exactly one existing token",
+    ),
+    "no vectors": (lambda t, m: "method.num_vectors=0", "at least 1 vector"),
+    "model folder missing a part": (broken_model, "has no vae/"),
+    "embedding of the wrong width": (
+        lambda t, m: (
+            f"method.init_from={write_a1111_embedding(t / 'e.pt', 'e', torch.zeros(1, 768), 1, None, 'x')}"
+        ),
+        "768-wide vectors but this text encoder is 32 wide",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_fails_before_training_and_writes_nothing_half_done(tmp_path, tiny_dir, case):
+    make_override, message = BAD_INPUT[case]
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConceptLabError, match=message):
+        run_train(run_dir, make_override(tmp_path, tiny_dir))
+    summary = read_summary(run_dir)
+    assert summary["status"] == "failed" and message.split(" ")[0] in summary["error"]
+    assert "steps" not in summary
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "concepts").exists()
+
+
+def test_cli_reports_a_user_error_in_one_line_and_exits_non_zero(tmp_path):
+    proc, [run_dir] = train_subprocess(tmp_path, f"data.path={tmp_path / 'missing'}")
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"error: image folder {tmp_path / 'missing'} does not exist; set data.path to a folder of images"
+    )
+    assert "Traceback" not in proc.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+
+
+def test_cli_rejects_a_misspelt_key(tmp_path):
+    proc, _ = train_subprocess(tmp_path, "method.num_vectorz=2")
+    assert proc.returncode != 0 and "num_vectorz" in proc.stderr
+
+
+def test_broken_concept_file_is_reported_not_unpickled(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(ConceptFileError, match="could not be read"):
+        run_train(tmp_path / "run", f"method.init_from={tmp_path / 'bad.pt'}")
+
+
+def test_unreachable_wandb_server_falls_back_to_offline(tmp_path):
+    env = {"WANDB_MODE": "", "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    proc, [run_dir] = train_subprocess(
+        tmp_path,
+        "logger=wandb",
+        "logger.mode=auto",
+        "logger.init_timeout=3",
+        "samples.every_n_steps=0",
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "logging offline" in proc.stdout + proc.stderr
+    assert read_summary(run_dir)["status"] == "completed"
+    assert list((run_dir / "wandb").glob("offline-run-*"))
