@@ -103,6 +103,7 @@ def train_subprocess(
     cwd: Path, *overrides: str, fast: bool = True, timeout: int = 300, env: dict | None = None
 ):
     """`python train.py ...` as a user types it; returns (completed process, run directories made)."""
+    cwd.mkdir(parents=True, exist_ok=True)
     before = set((cwd / "outputs").glob("runs/*")) if (cwd / "outputs").exists() else set()
     args = [sys.executable, str(ROOT / "train.py"), *(FAST if fast else []), f"output_root={cwd / 'outputs'}"]
     proc = subprocess.run(

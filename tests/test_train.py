@@ -48,6 +48,13 @@ def test_train_py_leaves_a_complete_run_record(tmp_path):
     assert a1111.name == "robot" and a1111.step == 4 and torch.equal(a1111.vectors, vectors)
     assert sorted(summary["files"]["concepts"]) == ["concepts/robot.pt", "concepts/robot.safetensors"]
     assert not list(run_dir.rglob("*.tmp")), "no temporary files left behind"
+    (run_dir / "plain").write_text("")  # files written atomically get the permissions of any other file
+    for path in [
+        run_dir / "summary.json",
+        run_dir / "checkpoints" / "last.ckpt",
+        *(run_dir / "concepts").iterdir(),
+    ]:
+        assert path.stat().st_mode == (run_dir / "plain").stat().st_mode, path
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
@@ -175,3 +182,23 @@ def test_unreachable_wandb_server_falls_back_to_offline(tmp_path):
     assert "logging offline" in proc.stdout + proc.stderr
     assert read_summary(run_dir)["status"] == "completed"
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_ddp_on_cpu_gives_one_run_record_and_the_single_process_result(tmp_path):
+    """Two gloo processes with batch 2 each train what one process with batch 4 trains."""
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    proc, [run_dir] = train_subprocess(
+        tmp_path / "ddp", *ddp, "trainer.max_steps=3", "samples.every_n_steps=0"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed" and summary["steps"] == 3
+    assert summary["lr"] == pytest.approx(5e-4 * 2 * 2)  # scale_lr counts both devices
+    assert (run_dir / "metrics.csv").is_file()
+    single = run_train(
+        tmp_path / "single" / "run", "data.batch_size=4", "trainer.max_steps=3", "samples.every_n_steps=0"
+    )
+    assert single["lr"] == pytest.approx(summary["lr"])
+    ours = load_file(run_dir / "concepts" / "robot.safetensors")["<robot>"]
+    reference = load_file(tmp_path / "single" / "run" / "concepts" / "robot.safetensors")["<robot>"]
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,11 +16,14 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; it replaces `target` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    # Created here to learn the permissions any new file gets (umask): mkstemp and some writers
+    # (safetensors) use 0600, which would hide run records from the rest of a group.
+    tmp_path.open("xb").close()
+    mode = tmp_path.stat().st_mode
     try:
         yield tmp_path
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)

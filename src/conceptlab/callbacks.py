@@ -43,7 +43,8 @@ class LastCheckpoint(pl.Callback):
 
     def save(self, trainer: pl.Trainer) -> None:
         if trainer.global_step not in (0, self.saved_step):
-            trainer.save_checkpoint(self.path)  # rank zero writes, through AtomicCheckpointIO
+            # Called on every rank; rank zero writes, through AtomicCheckpointIO.
+            trainer.save_checkpoint(self.path, weights_only=False)
             self.saved_step = trainer.global_step
 
 

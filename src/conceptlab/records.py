@@ -51,7 +51,10 @@ class RunRecord:
         self.write()
 
     def write(self) -> None:
-        write_json(self.path, self.data)
+        from pytorch_lightning.utilities import rank_zero_only
+
+        if rank_zero_only.rank == 0:  # one record per run, however many processes train it
+            write_json(self.path, self.data)
 
     def relative(self, path: Path) -> str:
         try:
