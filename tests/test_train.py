@@ -47,6 +47,7 @@ def test_train_py_leaves_a_complete_run_record(tmp_path):
     a1111 = read_embedding(run_dir / "concepts" / "robot.pt")
     assert a1111.name == "robot" and a1111.step == 4 and torch.equal(a1111.vectors, vectors)
     assert sorted(summary["files"]["concepts"]) == ["concepts/robot.pt", "concepts/robot.safetensors"]
+    assert_loads_in_diffusers(run_dir / "concepts" / "robot.safetensors", vectors)
     assert not list(run_dir.rglob("*.tmp")), "no temporary files left behind"
     (run_dir / "plain").write_text("")  # files written atomically get the permissions of any other file
     for path in [
@@ -55,6 +56,26 @@ def test_train_py_leaves_a_complete_run_record(tmp_path):
         *(run_dir / "concepts").iterdir(),
     ]:
         assert path.stat().st_mode == (run_dir / "plain").stat().st_mode, path
+
+
+def assert_loads_in_diffusers(path, vectors):
+    """The exported file loads with diffusers' own loader and gives the placeholder its learned meaning."""
+    from diffusers import StableDiffusionPipeline
+
+    from conceptlab.backbone import ensure_tiny_backbone
+    from conceptlab.config import ModelConfig
+
+    pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny_backbone(ModelConfig()), safety_checker=None)
+    pipe.load_textual_inversion(str(path))
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<robot>", "<robot>_1"])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], vectors)
+
+    def embed(prompt):
+        prompt = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
+        ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        return pipe.text_encoder(ids)[0]
+
+    assert not torch.allclose(embed("a photo of <robot>"), embed("a photo of object"))
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
@@ -84,6 +105,15 @@ def test_ckpt_path_continues_from_a_given_checkpoint(tmp_path):
 def test_resume_without_an_earlier_run_says_what_to_do(tmp_path):
     with pytest.raises(ConceptLabError, match="no earlier run of this command"):
         run_train(tmp_path / "run", "resume=true")
+
+
+def test_half_precision_backbone_keeps_float32_vectors(tmp_path):
+    """The GPU recipe (frozen parts in half precision, autocast) exercised on CPU with bfloat16."""
+    summary = run_train(tmp_path / "run", "model.dtype=bfloat16", "trainer.precision=bf16-mixed")
+    assert summary["status"] == "completed" and summary["final_loss"] > 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["state_dict"]["method.vectors"].dtype == torch.float32
+    assert read_embedding(tmp_path / "run" / "concepts" / "robot.pt").vectors.dtype == torch.float32
 
 
 def test_v_prediction_backbone_trains(tmp_path):
