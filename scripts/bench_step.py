@@ -71,7 +71,7 @@ def conceptlab_step(folder, images, args, device, dtype):
     data = ConceptDataModule(cfg, images, backbone, method.prompt_text, seed=0, resolution=args.resolution)
     data.setup("fit")
     loader = data.train_dataloader()
-    module = ConceptModule(backbone, method, OptimConfig(), lr=5e-3, max_steps=10**6)
+    module = ConceptModule(backbone, method, OptimConfig(), lr_schedule=[(5e-3, None)], max_steps=10**6)
     module.log = lambda *a, **k: None  # no Trainer here to log to
     optimizer = module.configure_optimizers()["optimizer"]
     batches = iter(loader)

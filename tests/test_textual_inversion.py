@@ -53,7 +53,7 @@ def test_training_changes_only_the_new_vectors(backbone):
     start = ti.vectors.detach().clone()
     data_cfg = DataConfig(path="bundled:robot", batch_size=2, repeats=1)
     data = ConceptDataModule(data_cfg, read_concept_images(data_cfg), backbone, ti.prompt_text, 0, 64)
-    module = ConceptModule(backbone, ti, OptimConfig(), lr=5e-3, max_steps=3)
+    module = ConceptModule(backbone, ti, OptimConfig(), lr_schedule=[(5e-3, None)], max_steps=3)
     trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", use_distributed_sampler=False)  # fmt: skip
     trainer.fit(module, datamodule=data)

@@ -75,7 +75,12 @@ class SampleGrid(pl.Callback):
         if step == self.last_step or not trainer.is_global_zero:
             return
         self.last_step = step
-        grid = render_grid(module.backbone, self.prompts, self.cfg)
+        was_training = module.method.training
+        module.method.eval()  # no dropout in samples; hypernetworks use their inference multiplier
+        try:
+            grid = render_grid(module.backbone, self.prompts, self.cfg)
+        finally:
+            module.method.train(was_training)
         path = self.folder / f"step_{step:06d}.png"
         with atomic_path(path) as tmp:
             grid.save(tmp, format="PNG")

@@ -41,8 +41,28 @@ class TextualInversionConfig:
     num_vectors: int = 1  # vectors per placeholder (1..N)
     initializer_token: str = "object"  # one existing token whose embedding starts every vector
     init_from: str | None = None  # start from an existing embedding file (diffusers or AUTOMATIC1111)
-    lr: float = 5.0e-4  # base learning rate
+    lr: Any = 5.0e-4  # base learning rate, or an AUTOMATIC1111 schedule "5e-3:100, 1e-3:1000, 5e-4"
     scale_lr: bool = True  # lr x batch size x devices x nodes x grad accumulation (the TI paper's rule)
+
+
+@dataclass
+class HypernetworkConfig:
+    _target_: str = "conceptlab.methods.hypernetwork.Hypernetwork"
+    name: str = "hypernet"
+    # Widths that get a (key, value) module pair; null = AUTOMATIC1111's default for the backbone:
+    # the text width and the UNet's block widths (768, 320, 640, 1280 for SD 1.x).
+    enable_sizes: list[int] | None = None
+    layer_structure: list[float] = field(default_factory=lambda: [1.0, 2.0, 1.0])  # multiples of the width
+    activation_func: str | None = "linear"  # linear relu leakyrelu elu swish(=Hardswish) tanh sigmoid ...
+    weight_initialization: str = "Normal"  # Normal XavierUniform XavierNormal KaimingUniform KaimingNormal
+    add_layer_norm: bool = False
+    use_dropout: bool = False
+    dropout_structure: list[float] | None = None  # per layer_structure entry; null = A1111's 0.3 rule
+    activate_output: bool = False  # activation after the last layer too
+    last_layer_dropout: bool = False
+    init_from: str | None = None  # continue from a hypernetwork file (A1111 .pt or conceptlab .safetensors)
+    lr: Any = 1.0e-5  # A1111's range; or a schedule "1e-5:1000, 5e-6:3000, 1e-6"
+    scale_lr: bool = False
 
 
 @dataclass
@@ -137,12 +157,33 @@ class TrainConfig:
     output_root: str = "outputs"  # run directories are created below this folder
 
 
+@dataclass
+class GenerateConfig:
+    model: ModelConfig = MISSING
+    prompt: str = MISSING  # placeholders (<my-cat>) and <hypernet:name:multiplier> tags allowed
+    negative_prompt: str = ""
+    # Concept files (.safetensors / .pt / .bin: embeddings or hypernetworks) or run directories.
+    concepts: list[str] = field(default_factory=list)
+    seed: int = 0
+    num_images: int = 1  # images (columns) with seeds seed, seed+1, ... unless `seeds` is given
+    seeds: list[int] | None = None
+    multipliers: list[float] | None = None  # one row per value: every <hypernet:...> at that strength
+    steps: int = 25
+    guidance_scale: float = 7.5
+    scheduler: str = "ddim"  # ddim pndm euler euler_a dpm++ lms heun unipc ddpm
+    resolution: int | None = None  # null = the model's native size
+    device: str = "auto"  # auto = cuda when available
+    output_root: str = "outputs"
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (call before composing)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(group="schema/model", name="model", node=ModelConfig)
     cs.store(group="schema/method", name="ti", node=TextualInversionConfig)
+    cs.store(group="schema/method", name="hypernet", node=HypernetworkConfig)
     cs.store(group="schema/data", name="data", node=DataConfig)
     cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
     cs.store(group="schema/logger", name="logger", node=LoggerConfig)

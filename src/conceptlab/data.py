@@ -220,13 +220,17 @@ def sample_seed(seed: int, position: int) -> int:
 
 
 class ConceptLatents(Dataset):
-    """Training samples drawn from cached latents; item = (image index, global stream position)."""
+    """Training samples drawn from cached latents; item = (image index, global stream position).
 
-    def __init__(
-        self, mean, std, caption_ids, flip_p: float, seed: int, scaling_factor: float, num_timesteps: int
-    ):
+    Captions are token ids [images, templates, 77], or, for methods that leave the text encoding
+    alone, the text encoder's cached output [images, templates, 77, width].
+    """
+
+    def __init__(self, mean, std, captions, flip_p: float, seed: int, scaling_factor: float, num_timesteps: int,
+                 captions_are_contexts: bool = False):  # fmt: skip
         self.mean, self.std = mean, std  # [images, flips, C, h, w]
-        self.caption_ids = caption_ids  # [images, templates, 77]
+        self.captions = captions
+        self.caption_key = "context" if captions_are_contexts else "input_ids"
         self.flip_p, self.seed = flip_p, seed
         self.scaling_factor, self.num_timesteps = scaling_factor, num_timesteps
 
@@ -237,14 +241,14 @@ class ConceptLatents(Dataset):
         index, position = item
         gen = torch.Generator().manual_seed(sample_seed(self.seed, position))
         flip = int(self.mean.shape[1] > 1 and torch.rand((), generator=gen).item() < self.flip_p)
-        template = int(torch.randint(self.caption_ids.shape[1], (), generator=gen))
+        template = int(torch.randint(self.captions.shape[1], (), generator=gen))
         mean, std = self.mean[index, flip], self.std[index, flip]
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scaling_factor
         return {
             "latents": latents,
             "noise": torch.randn(mean.shape, generator=gen),
             "timesteps": torch.randint(self.num_timesteps, (), generator=gen),
-            "input_ids": self.caption_ids[index, template],
+            self.caption_key: self.captions[index, template],
         }
 
 
@@ -282,11 +286,12 @@ class ConceptDataModule(pl.LightningDataModule):
     """Concept images -> cached latents and tokenized captions -> a resumable stream of samples."""
 
     def __init__(self, cfg: DataConfig, images: list[ConceptImage], backbone: Backbone, prompt_text: str,
-                 seed: int, resolution: int):  # fmt: skip
+                 seed: int, resolution: int, cache_context: bool = False):  # fmt: skip
         super().__init__()
         check_resolution(resolution, backbone)
         self.cfg, self.images, self.backbone, self.seed = cfg, images, backbone, seed
         self.resolution = resolution
+        self.cache_context = cache_context
         templates = load_templates(cfg.templates)
         self.captions = [
             [fill_template(t, prompt_text, image.caption) for t in templates] for image in images
@@ -303,9 +308,11 @@ class ConceptDataModule(pl.LightningDataModule):
         flat = [c for captions in self.captions for c in captions]
         ids = tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        captions = encode_contexts(self.backbone, ids, device) if self.cache_context else ids
         self.dataset = ConceptLatents(
-            mean, std, ids.view(len(self.images), -1, ids.shape[-1]), self.cfg.flip_p, self.seed,
+            mean, std, captions.view(len(self.images), -1, *captions.shape[1:]), self.cfg.flip_p, self.seed,
             self.backbone.vae.config.scaling_factor, self.backbone.scheduler.config.num_train_timesteps,
+            captions_are_contexts=self.cache_context,
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
@@ -337,6 +344,13 @@ def encode_latents(backbone: Backbone, images: list[Image.Image], flips: bool, d
         means.append(torch.cat(mean))
         stds.append(torch.cat(std))
     return torch.stack(means, 1), torch.stack(stds, 1)
+
+
+@torch.no_grad()
+def encode_contexts(backbone: Backbone, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The text encoder's output for every caption, computed once: [captions, 77, width] on the CPU."""
+    backbone.text_encoder.to(device)
+    return torch.cat([backbone.encode_text(chunk.to(device)).cpu() for chunk in ids.split(64)])
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

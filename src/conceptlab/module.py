@@ -16,16 +16,19 @@ from .backbone import Backbone
 from .config import OptimConfig
 from .errors import TrainingError
 from .methods.base import Method
+from .schedules import rate_at
 
 
 class ConceptModule(pl.LightningModule):
-    def __init__(self, backbone: Backbone, method: Method, optim: OptimConfig, lr: float, max_steps: int,
+    def __init__(self, backbone: Backbone, method: Method, optim: OptimConfig,
+                 lr_schedule: list[tuple[float, int | None]], max_steps: int,
                  run_info: dict[str, Any] | None = None):  # fmt: skip
         super().__init__()
         self.backbone = backbone
         self.method = method
         self.optim = optim
-        self.lr = lr  # the effective learning rate (after scale_lr)
+        self.lr_schedule = lr_schedule  # effective rates (after scale_lr) and the steps they hold until
+        self.lr = lr_schedule[0][0]
         self.max_steps = max_steps
         self.run_info = run_info or {}
         # Checkpoints hold the method's tensors only; the backbone comes from its own folder.
@@ -35,7 +38,8 @@ class ConceptModule(pl.LightningModule):
         latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
         scheduler = self.backbone.scheduler
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        context = self.backbone.encode_text(batch["input_ids"])
+        # Methods that leave the text encoding alone get contexts cached by the data module.
+        context = batch["context"] if "context" in batch else self.backbone.encode_text(batch["input_ids"])
         unet = self.backbone.unet
         prediction = unet(noisy.to(unet.dtype), timesteps, context.to(unet.dtype)).sample
         if scheduler.config.prediction_type == "v_prediction":
@@ -61,12 +65,17 @@ class ConceptModule(pl.LightningModule):
             eps=self.optim.eps,
             weight_decay=self.optim.weight_decay,
         )
-        schedule = get_scheduler(
-            self.optim.scheduler,
-            optimizer,
-            num_warmup_steps=self.optim.warmup_steps,
-            num_training_steps=self.max_steps,
-        )
+        if len(self.lr_schedule) > 1:  # an AUTOMATIC1111 step schedule
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: rate_at(self.lr_schedule, step) / self.lr_schedule[0][0]
+            )
+        else:
+            schedule = get_scheduler(
+                self.optim.scheduler,
+                optimizer,
+                num_warmup_steps=self.optim.warmup_steps,
+                num_training_steps=self.max_steps,
+            )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -74,6 +74,7 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     from .data import ConceptDataModule, read_concept_images
     from .loggers import make_loggers
     from .module import ConceptModule
+    from .schedules import parse_lr_schedule, scaled
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", concept):
         raise ConfigError(
@@ -95,7 +96,10 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
         raise
     method.attach(backbone)
     resolution = cfg.data.resolution or backbone.native_resolution
-    data = ConceptDataModule(cfg.data, images, backbone, method.prompt_text, cfg.seed, resolution)
+    data = ConceptDataModule(
+        cfg.data, images, backbone, method.prompt_text, cfg.seed, resolution,
+        cache_context=not method.changes_text_encoding,
+    )  # fmt: skip
 
     run_name = cfg.logger.name or f"{cfg.method.name}-{concept}-seed{cfg.seed}"
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -122,14 +126,19 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     dtype = resolve_dtype(cfg.model.dtype, trainer.strategy.root_device, trainer.precision)
     if dtype != backbone.unet.dtype:
         backbone.to(dtype)
-    lr = method.lr
+    schedule = parse_lr_schedule(method.lr)
+    if len(schedule) > 1 and cfg.optim.scheduler != "constant":
+        raise ConfigError(
+            f"method.lr={method.lr!r} is a step schedule; it replaces optim.scheduler={cfg.optim.scheduler!r}: "
+            "use one or the other"
+        )
     if method.scale_lr:
-        lr *= cfg.data.batch_size * trainer.num_devices * trainer.num_nodes * trainer.accumulate_grad_batches
-    module = ConceptModule(
-        backbone, method, cfg.optim, lr, cfg.trainer.max_steps, run_info={"config": config}
-    )
+        factor = cfg.data.batch_size * trainer.num_devices * trainer.num_nodes * trainer.accumulate_grad_batches
+        schedule = scaled(schedule, factor)
+    module = ConceptModule(backbone, method, cfg.optim, schedule, cfg.trainer.max_steps, run_info={"config": config})
     record.update(
-        lr=lr,
+        lr=schedule[0][0],
+        lr_schedule=", ".join(f"{rate:g}:{until}" if until else f"{rate:g}" for rate, until in schedule),
         trainable_params=sum(p.numel() for p in method.trainable_parameters()),
         num_images=len(images),
         images=[str(im.path) for im in images],

@@ -12,15 +12,17 @@ from pathlib import Path
 from torch import nn
 
 from ..backbone import Backbone
+from ..schedules import parse_lr_schedule
 
 
 class Method(nn.Module, ABC):
     """A trainable add-on to a frozen backbone. Its own parameters are the only ones that train."""
 
-    def __init__(self, name: str, lr: float, scale_lr: bool):
+    def __init__(self, name: str, lr: float | str, scale_lr: bool):
         super().__init__()
         self.name = name
-        self.lr = lr
+        parse_lr_schedule(lr)  # a malformed schedule fails here, before anything loads
+        self.lr = lr  # a rate, or an AUTOMATIC1111 schedule "1e-5:1000, 5e-6:3000, 1e-6"
         self.scale_lr = scale_lr
 
     @abstractmethod
@@ -35,6 +37,11 @@ class Method(nn.Module, ABC):
     @abstractmethod
     def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
         """Write the learned concept files into `folder` (atomically); return their paths."""
+
+    @property
+    def changes_text_encoding(self) -> bool:
+        """Whether training changes what the text encoder outputs; if not, contexts are cached once."""
+        return True
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
