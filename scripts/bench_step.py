@@ -9,7 +9,9 @@ Both run in this one process, on the same backbone weights and batch size:
     python scripts/bench_step.py                                   # tiny backbone, CPU
     python scripts/bench_step.py --shape sd15 --device cuda        # SD-1.5 shapes (random weights), GPU
 
-Prints one JSON object: steps/s of each, their ratio (conceptlab / baseline) and memory figures.
+It also times conceptlab's hypernetwork step (A1111's default structure, cached text contexts) on
+the same backbone and batch. Prints one JSON object: steps/s of each, the ratios (conceptlab TI /
+baseline; hypernetwork step time / TI step time) and memory figures.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import random
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +34,7 @@ from PIL import Image
 from conceptlab.backbone import Backbone, ensure_tiny_backbone, load_backbone
 from conceptlab.config import DataConfig, ModelConfig, OptimConfig
 from conceptlab.data import ConceptDataModule, read_concept_images, resolve_data_path, to_square
+from conceptlab.methods.hypernetwork import Hypernetwork
 from conceptlab.methods.textual_inversion import TextualInversion
 from conceptlab.module import ConceptModule
 
@@ -60,15 +64,19 @@ def sd15_shaped_folder(folder: Path) -> Path:
     return folder
 
 
-def conceptlab_step(folder, images, args, device, dtype):
+def conceptlab_step(folder, images, args, device, dtype, method_name="ti"):
     backbone = load_backbone(ModelConfig(path=str(folder))).to(device, dtype)
-    method = TextualInversion(
-        name="ti", lr=5e-3, scale_lr=False, concept="bench", num_vectors=args.num_vectors
-    )
+    if method_name == "ti":
+        method = TextualInversion(name="ti", lr=5e-3, scale_lr=False, concept="bench", num_vectors=args.num_vectors)
+    else:  # A1111's default: [1, 2, 1] on the text width and every block width
+        method = Hypernetwork(name="hypernet", lr=1e-5, scale_lr=False, concept="bench")
     method.attach(backbone)
     method.to(device)
     cfg = DataConfig(path=args.images, batch_size=args.batch_size)
-    data = ConceptDataModule(cfg, images, backbone, method.prompt_text, seed=0, resolution=args.resolution)
+    data = ConceptDataModule(
+        cfg, images, backbone, method.prompt_text, seed=0, resolution=args.resolution,
+        cache_context=not method.changes_text_encoding,
+    )  # fmt: skip
     data.setup("fit")
     loader = data.train_dataloader()
     module = ConceptModule(backbone, method, OptimConfig(), lr_schedule=[(5e-3, None)], max_steps=10**6)
@@ -147,34 +155,42 @@ def baseline_step(folder, image_paths, args, device, dtype):
     return step, optimizer, [table.weight]
 
 
-def measure(make, args, device) -> dict:
-    step, optimizer, params = make()
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    state_bytes = sum(
-        t.numel() * t.element_size()
-        for s in optimizer.state.values()
-        for t in s.values()
-        if torch.is_tensor(t)
-    )
-    result = {
-        "steps_per_s": round(args.steps / elapsed, 3),
-        "trainable_params": sum(p.numel() for p in params),
-        "optimizer_state_mb": round(state_bytes / 2**20, 3),
-        "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
-    if device.type == "cuda":
-        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return result
+def measure(makers: dict, args, device) -> dict[str, dict]:
+    """Steps/s of each variant, timed in interleaved blocks (median), so drift hits all alike."""
+    built, results = {}, {}
+    for name, make in makers.items():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        step, optimizer, params = built[name] = make()
+        for _ in range(args.warmup):
+            step()
+        state_bytes = sum(
+            t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+        )
+        results[name] = {
+            "trainable_params": sum(p.numel() for p in params),
+            "optimizer_state_mb": round(state_bytes / 2**20, 3),
+        }
+        if device.type == "cuda":  # this variant's own footprint: its model copy and its step's peak
+            results[name]["peak_cuda_mb"] = round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
+    rates: dict[str, list[float]] = {name: [] for name in built}
+    block = max(1, args.steps // args.rounds)
+    for _ in range(args.rounds):
+        for name, (step, _, _) in built.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(block):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rates[name].append(block / (time.perf_counter() - start))
+    for name, values in rates.items():
+        results[name]["steps_per_s"] = round(statistics.median(values), 3)
+    rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return {name: {**result, "process_peak_rss_mb": rss} for name, result in results.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -185,11 +201,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="frozen parts' dtype (default: float16 on CUDA, float32 on CPU)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--num-vectors", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved timing blocks per variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--images", default="bundled:robot")
     parser.add_argument("--min-speedup", type=float, default=None,
                         help="exit non-zero if conceptlab is not at least this many times faster (target: 1.5)")  # fmt: skip
+    parser.add_argument("--max-hypernet-cost", type=float, default=None,
+                        help="exit non-zero if a hypernetwork step costs more than this many TI steps (target: 1.15)")  # fmt: skip
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -208,10 +227,16 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = DataConfig(path=args.images, resolution=args.resolution)
         images = read_concept_images(cfg)
         paths = sorted(p for p in resolve_data_path(args.images).iterdir() if p.suffix == ".png")
-        ours = measure(lambda: conceptlab_step(folder, images, args, device, dtype), args, device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        theirs = measure(lambda: baseline_step(folder, paths, args, device, dtype), args, device)
+        timed = measure(
+            {
+                "conceptlab": lambda: conceptlab_step(folder, images, args, device, dtype),
+                "diffusers_example": lambda: baseline_step(folder, paths, args, device, dtype),
+                "hypernet": lambda: conceptlab_step(folder, images, args, device, dtype, "hypernet"),
+            },
+            args,
+            device,
+        )
+        ours, theirs, hypernet = timed["conceptlab"], timed["diffusers_example"], timed["hypernet"]
     report = {
         "shape": args.shape,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -222,10 +247,16 @@ def main(argv: list[str] | None = None) -> dict:
         "conceptlab": ours,
         "diffusers_example": theirs,
         "speedup": round(ours["steps_per_s"] / theirs["steps_per_s"], 3),
+        "hypernet": hypernet,
+        # Time of a hypernetwork step over a TI step (target: at most 1.15).
+        "hypernet_step_cost_vs_ti": round(ours["steps_per_s"] / hypernet["steps_per_s"], 3),
     }
     print(json.dumps(report, indent=2))
     if args.min_speedup is not None and report["speedup"] < args.min_speedup:
         print(f"speedup {report['speedup']} is below the target {args.min_speedup}", file=sys.stderr)
+        report["failed"] = True
+    if args.max_hypernet_cost is not None and report["hypernet_step_cost_vs_ti"] > args.max_hypernet_cost:
+        print(f"hypernetwork step cost {report['hypernet_step_cost_vs_ti']} is above {args.max_hypernet_cost}", file=sys.stderr)
         report["failed"] = True
     return report
 

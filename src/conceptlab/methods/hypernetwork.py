@@ -244,8 +244,22 @@ class HypernetworkStack:
 
     def __init__(self):
         self.entries: list[tuple[Hypernetwork, float]] = []
+        # Every cross-attention layer (and every denoising step) reads the same text-context tensor:
+        # its transform is computed once and reused while that tensor and the stack are unchanged.
+        self._memo: tuple | None = None
 
-    def __call__(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, context: torch.Tensor, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value inputs for `context`; `shared` = a text context that other layers read too."""
+        if not shared:
+            return self._apply(context)
+        state = [(id(h), m, h.training) for h, m in self.entries]
+        if self._memo is not None and self._memo[0] is context and self._memo[1] == state:
+            return self._memo[2]
+        result = self._apply(context)
+        self._memo = (context, state, result)
+        return result
+
+    def _apply(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k_in = v_in = context
         for hypernetwork, multiplier in self.entries:
             pair = hypernetwork.pair(k_in.shape[-1])  # A1111 picks the modules by the key input's width
@@ -283,7 +297,7 @@ class HypernetworkProcessor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        k_in, v_in = self.stack(context)
+        k_in, v_in = self.stack(context, shared=encoder_hidden_states is not None)
         if k_in is not context or v_in is not context:
             attn = _KeyValueInputs(attn, k_in, v_in)
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
