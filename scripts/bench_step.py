@@ -67,7 +67,9 @@ def sd15_shaped_folder(folder: Path) -> Path:
 def conceptlab_step(folder, images, args, device, dtype, method_name="ti"):
     backbone = load_backbone(ModelConfig(path=str(folder))).to(device, dtype)
     if method_name == "ti":
-        method = TextualInversion(name="ti", lr=5e-3, scale_lr=False, concept="bench", num_vectors=args.num_vectors)
+        method = TextualInversion(
+            name="ti", lr=5e-3, scale_lr=False, concept="bench", num_vectors=args.num_vectors
+        )
     else:  # A1111's default: [1, 2, 1] on the text width and every block width
         method = Hypernetwork(name="hypernet", lr=1e-5, scale_lr=False, concept="bench")
     method.attach(backbone)
@@ -167,7 +169,10 @@ def measure(makers: dict, args, device) -> dict[str, dict]:
         for _ in range(args.warmup):
             step()
         state_bytes = sum(
-            t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+            t.numel() * t.element_size()
+            for s in optimizer.state.values()
+            for t in s.values()
+            if torch.is_tensor(t)
         )
         results[name] = {
             "trainable_params": sum(p.numel() for p in params),
@@ -256,7 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"speedup {report['speedup']} is below the target {args.min_speedup}", file=sys.stderr)
         report["failed"] = True
     if args.max_hypernet_cost is not None and report["hypernet_step_cost_vs_ti"] > args.max_hypernet_cost:
-        print(f"hypernetwork step cost {report['hypernet_step_cost_vs_ti']} is above {args.max_hypernet_cost}", file=sys.stderr)
+        print(
+            f"hypernetwork step cost {report['hypernet_step_cost_vs_ti']} is above {args.max_hypernet_cost}",
+            file=sys.stderr,
+        )
         report["failed"] = True
     return report
 

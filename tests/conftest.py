@@ -65,8 +65,8 @@ def backbone(tiny_dir):
     return load_backbone(ModelConfig(path=str(tiny_dir)))
 
 
-def compose(overrides: list[str], with_hydra: bool = False):
-    """The training config exactly as `python train.py <overrides>` composes it."""
+def compose(overrides: list[str], with_hydra: bool = False, config: str = "train"):
+    """The config exactly as `python train.py <overrides>` (or generate.py) composes it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -74,7 +74,7 @@ def compose(overrides: list[str], with_hydra: bool = False):
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides, return_hydra_config=with_hydra)
+        return hydra_compose(config, overrides=overrides, return_hydra_config=with_hydra)
 
 
 def run_train(run_dir: Path, *overrides: str, fast: bool = True) -> dict:

@@ -78,7 +78,51 @@ def assert_loads_in_diffusers(path, vectors):
     assert not torch.allclose(embed("a photo of <robot>"), embed("a photo of object"))
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+def test_train_py_hypernetwork_run_leaves_a1111_files(tmp_path):
+    from conceptlab.formats import read_hypernetwork
+
+    proc, [run_dir] = train_subprocess(tmp_path, "method=hypernet", "data=styles", "method.lr='1e-5:2, 5e-6'")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = read_summary(run_dir)
+    assert (
+        summary["status"] == "completed" and summary["method"] == "hypernet" and summary["concept"] == "ink"
+    )
+    assert summary["lr_schedule"] == "1e-05:2, 5e-06"
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["state_dict"] and all(k.startswith("method.layers.") for k in checkpoint["state_dict"])
+    a1111 = torch.load(run_dir / "concepts" / "ink.pt", weights_only=True)
+    assert sorted(k for k in a1111 if isinstance(k, int)) == [32, 64] and a1111["step"] == 4
+    twin = read_hypernetwork(run_dir / "concepts" / "ink.safetensors")
+    for size in (32, 64):
+        for ours, theirs in zip(twin.pairs[size], a1111[size]):
+            assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+        key = f"method.layers.{size}.0.linear.0.weight"
+        assert torch.equal(checkpoint["state_dict"][key], a1111[size][0]["linear.0.weight"])
+
+
+@pytest.mark.parametrize("method", ["ti", "hypernet"])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, method):
+    if method == "hypernet":
+        return check_resume(
+            tmp_path, "method=hypernet", "method.lr=1e-3", file="ink.safetensors", data="data=styles"
+        )
+    return check_resume(tmp_path)
+
+
+def check_resume(tmp_path, *overrides, file="robot.safetensors", data="data=objects"):
+    from safetensors.torch import load_file as load
+
+    args = [data, *overrides]
+    run_train(tmp_path / "a" / "straight", *args, "trainer.max_steps=6")
+    run_train(tmp_path / "b" / "first", *args, "trainer.max_steps=3")
+    resumed = run_train(tmp_path / "b" / "resumed", *args, "trainer.max_steps=6", "resume=true")
+    assert resumed["steps"] == 6 and resumed["steps_this_process"] == 3
+    ours = load(tmp_path / "b" / "resumed" / "concepts" / file)
+    reference = load(tmp_path / "a" / "straight" / "concepts" / file)
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+def test_resume_finds_the_earlier_run_and_records_it(tmp_path):
     straight = run_train(tmp_path / "a" / "straight", "trainer.max_steps=6")
     assert straight["steps"] == 6 and straight["resumed_from"] is None
     first = run_train(tmp_path / "b" / "first", "trainer.max_steps=3")

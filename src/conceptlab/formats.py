@@ -192,7 +192,9 @@ def write_a1111_hypernetwork(path: str | Path, hypernetwork, step: int, sd_check
     return path
 
 
-def write_hypernetwork_safetensors(path: str | Path, hypernetwork, step: int, sd_checkpoint_name: str | None) -> Path:
+def write_hypernetwork_safetensors(
+    path: str | Path, hypernetwork, step: int, sd_checkpoint_name: str | None
+) -> Path:
     """Write the safetensors twin of a hypernetwork (structure in the metadata) atomically."""
     tensors = {}
     for size in hypernetwork.sizes:
@@ -233,7 +235,11 @@ def read_hypernetwork(path: str | Path) -> HypernetworkFile:
     pairs = {}
     for size, value in data.items():
         if isinstance(size, int):
-            if not (isinstance(value, tuple | list) and len(value) == 2 and all(isinstance(v, dict) for v in value)):
+            if not (
+                isinstance(value, tuple | list)
+                and len(value) == 2
+                and all(isinstance(v, dict) for v in value)
+            ):
                 raise ConceptFileError(f"{path}: width {size} should hold a (key, value) pair of state dicts")
             pairs[size] = tuple({LEGACY_KEYS.get(k, k): t for k, t in part.items()} for part in value)
     # AUTOMATIC1111's defaults for keys older files lack.
@@ -259,7 +265,9 @@ def _read_hypernetwork_safetensors(path: Path) -> HypernetworkFile:
     except (SafetensorError, OSError) as err:
         raise ConceptFileError(f"{path} is not a readable safetensors file: {err}") from err
     if metadata.get("format") != SAFETENSORS_FORMAT:
-        raise ConceptFileError(f"{path} is not a conceptlab hypernetwork (its metadata has no format={SAFETENSORS_FORMAT})")
+        raise ConceptFileError(
+            f"{path} is not a conceptlab hypernetwork (its metadata has no format={SAFETENSORS_FORMAT})"
+        )
     pairs: dict[int, tuple[dict, dict]] = {}
     for key, tensor in tensors.items():
         size, role, param = key.split(".", 2)

@@ -72,7 +72,9 @@ def load_concepts(paths: list[str]) -> LoadedConcepts:
                 name = value.name if file.suffix != ".pt" else file.stem
                 table = loaded.embeddings
             if name in loaded.embeddings or name in loaded.hypernetworks:
-                raise ConceptFileError(f"two loaded concepts are called {name!r} ({file}); rename one of the files")
+                raise ConceptFileError(
+                    f"two loaded concepts are called {name!r} ({file}); rename one of the files"
+                )
             table[name] = value
             loaded.files.append(str(file))
     return loaded
@@ -105,7 +107,9 @@ def build_pipeline(backbone, concepts: LoadedConcepts, scheduler: str):
                 f"{backbone.context_dim} wide: it was trained for another model (pick the matching model=)"
             )
         if token in backbone.tokenizer.get_vocab():
-            raise ConceptFileError(f"embedding {token!r} clashes with a word already in the vocabulary; rename its file")
+            raise ConceptFileError(
+                f"embedding {token!r} clashes with a word already in the vocabulary; rename its file"
+            )
         pipe.load_textual_inversion({token: embedding.vectors}, token=token)
     for name, hypernetwork in concepts.hypernetworks.items():
         mismatched = [s for s in hypernetwork.sizes if s not in _attention_widths(backbone)]
@@ -132,7 +136,9 @@ def resolve_prompt(prompt: str, concepts: LoadedConcepts, tokenizer) -> tuple[st
     for use in uses:
         if use.name not in concepts.hypernetworks:
             loaded = ", ".join(sorted(concepts.hypernetworks)) or "none"
-            raise ConfigError(f"<hypernet:{use.name}> is not loaded (loaded hypernetworks: {loaded}); add its file to concepts=")
+            raise ConfigError(
+                f"<hypernet:{use.name}> is not loaded (loaded hypernetworks: {loaded}); add its file to concepts="
+            )
     vocab = tokenizer.get_vocab()
     for word in placeholders(text):
         if word not in vocab:
@@ -168,7 +174,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     concepts = load_concepts(list(cfg.concepts))
     backbone = load_backbone(cfg.model)
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(
+        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     backbone.to(device, resolve_dtype(cfg.model.dtype, device, "16-mixed"))
     pipe = build_pipeline(backbone, concepts, cfg.scheduler)
     text, uses = resolve_prompt(cfg.prompt, concepts, backbone.tokenizer)
@@ -234,7 +242,11 @@ def quote_text_overrides(argv: list[str]) -> list[str]:
     quoted = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+") in TEXT_KEYS and not (value[:1] in "'\"" and value[:1] == value[-1:] and value):
+        if (
+            sep
+            and key.lstrip("+") in TEXT_KEYS
+            and not (value[:1] in "'\"" and value[:1] == value[-1:] and value)
+        ):
             value = "'" + value.replace("'", "\\'") + "'"
         quoted.append(f"{key}{sep}{value}" if sep else arg)
     return quoted

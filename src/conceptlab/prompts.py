@@ -31,7 +31,8 @@ def parse_prompt(prompt: str) -> tuple[str, list[HypernetUse]]:
                 f"malformed multiplier {multiplier!r} in {match.group(0)}; use a number, e.g. <hypernet:{name}:0.7>"
             ) from None
         uses.append(HypernetUse(name, value))
-    text = re.sub(r"\s+", " ", HYPERNET_TAG.sub(" ", prompt)).strip(" ,")
+    text = re.sub(r"\s+", " ", HYPERNET_TAG.sub(" ", prompt))
+    text = re.sub(r" ,", ",", text).strip(" ,")
     return text, uses
 
 

@@ -133,9 +133,13 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
             "use one or the other"
         )
     if method.scale_lr:
-        factor = cfg.data.batch_size * trainer.num_devices * trainer.num_nodes * trainer.accumulate_grad_batches
+        factor = (
+            cfg.data.batch_size * trainer.num_devices * trainer.num_nodes * trainer.accumulate_grad_batches
+        )
         schedule = scaled(schedule, factor)
-    module = ConceptModule(backbone, method, cfg.optim, schedule, cfg.trainer.max_steps, run_info={"config": config})
+    module = ConceptModule(
+        backbone, method, cfg.optim, schedule, cfg.trainer.max_steps, run_info={"config": config}
+    )
     record.update(
         lr=schedule[0][0],
         lr_schedule=", ".join(f"{rate:g}:{until}" if until else f"{rate:g}" for rate, until in schedule),

@@ -43,7 +43,9 @@ ACTIVATIONS = _activations()
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 
 
-def default_dropout_structure(layer_structure: Sequence[float], use_dropout: bool, last_layer_dropout: bool) -> list[float]:
+def default_dropout_structure(
+    layer_structure: Sequence[float], use_dropout: bool, last_layer_dropout: bool
+) -> list[float]:
     """A1111's dropout per layer when a file or config gives none: 0.3 after hidden layers."""
     if not use_dropout:
         return [0.0] * len(layer_structure)
@@ -117,15 +119,27 @@ class Hypernetwork(Method):
         self.concept = concept
         self.layer_structure = [float(x) for x in layer_structure]  # A1111 stores floats
         if len(self.layer_structure) < 2 or self.layer_structure[0] != 1 or self.layer_structure[-1] != 1:
-            raise ConfigError(f"layer_structure={list(layer_structure)} must start and end with 1, e.g. [1, 2, 1]")
+            raise ConfigError(
+                f"layer_structure={list(layer_structure)} must start and end with 1, e.g. [1, 2, 1]"
+            )
         if activation_func is not None and activation_func not in ACTIVATIONS:
-            raise ConfigError(f"activation_func={activation_func!r} is not one of {', '.join(sorted(ACTIVATIONS))}")
+            raise ConfigError(
+                f"activation_func={activation_func!r} is not one of {', '.join(sorted(ACTIVATIONS))}"
+            )
         if weight_initialization not in WEIGHT_INITS:
-            raise ConfigError(f"weight_initialization={weight_initialization!r}: use one of {', '.join(WEIGHT_INITS)}")
+            raise ConfigError(
+                f"weight_initialization={weight_initialization!r}: use one of {', '.join(WEIGHT_INITS)}"
+            )
         if dropout_structure is None:
-            dropout_structure = default_dropout_structure(self.layer_structure, use_dropout, last_layer_dropout)
+            dropout_structure = default_dropout_structure(
+                self.layer_structure, use_dropout, last_layer_dropout
+            )
         dropout_structure = [float(p) for p in dropout_structure]
-        if len(dropout_structure) != len(self.layer_structure) or dropout_structure[0] or dropout_structure[-1]:
+        if (
+            len(dropout_structure) != len(self.layer_structure)
+            or dropout_structure[0]
+            or dropout_structure[-1]
+        ):
             raise ConfigError(
                 f"dropout_structure={dropout_structure} needs one entry per layer_structure entry, 0 first and last"
             )
@@ -202,7 +216,9 @@ class Hypernetwork(Method):
             except RuntimeError as err:
                 from ..errors import ConceptFileError
 
-                raise ConceptFileError(f"{source}: the width-{size} modules do not match the structure it declares: {err}") from err
+                raise ConceptFileError(
+                    f"{source}: the width-{size} modules do not match the structure it declares: {err}"
+                ) from err
 
     def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
         from ..formats import write_a1111_hypernetwork, write_hypernetwork_safetensors

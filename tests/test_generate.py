@@ -1,0 +1,151 @@
+"""generate.py: any mix of embeddings and hypernetworks in one prompt, comparison grids, bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, compose, run_train
+from PIL import Image
+
+from conceptlab.errors import ConceptFileError, ConfigError
+from conceptlab.formats import write_a1111_embedding, write_a1111_hypernetwork, write_diffusers_embedding
+from conceptlab.generate import quote_text_overrides, run
+from conceptlab.methods.hypernetwork import Hypernetwork
+from conceptlab.prompts import parse_prompt
+
+FAST = ["steps=3", "seeds=[0,1]"]
+
+
+def hypernetwork_file(path, concept, writer=write_a1111_hypernetwork, sizes=(32, 64)):
+    hn = Hypernetwork(name="hypernet", lr=1e-5, scale_lr=False, concept=concept, enable_sizes=list(sizes))
+    with torch.no_grad():
+        for p in hn.parameters():
+            p.normal_(0, 0.5)
+    if writer is write_a1111_hypernetwork:
+        return writer(path, hn, 1, None, "tiny")
+    return writer(path, hn, 1, "tiny")
+
+
+@pytest.fixture
+def concepts(tmp_path):
+    from conceptlab.formats import write_hypernetwork_safetensors
+
+    torch.manual_seed(0)
+    return {
+        "cat": write_diffusers_embedding(tmp_path / "cat.safetensors", "<cat-a>", torch.randn(2, 32)),
+        "style": write_a1111_embedding(
+            tmp_path / "style-b.pt", "style-b", torch.randn(1, 32), 10, None, "tiny"
+        ),
+        "ink": hypernetwork_file(tmp_path / "ink.pt", "ink"),
+        "oil": hypernetwork_file(tmp_path / "oil.safetensors", "oil", writer=write_hypernetwork_safetensors),
+    }
+
+
+def generate(tmp_path, *overrides):
+    out = tmp_path / "gen"
+    # As generate.py does: prompts are quoted for Hydra's override grammar.
+    return run(compose(quote_text_overrides([*FAST, *overrides]), config="generate"), out), out
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_generate_py_with_two_embeddings_and_two_hypernetworks(tmp_path, tiny_dir, concepts):
+    prompt = "prompt=a photo of <cat-a> in the style of style-b <hypernet:ink:0.5> <hypernet:oil:0.8>"
+    files = ",".join(str(p) for p in concepts.values())
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "generate.py"), prompt, f"concepts=[{files}]", "multipliers=[0,1]", *FAST,
+         f"output_root={tmp_path}"],  # fmt: skip
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [out] = list((tmp_path / "generate").iterdir())
+    record = json.loads((out / "generation.json").read_text())
+    assert record["text"] == "a photo of <cat-a> in the style of style-b"
+    assert record["hypernetworks"] == [{"name": "ink", "multiplier": 0.5}, {"name": "oil", "multiplier": 0.8}]
+    assert record["multipliers"] == [0.0, 1.0] and record["seeds"] == [0, 1]
+    assert sorted(record["images"]) == [f"images/0{r}_seed{s}.png" for r in (0, 1) for s in (0, 1)]
+    grid = Image.open(out / "grid.png")
+    assert grid.width > 2 * 64 and grid.height > 2 * 64  # 2 x 2 images plus labels
+    # Row 0 (every hypernetwork at 0) differs from row 1 (at 1): the multipliers were applied.
+    assert not np.array_equal(pixels(out / "images/00_seed0.png"), pixels(out / "images/01_seed0.png"))
+
+
+def test_multiplier_zero_is_exactly_the_bare_model(tmp_path, concepts):
+    files = f"concepts=[{concepts['ink']},{concepts['oil']}]"
+    _, bare = generate(tmp_path / "a", "prompt=a red square", files)
+    _, zero = generate(tmp_path / "b", "prompt=a red square <hypernet:ink:0> <hypernet:oil:0>", files)
+    _, full = generate(tmp_path / "c", "prompt=a red square <hypernet:ink:1>", files)
+    for seed in (0, 1):
+        name = f"images/00_seed{seed}.png"
+        assert np.array_equal(pixels(bare / name), pixels(zero / name))
+        assert not np.array_equal(pixels(bare / name), pixels(full / name))
+
+
+def test_embeddings_change_the_image(tmp_path, concepts):
+    _, with_cat = generate(tmp_path / "a", "prompt=a photo of <cat-a>", f"concepts=[{concepts['cat']}]")
+    _, plain = generate(tmp_path / "b", "prompt=a photo of cat", f"concepts=[{concepts['cat']}]")
+    assert not np.array_equal(pixels(with_cat / "images/00_seed0.png"), pixels(plain / "images/00_seed0.png"))
+
+
+@pytest.mark.slow
+def test_a_training_run_directory_is_a_concept(tmp_path):
+    run_train(tmp_path / "runs" / "ink", "method=hypernet", "data=styles", "samples.every_n_steps=0")
+    record, _ = generate(
+        tmp_path, "prompt=a house <hypernet:ink:0.7>", f"concepts=[{tmp_path / 'runs' / 'ink'}]"
+    )
+    assert record["concepts"] == [str(tmp_path / "runs" / "ink" / "concepts" / "ink.safetensors")]
+
+
+@pytest.mark.parametrize(
+    "prompt,concept,error,match",
+    [
+        (
+            "a <hypernet:nope:1>",
+            "ink",
+            ConfigError,
+            r"<hypernet:nope> is not loaded \(loaded hypernetworks: ink\)",
+        ),
+        (
+            "a photo of <dog>",
+            "cat",
+            ConfigError,
+            r"<dog> is used in the prompt but no loaded embedding defines it",
+        ),
+        ("a <hypernet:ink:strong>", "ink", ConfigError, "malformed multiplier 'strong'"),
+    ],
+)
+def test_bad_prompts_name_the_problem(tmp_path, concepts, prompt, concept, error, match):
+    with pytest.raises(error, match=match):
+        generate(tmp_path, f"prompt={prompt}", f"concepts=[{concepts[concept]}]")
+
+
+def test_concept_files_for_another_model_are_refused(tmp_path):
+    wide = write_diffusers_embedding(tmp_path / "sd15.safetensors", "<sd15>", torch.zeros(1, 768))
+    with pytest.raises(ConceptFileError, match="is 768 wide but this model's text encoder is 32 wide"):
+        generate(tmp_path, "prompt=a <sd15>", f"concepts=[{wide}]")
+    hn = hypernetwork_file(tmp_path / "h.pt", "h", sizes=(768, 320))
+    with pytest.raises(ConceptFileError, match="trained for another model"):
+        generate(tmp_path, "prompt=a <hypernet:h>", f"concepts=[{hn}]")
+
+
+def test_multipliers_need_a_hypernetwork_in_the_prompt(tmp_path, concepts):
+    with pytest.raises(ConfigError, match="put a <hypernet:name> in the prompt"):
+        generate(tmp_path, "prompt=a house", "multipliers=[0,1]", f"concepts=[{concepts['ink']}]")
+
+
+def test_prompt_syntax():
+    text, uses = parse_prompt("a castle <hypernet:ink:0.7>, <hypernet:oil> at dusk")
+    assert text == "a castle, at dusk"
+    assert [(u.name, u.multiplier) for u in uses] == [("ink", 0.7), ("oil", 1.0)]
+
+
+def test_prompts_with_angle_brackets_reach_hydra_quoted():
+    argv = ["prompt=a <x> <hypernet:y:0.5>", "negative_prompt=blurry", "steps=3", "prompt='already quoted'"]
+    assert quote_text_overrides(argv) == [
+        "prompt='a <x> <hypernet:y:0.5>'", "negative_prompt='blurry'", "steps=3", "prompt='already quoted'"
+    ]  # fmt: skip
