@@ -41,10 +41,10 @@ from conceptlab.module import ConceptModule
 
 def sd15_shaped_folder(folder: Path) -> Path:
     """A diffusers folder with SD-1.5's architecture and random weights (nothing is downloaded)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from conceptlab.backbone import clip_tokenizer
+    from conceptlab.backbone import save_sd_folder
 
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -56,12 +56,7 @@ def sd15_shaped_folder(folder: Path) -> Path:
         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
     )  # fmt: skip
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)  # fmt: skip
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
-                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(folder)  # fmt: skip
-    return folder
+    return save_sd_folder(folder, text_encoder, vae, unet)
 
 
 def conceptlab_step(folder, images, args, device, dtype, method_name="ti"):

@@ -154,10 +154,9 @@ def ensure_tiny_backbone(cfg: ModelConfig) -> Path:
 
 def save_tiny_backbone(folder: str | os.PathLike, seed: int = 0) -> Path:
     """Build the tiny SD-1.x-shaped pipeline (random weights, fixed seed) and save it as a diffusers folder."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    folder = Path(folder)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -199,6 +198,13 @@ def save_tiny_backbone(folder: str | os.PathLike, seed: int = 0) -> Path:
         attention_head_dim=8,
         norm_num_groups=8,
     )
+    return save_sd_folder(folder, text_encoder, vae, unet)
+
+
+def save_sd_folder(folder: str | os.PathLike, text_encoder, vae, unet) -> Path:
+    """Save SD parts as a diffusers pipeline folder, with CLIP's tokenizer and SD's noise schedule."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
     # SD's own schedule (scaled linear 0.00085-0.012, 1000 steps, epsilon prediction).
     scheduler = PNDMScheduler(
         beta_start=0.00085,
@@ -220,7 +226,7 @@ def save_tiny_backbone(folder: str | os.PathLike, seed: int = 0) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
-    return folder
+    return Path(folder)
 
 
 def clip_tokenizer():
