@@ -12,6 +12,7 @@ from conceptlab.formats import read_hypernetwork, write_a1111_hypernetwork, writ
 from conceptlab.methods.hypernetwork import (
     Hypernetwork,
     HypernetworkProcessor,
+    HypernetworkStack,
     hypernetwork_from_file,
     install_hypernetworks,
 )
@@ -276,3 +277,18 @@ def test_a1111_learning_rate_schedule():
     assert parse_lr_schedule(5e-3) == [(5e-3, None)]
     with pytest.raises(ConfigError, match="steps must increase"):
         parse_lr_schedule("1e-5:1000, 5e-6:500")
+
+
+def test_shared_context_transform_is_reused_until_weights_or_multiplier_change():
+    hn = randomize(make_hn(enable_sizes=[32])).eval()
+    stack = HypernetworkStack()
+    stack.entries = [(hn, 1.0)]
+    context = torch.randn(1, 77, 32)
+    first = stack(context, shared=True)
+    assert stack(context, shared=True) is first  # every cross-attention layer reads one transform
+    with torch.no_grad():
+        next(hn.parameters()).add_(1.0)  # an optimizer step updates weights in place
+    second = stack(context, shared=True)
+    assert second is not first and not torch.equal(second[0], first[0])
+    stack.entries = [(hn, 0.5)]
+    assert not torch.equal(stack(context, shared=True)[0], second[0])

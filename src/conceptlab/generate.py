@@ -84,6 +84,8 @@ def build_pipeline(backbone, concepts: LoadedConcepts, scheduler: str):
     """A StableDiffusionPipeline over the backbone, with the embeddings added to its vocabulary."""
     import diffusers
 
+    from .methods.hypernetwork import attention_widths
+
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"scheduler={scheduler!r}: use one of {', '.join(SCHEDULERS)}")
     pipe = diffusers.StableDiffusionPipeline(
@@ -111,21 +113,15 @@ def build_pipeline(backbone, concepts: LoadedConcepts, scheduler: str):
                 f"embedding {token!r} clashes with a word already in the vocabulary; rename its file"
             )
         pipe.load_textual_inversion({token: embedding.vectors}, token=token)
+    widths = attention_widths(backbone)
     for name, hypernetwork in concepts.hypernetworks.items():
-        mismatched = [s for s in hypernetwork.sizes if s not in _attention_widths(backbone)]
-        if mismatched:
+        if any(size not in widths for size in hypernetwork.sizes):
             raise ConceptFileError(
                 f"hypernetwork {name!r} has widths {hypernetwork.sizes}, but this model's attention layers are "
-                f"{sorted(_attention_widths(backbone))} wide: it was trained for another model"
+                f"{sorted(widths)} wide: it was trained for another model"
             )
         hypernetwork.to(backbone.unet.device)
     return pipe
-
-
-def _attention_widths(backbone) -> set[int]:
-    from .methods.hypernetwork import attention_widths
-
-    return attention_widths(backbone)
 
 
 def resolve_prompt(prompt: str, concepts: LoadedConcepts, tokenizer) -> tuple[str, list]:

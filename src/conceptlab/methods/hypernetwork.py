@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone
-from ..errors import ConfigError
+from ..errors import ConceptFileError, ConfigError
 from .base import Method
 
 
@@ -214,8 +214,6 @@ class Hypernetwork(Method):
                 k_module.load_state_dict(k_state)
                 v_module.load_state_dict(v_state)
             except RuntimeError as err:
-                from ..errors import ConceptFileError
-
                 raise ConceptFileError(
                     f"{source}: the width-{size} modules do not match the structure it declares: {err}"
                 ) from err
@@ -268,7 +266,9 @@ class HypernetworkStack:
         """Key and value inputs for `context`; `shared` = a text context that other layers read too."""
         if not shared:
             return self._apply(context)
-        state = [(id(h), m, h.training) for h, m in self.entries]
+        # Parameter versions change with every in-place optimizer update: a trained module never
+        # reuses an output computed with its old weights.
+        state = [(id(h), m, h.training, [p._version for p in h.parameters()]) for h, m in self.entries]
         if self._memo is not None and self._memo[0] is context and self._memo[1] == state:
             return self._memo[2]
         result = self._apply(context)
