@@ -40,6 +40,8 @@ def test_train_py_leaves_a_complete_run_record(tmp_path):
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert list(checkpoint["state_dict"]) == ["method.vectors"]  # no backbone weights
     assert checkpoint["global_step"] == 4 and checkpoint["optimizer_states"]
+    assert checkpoint["conceptlab"]["config"]["method"]["num_vectors"] == 2
+    assert checkpoint["conceptlab"]["versions"]["torch"].startswith("2.13")
     assert (run_dir / "checkpoints" / "last.ckpt").stat().st_size < 64 * 1024
 
     vectors = checkpoint["state_dict"]["method.vectors"]

@@ -74,6 +74,7 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     from .data import ConceptDataModule, read_concept_images
     from .loggers import make_loggers
     from .module import ConceptModule
+    from .records import package_versions
     from .schedules import parse_lr_schedule, scaled
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", concept):
@@ -137,9 +138,8 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
             cfg.data.batch_size * trainer.num_devices * trainer.num_nodes * trainer.accumulate_grad_batches
         )
         schedule = scaled(schedule, factor)
-    module = ConceptModule(
-        backbone, method, cfg.optim, schedule, cfg.trainer.max_steps, run_info={"config": config}
-    )
+    run_info = {"config": config, "versions": package_versions()}  # listed in every checkpoint
+    module = ConceptModule(backbone, method, cfg.optim, schedule, cfg.trainer.max_steps, run_info=run_info)
     record.update(
         lr=schedule[0][0],
         lr_schedule=", ".join(f"{rate:g}:{until}" if until else f"{rate:g}" for rate, until in schedule),
