@@ -148,10 +148,12 @@ class ConceptExport(pl.Callback):
 class RunStats(pl.Callback):
     """Loss, speed and memory figures for summary.json."""
 
-    def __init__(self):
+    def __init__(self, job_started: float | None = None):
         self.losses: list[float] = []
         self.started: float | None = None
         self.steps_at_start = 0
+        self.job_started = job_started  # time.time() when the job began (imports excluded)
+        self.first_step_at: float | None = None
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.started = time.perf_counter()
@@ -162,6 +164,8 @@ class RunStats(pl.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss.detach()))
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
 
     def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.started if self.started else 0.0
@@ -173,6 +177,9 @@ class RunStats(pl.Callback):
             "steps_this_process": steps,
             "steps_per_s": round(steps / elapsed, 4) if elapsed > 0 else None,
             "peak_memory_mb": peak_memory_mb(),
+            "time_to_first_step_s": round(self.first_step_at - self.job_started, 3)
+            if self.first_step_at and self.job_started
+            else None,
         }
 
 

@@ -69,7 +69,7 @@ class HypernetworkConfig:
 class DataConfig:
     # Folder of concept images; "bundled:NAME" = an example set shipped with conceptlab.
     path: str = MISSING
-    # object | style | filewords (caption .txt beside each image) | path to a template file
+    # object | style | filewords (caption .txt beside each image) | bare ("{}") | a template file
     templates: str = "object"
     num_images: int | None = None  # use a seeded subset of this many images; null = all
     subset_seed: int = 0  # the subset is nested: the first k of one fixed shuffle
@@ -141,6 +141,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class StudyConfig:
+    """Set by experiments/ files: what a sweep is about."""
+
+    name: str | None = None  # the experiment's name (W&B group: name + sweep id)
+    question: str = ""  # what the study answers, in one sentence
+    metric: str = "train/loss"  # the metric the study is about (reports and dashboards lead with it)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     method: Any = MISSING
@@ -150,6 +159,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     concept: str | None = None  # the concept's name; null = the image folder's name
     seed: int = 0
     resume: bool = False  # continue the newest earlier run of the same command from its last.ckpt

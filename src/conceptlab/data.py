@@ -59,7 +59,14 @@ FILEWORDS_TEMPLATES = [
     "a close-up photo of a [name], [filewords]", "a good photo of a [name], [filewords]",
     "a photo of the [name], [filewords]", "a rendition of the [name], [filewords]",
 ]  # fmt: skip
-BUILTIN_TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES, "filewords": FILEWORDS_TEMPLATES}
+# The placeholder alone: a control for how much the neutral wording matters.
+BARE_TEMPLATES = ["{}"]
+BUILTIN_TEMPLATES = {
+    "object": OBJECT_TEMPLATES,
+    "style": STYLE_TEMPLATES,
+    "filewords": FILEWORDS_TEMPLATES,
+    "bare": BARE_TEMPLATES,
+}
 
 
 @dataclass

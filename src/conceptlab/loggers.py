@@ -17,11 +17,12 @@ log = logging.getLogger(__name__)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
-def make_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any]) -> list[Logger]:
+def make_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any],
+                 group: str | None = None, job_type: str | None = None, tags: list[str] | None = None) -> list[Logger]:  # fmt: skip
     """metrics.csv in the run directory, plus a WandbLogger if `cfg.wandb`."""
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name=None, version="")]
     if cfg.wandb:
-        loggers.append(make_wandb_logger(cfg, run_dir, run_name, config))
+        loggers.append(make_wandb_logger(cfg, run_dir, run_name, config, group, job_type, tags or []))
     return loggers
 
 
@@ -50,10 +51,16 @@ def has_wandb_credentials() -> bool:
         return False
 
 
-def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any]) -> Logger:
-    """A started WandbLogger; if the server cannot be reached in time the run goes on offline."""
+def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any],
+                      group: str | None, job_type: str | None, tags: list[str]) -> Logger:  # fmt: skip
+    """A started WandbLogger; if the server cannot be reached in time the run goes on offline.
+
+    The config is logged flattened ("method.lr") so dashboards filter and group by every key.
+    """
     import wandb
     from pytorch_lightning.loggers import WandbLogger
+
+    from .sweeps import flatten
 
     mode = wandb_mode(cfg)
 
@@ -61,12 +68,13 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
         logger = WandbLogger(
             project=cfg.project,
             entity=cfg.entity,
-            name=cfg.name or run_name,
-            group=cfg.group,
-            tags=list(cfg.tags),
+            name=run_name,
+            group=group,
+            job_type=job_type,
+            tags=[*cfg.tags, *tags],
             save_dir=str(run_dir),
             mode=mode,
-            config=config,
+            config=flatten(config),
             settings=wandb.Settings(init_timeout=cfg.init_timeout, silent=True),
         )
         logger.experiment  # noqa: B018 - start the run now, where a failure can still be handled

@@ -23,18 +23,25 @@ RESUME_KEYS = ("resume", "ckpt_path", "trainer.max_steps")
 
 def main(cfg: DictConfig) -> dict[str, Any]:
     """The Hydra task: train, and turn a user's mistake into one line on stderr and exit status 2."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     try:
         return run(cfg)
     except ConceptLabError as err:
         print(f"error: {err}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra runs the sweep's other jobs, then fails with this error
         sys.exit(2)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one concept with one method; returns the summary (also written to summary.json)."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from .records import RunRecord
+    from .sweeps import swept_values
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -46,6 +53,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         concept=concept,
         model=cfg.model.name,
         overrides=overrides,
+        swept=swept_values(hydra_cfg),
+        study=cfg.study.name,
+        sweep_dir=str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None,
         seed=cfg.seed,
         max_steps=cfg.trainer.max_steps,
     )
@@ -76,6 +86,7 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     from .module import ConceptModule
     from .records import package_versions
     from .schedules import parse_lr_schedule, scaled
+    from .sweeps import run_name as sweep_run_name
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", concept):
         raise ConfigError(
@@ -102,9 +113,11 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
         cache_context=not method.changes_text_encoding,
     )  # fmt: skip
 
-    run_name = cfg.logger.name or f"{cfg.method.name}-{concept}-seed{cfg.seed}"
+    swept = record.data["swept"]
+    run_name = cfg.logger.name or sweep_run_name(cfg.method.name, concept, cfg.seed, swept)
+    record.update(run_name=run_name)
     config = OmegaConf.to_container(cfg, resolve=True)
-    stats, export = RunStats(), ConceptExport(run_dir / "concepts")
+    stats, export = RunStats(job_started=record.started), ConceptExport(run_dir / "concepts")
     callbacks = [
         LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", cfg.checkpoint.every_n_steps),
         SampleGrid(cfg.samples, list(cfg.data.sample_prompts), method.prompt_text, run_dir / "samples"),
@@ -116,7 +129,15 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
             **OmegaConf.to_container(cfg.trainer, resolve=True),
             max_epochs=-1,
             default_root_dir=str(run_dir),
-            logger=make_loggers(cfg.logger, run_dir, run_name, config),
+            logger=make_loggers(
+                cfg.logger,
+                run_dir,
+                run_name,
+                config,
+                group=wandb_group(cfg, record),
+                job_type=cfg.method.name,
+                tags=[f"{k}={v}" for k, v in swept.items()],
+            ),  # fmt: skip
             callbacks=callbacks,
             plugins=[AtomicCheckpointIO()],
             enable_checkpointing=False,  # LastCheckpoint owns checkpoints/last.ckpt
@@ -175,9 +196,27 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
         },
     )
     if cfg.logger.wandb:
-        import wandb
+        finish_wandb(record.data)
 
-        wandb.finish()
+
+def wandb_group(cfg: DictConfig, record) -> str | None:
+    """logger.group, else the study's name plus the sweep's id (its directory name)."""
+    if cfg.logger.group:
+        return cfg.logger.group
+    if cfg.study.name and record.data.get("sweep_dir"):
+        return f"{cfg.study.name}-{Path(record.data['sweep_dir']).name}"
+    return cfg.study.name
+
+
+def finish_wandb(summary: dict[str, Any]) -> None:
+    """Final metrics into the W&B run's summary and a one-row table; then close the run (one per job)."""
+    import wandb
+
+    if wandb.run is not None:
+        final = {k: summary.get(k) for k in ("final_loss", "mean_loss", "steps_per_s", "steps", "lr")}
+        wandb.run.summary.update(final)
+        wandb.run.log({"final_metrics": wandb.Table(columns=list(final), data=[list(final.values())])})
+    wandb.finish()
 
 
 def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path | None:

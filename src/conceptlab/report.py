@@ -1,0 +1,349 @@
+"""Compare the runs of a sweep: runs.csv, plots, side-by-side sample grids and one report.html.
+
+Reads the run records every job leaves (summary.json, metrics.csv, samples/, .hydra/), so it works
+offline on a multirun folder; `runs_from_wandb` builds the same table from a W&B group instead.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from .atomic import atomic_path
+from .errors import ConfigError
+
+METRICS = ["final_loss", "mean_loss", "steps", "steps_per_s", "wall_time_s", "train_time_s", "lr"]
+
+
+@dataclass
+class Sweep:
+    """The runs under a folder, one row each, and what the report needs beside the table."""
+
+    root: Path
+    runs: pd.DataFrame
+    axes: list[str]  # swept keys, in sweep order
+    study: dict[str, Any] = field(default_factory=dict)
+    expected_jobs: int | None = None
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Every job directory (one with Hydra's .hydra/ record) below root, in job order."""
+    dirs = {p.parent.parent for p in root.glob("**/.hydra/config.yaml")}
+    return sorted(dirs, key=lambda d: (str(d.parent), _job_number(d), d.name))
+
+
+def _job_number(run_dir: Path) -> int:
+    head = run_dir.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
+def expected_job_count(root: Path) -> int | None:
+    """How many jobs the multirun in `root` launches (from its multirun.yaml), if known."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    record = root / "multirun.yaml"
+    if not record.is_file():
+        return None
+    hydra_cfg = (yaml.safe_load(record.read_text()) or {}).get("hydra", {})
+    overrides = list(hydra_cfg.get("overrides", {}).get("task", []))
+    params = (hydra_cfg.get("sweeper") or {}).get("params") or {}
+    swept_on_command_line = set()
+    counts = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override():
+            swept_on_command_line.add(override.key_or_group)
+            counts.append(len(list(override.sweep_string_iterator())))
+    for key, values in params.items():
+        if key not in swept_on_command_line:
+            [override] = OverridesParser.create().parse_overrides([f"{key}={values}"])
+            counts.append(len(list(override.sweep_string_iterator())) if override.is_sweep_override() else 1)
+    return math.prod(counts) if counts else 1
+
+
+def read_run(run_dir: Path, root: Path) -> dict[str, Any]:
+    """One row: status, identity, swept values and final metrics of a job directory."""
+    row: dict[str, Any] = {"run_dir": str(run_dir.relative_to(root)) if run_dir != root else "."}
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        # Started (Hydra wrote .hydra/) but died before its first record, or is starting now.
+        return {
+            **row,
+            "status": "no record",
+            "error": "summary.json missing: the job died early or is starting",
+        }
+    summary = json.loads(summary_path.read_text())
+    row.update(
+        status=summary.get("status"),
+        error=summary.get("error"),
+        run_name=summary.get("run_name"),
+        method=summary.get("method"),
+        concept=summary.get("concept"),
+        seed=summary.get("seed"),
+    )
+    for key, value in (summary.get("swept") or {}).items():
+        row[key] = value
+    row.update({m: summary.get(m) for m in METRICS})
+    return row
+
+
+def collect(root: str | Path) -> Sweep:
+    """All runs below root (a multirun folder, one job, or a folder of runs)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ConfigError(
+            f"{root} is not a folder; pass a multirun folder (outputs/multirun/<date>) or a runs folder"
+        )
+    run_dirs = find_run_dirs(root)
+    if not run_dirs:
+        raise ConfigError(
+            f"no run records under {root} (looked for job folders with .hydra/ and summary.json); "
+            "pass the folder a sweep wrote, e.g. outputs/multirun/<date>_<time>"
+        )
+    rows = [read_run(d, root) for d in run_dirs]
+    axes: list[str] = []
+    for d in run_dirs:
+        summary = d / "summary.json"
+        if summary.is_file():
+            for key in json.loads(summary.read_text()).get("swept") or {}:
+                if key not in axes:
+                    axes.append(key)
+    study = {}
+    config = run_dirs[0] / ".hydra" / "config.yaml"
+    if config.is_file():
+        study = (yaml.safe_load(config.read_text()) or {}).get("study") or {}
+    expected = expected_job_count(root)
+    if expected is not None and expected > len(rows):
+        # Jobs the sweep has not started (yet): listed, not silently missing.
+        rows += [{"run_dir": f"job {i}", "status": "not started"} for i in range(len(rows), expected)]
+    return Sweep(root=root, runs=pd.DataFrame(rows), axes=axes, study=study, expected_jobs=expected)
+
+
+def loss_curve(run_dir: Path) -> pd.DataFrame | None:
+    metrics = run_dir / "metrics.csv"
+    if not metrics.is_file():
+        return None
+    frame = pd.read_csv(metrics)
+    if "train/loss" not in frame:
+        return None
+    return frame[["step", "train/loss"]].dropna()
+
+
+def write_report(sweep: Sweep, out: str | Path) -> Path:
+    """runs.csv, plots, sample grids and report.html in `out`; returns the HTML's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    runs = sweep.runs
+    with atomic_path(out / "runs.csv") as tmp:
+        runs.to_csv(tmp, index=False)
+    plots = [p for p in (plot_loss_curves(sweep, out), plot_methods(sweep, out)) if p]
+    plots += [
+        p for axis in sweep.axes if axis not in ("seed", "method") if (p := plot_axis(sweep, axis, out))
+    ]
+    grids = copy_sample_grids(sweep, out)
+    page = render_html(sweep, plots, grids)
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(page)
+    return out / "report.html"
+
+
+def _completed(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["status"] == "completed"] if "status" in runs else runs.iloc[0:0]
+
+
+def plot_loss_curves(sweep: Sweep, out: Path) -> str | None:
+    import matplotlib.pyplot as plt
+
+    done = _completed(sweep.runs)
+    if done.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = {m: f"C{i}" for i, m in enumerate(sorted(done["method"].dropna().unique()))}
+    for method, group in done.groupby("method"):
+        curves = [c for d in group["run_dir"] if (c := loss_curve(sweep.root / d)) is not None]
+        for curve in curves:
+            ax.plot(curve["step"], curve["train/loss"], color=colours[method], alpha=0.25, linewidth=0.8)
+        if curves:
+            mean = pd.concat(curves).groupby("step")["train/loss"].mean()
+            ax.plot(
+                mean.index,
+                mean.values,
+                color=colours[method],
+                linewidth=2,
+                label=f"{method} (mean of {len(curves)})",
+            )
+    ax.set_xlabel("step")
+    ax.set_ylabel("train/loss")
+    ax.set_title("Training loss per method")
+    ax.legend()
+    return _save(fig, out / "plots" / "loss_curves.png", out)
+
+
+def plot_methods(sweep: Sweep, out: Path, metric: str = "final_loss") -> str | None:
+    import matplotlib.pyplot as plt
+
+    done = _completed(sweep.runs)
+    if done.empty or done[metric].isna().all():
+        return None
+    by = ["method", "concept"] if done["concept"].nunique() > 1 else ["method"]
+    stats = done.groupby(by)[metric].agg(["mean", "std", "count"]).reset_index()
+    labels = [" / ".join(str(r[k]) for k in by) for _, r in stats.iterrows()]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(labels)), 4))
+    ax.bar(
+        labels,
+        stats["mean"],
+        yerr=stats["std"].fillna(0),
+        capsize=4,
+        color=[f"C{i}" for i in range(len(labels))],
+    )
+    ax.set_ylabel(f"{metric} (mean ± sd over runs)")
+    ax.set_title(f"{metric} by {' and '.join(by)}")
+    return _save(fig, out / "plots" / "methods.png", out)
+
+
+def plot_axis(sweep: Sweep, axis: str, out: Path, metric: str = "final_loss") -> str | None:
+    """The metric against one swept axis, one line per method, mean ± sd over the other keys (seeds)."""
+    import matplotlib.pyplot as plt
+
+    done = _completed(sweep.runs)
+    if done.empty or axis not in done or done[metric].isna().all():
+        return None
+    values = list(dict.fromkeys(done[axis].astype(str)))  # sweep order
+    numeric = all(_is_number(v) for v in values)
+    if numeric:
+        values = sorted(values, key=float)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (method, group) in enumerate(done.groupby("method")):
+        stats = group.assign(_x=group[axis].astype(str)).groupby("_x")[metric].agg(["mean", "std"])
+        stats = stats.reindex([v for v in values if v in stats.index])
+        xs = [float(v) for v in stats.index] if numeric else list(stats.index)
+        ax.errorbar(
+            xs, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=4, label=method, color=f"C{i}"
+        )
+    if (
+        numeric
+        and min(float(v) for v in values) > 0
+        and max(float(v) for v in values) / min(float(v) for v in values) >= 10
+    ):
+        ax.set_xscale("log")
+    ax.set_xlabel(axis)
+    ax.set_ylabel(f"{metric} (mean ± sd)")
+    ax.set_title(f"{metric} vs {axis}")
+    ax.legend()
+    safe = "".join(c if c.isalnum() else "_" for c in axis)
+    return _save(fig, out / "plots" / f"{metric}_vs_{safe}.png", out)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _save(fig, path: Path, out: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return str(path.relative_to(out))
+
+
+def copy_sample_grids(sweep: Sweep, out: Path) -> dict[str, str]:
+    """Each completed run's last sample grid (same prompts and seeds across runs), copied beside the report."""
+    grids = {}
+    for _, row in _completed(sweep.runs).iterrows():
+        samples = sorted((sweep.root / row["run_dir"] / "samples").glob("step_*.png"))
+        if samples:
+            name = f"{row.get('run_name') or Path(row['run_dir']).name}_{Path(row['run_dir']).name}.png"
+            shutil.copyfile(samples[-1], out / "samples" / name)
+            grids[row["run_dir"]] = f"samples/{name}"
+    return grids
+
+
+def render_html(sweep: Sweep, plots: list[str], grids: dict[str, str]) -> str:
+    runs = sweep.runs
+    counts = runs["status"].value_counts().to_dict() if "status" in runs else {}
+    title = sweep.study.get("name") or sweep.root.name
+    esc = html.escape
+    columns = [
+        c
+        for c in ["run_dir", "status", "run_name", "method", "concept", *sweep.axes, *METRICS, "error"]
+        if c in runs
+    ]
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    body = []
+    for _, row in runs.iterrows():
+        cls = "" if row.get("status") == "completed" else ' class="problem"'
+        cells = "".join(f"<td>{esc(_fmt(row.get(c)))}</td>" for c in columns)
+        body.append(f"<tr{cls}>{cells}</tr>")
+    grid_rows = "".join(
+        f"<figure><img src='{esc(src)}' alt='samples of {esc(d)}'><figcaption>{esc(d)}</figcaption></figure>"
+        for d, src in grids.items()
+    )
+    plot_html = "".join(f"<img src='{esc(p)}' alt='{esc(p)}'>" for p in plots)
+    status = ", ".join(f"{n} {esc(str(s))}" for s, n in counts.items())
+    expected = f" of {sweep.expected_jobs} expected" if sweep.expected_jobs else ""
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>conceptlab report: {esc(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px}}tr.problem{{background:#fde}}img{{max-width:100%}}
+figure{{display:inline-block;margin:6px}}figure img{{max-width:320px}}</style></head><body>
+<h1>{esc(title)}</h1>
+<p>{esc(sweep.study.get("question", ""))}</p>
+<p>{len(runs)} runs{expected}: {status}. Folder: <code>{esc(str(sweep.root))}</code>.
+Swept: {esc(", ".join(sweep.axes) or "nothing")}. Table: <a href="runs.csv">runs.csv</a>.</p>
+<h2>Runs</h2><table><tr>{head}</tr>{"".join(body)}</table>
+<h2>Plots</h2>{plot_html or "<p>No completed runs to plot.</p>"}
+<h2>Samples (same prompts and seeds in every run; the last grid of each)</h2>{grid_rows or "<p>No sample grids.</p>"}
+</body></html>
+"""
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def runs_from_wandb(group: str, project: str, entity: str | None) -> Sweep:
+    """The same table from a W&B group (online), for runs whose folders are elsewhere."""
+    import wandb
+
+    try:
+        api = wandb.Api(timeout=30)
+        path = f"{entity}/{project}" if entity else project
+        runs = list(api.runs(path, filters={"group": group}))
+    except Exception as err:  # noqa: BLE001 - wandb raises many kinds; all mean "cannot read the group"
+        raise ConfigError(f"could not read W&B group {group!r} in {project!r}: {err}") from err
+    if not runs:
+        raise ConfigError(f"W&B group {group!r} in {project!r} has no runs")
+    rows, axes = [], []
+    for run in runs:
+        config = dict(run.config)
+        tags = dict(t.split("=", 1) for t in run.tags if "=" in t)
+        for key in tags:
+            if key not in axes:
+                axes.append(key)
+        rows.append({
+            "run_dir": run.name, "status": "completed" if run.state == "finished" else run.state,
+            "run_name": run.name, "method": config.get("method.name"), "concept": config.get("concept"),
+            "seed": config.get("seed"), **tags, **{m: run.summary.get(m) for m in METRICS},
+        })  # fmt: skip
+    return Sweep(root=Path("."), runs=pd.DataFrame(rows), axes=axes, study={"name": group})

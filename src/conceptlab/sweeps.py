@@ -1,0 +1,70 @@
+"""What a sweep varies: the swept keys of the current job and the names W&B shows for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def swept_keys(hydra_cfg: Any) -> list[str]:
+    """Keys this multirun sweeps: the experiment's `hydra.sweeper.params` and comma/range overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return []
+    keys = list((hydra_cfg.sweeper.get("params") or {}).keys())
+    # The job sees only its own values; the sweep's command line is in <sweep dir>/multirun.yaml.
+    record = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+    if record.is_file():
+        overrides = (
+            (yaml.safe_load(record.read_text()) or {}).get("hydra", {}).get("overrides", {}).get("task", [])
+        )
+        for override in OverridesParser.create().parse_overrides(overrides):
+            if override.is_sweep_override() and override.key_or_group not in keys:
+                keys.append(override.key_or_group)
+    return keys
+
+
+def job_values(hydra_cfg: Any) -> dict[str, str]:
+    """This job's value of each override, as typed (`method.lr=1e-5` -> {"method.lr": "1e-5"})."""
+    values = {}
+    for override in hydra_cfg.overrides.task:
+        key, _, value = override.partition("=")
+        values[key.lstrip("+~")] = value
+    return values
+
+
+def swept_values(hydra_cfg: Any) -> dict[str, str]:
+    """The swept keys with this job's values."""
+    values = job_values(hydra_cfg)
+    return {key: values[key] for key in swept_keys(hydra_cfg) if key in values}
+
+
+def short_name(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def run_name(method: str, concept: str, seed: int, swept: dict[str, str]) -> str:
+    """A readable run name: `hypernet-lr1e-5-seed2` (swept keys), or `<method>-<concept>-seed<seed>`."""
+    # A config group's value names itself (data=styles -> "styles"); a key needs its name (lr1e-5).
+    parts = [
+        v if "." not in k else f"{short_name(k)}{v}" for k, v in swept.items() if k not in ("method", "seed")
+    ]
+    if not parts:
+        parts = [concept]
+    return "-".join([method, *parts, f"seed{seed}"])
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"method.lr": 1e-5, ...}, so dashboards filter and group by every key."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

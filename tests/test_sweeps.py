@@ -1,0 +1,149 @@
+"""Named experiments, multirun sweeps and the comparison report over them."""
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import FAST, ROOT, compose, run_train
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from conceptlab.errors import ConfigError
+from conceptlab.report import collect, write_report
+from conceptlab.sweeps import flatten, run_name
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
+
+
+def sweep_params(experiment: str) -> dict[str, list[str]]:
+    cfg = compose([f"+experiment={experiment}"], with_hydra=True)
+    params = cfg.hydra.sweeper.params or {}
+    parser = OverridesParser.create()
+    return {
+        k: list(parser.parse_overrides([f"{k}={v}"])[0].sweep_string_iterator()) for k, v in params.items()
+    }
+
+
+def test_the_studies_the_framework_answers_are_there():
+    assert set(EXPERIMENTS) >= {
+        "ti_vs_hypernet", "ti_num_vectors", "ti_lr", "hypernet_lr", "num_images", "templates", "hypernet_structure",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_names_its_study_and_sweeps_valid_values(experiment):
+    cfg = compose([f"+experiment={experiment}"])
+    assert cfg.study.name == experiment and cfg.study.metric and cfg.study.question
+    params = sweep_params(experiment)
+    assert params, f"{experiment} sweeps nothing"
+    for key, values in params.items():
+        for value in values:  # every swept value composes (the key exists and the value has its type)
+            compose([f"+experiment={experiment}", f"{key}={value}"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_trains_a_job(tmp_path, experiment):
+    """One job of each study, with each swept key at its first value, trains end to end."""
+    first = [f"{k}={v[0]}" for k, v in sweep_params(experiment).items()]
+    summary = run_train(tmp_path / "run", f"+experiment={experiment}", *first, "samples.every_n_steps=0")
+    assert summary["status"] == "completed"
+
+
+def test_unknown_experiment_lists_the_available_ones(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "+experiment=nope", f"output_root={tmp_path}"],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "nope" in proc.stderr and "ti_vs_hypernet" in proc.stderr
+
+
+def test_a_swept_key_that_does_not_exist_is_refused(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "method.num_vectorz=1,2", f"output_root={tmp_path}"],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "num_vectorz" in proc.stderr
+    assert not list(tmp_path.glob("**/summary.json"))
+
+
+def test_run_names_read_like_the_sweep():
+    assert (
+        run_name("hypernet", "ink", 2, {"method": "hypernet", "method.lr": "1e-5", "seed": "2"})
+        == "hypernet-lr1e-5-seed2"
+    )
+    assert run_name("ti", "robot", 0, {"data": "styles", "seed": "0"}) == "ti-styles-seed0"
+    assert run_name("ti", "robot", 0, {}) == "ti-robot-seed0"
+    assert flatten({"method": {"lr": 1, "name": "ti"}, "seed": 0}) == {
+        "method.lr": 1,
+        "method.name": "ti",
+        "seed": 0,
+    }
+
+
+def sweep(tmp_path, *args):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", *args, *FAST, f"output_root={tmp_path}"],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    [folder] = list((tmp_path / "multirun").iterdir())
+    return proc, folder
+
+
+@pytest.mark.slow
+def test_four_job_sweep_then_the_report(tmp_path):
+    proc, folder = sweep(tmp_path, "method=ti,hypernet", "seed=0,1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in sorted(folder.glob("*/summary.json"))]
+    assert [s["status"] for s in summaries] == ["completed"] * 4
+    assert sorted(s["run_name"] for s in summaries) == [
+        "hypernet-robot-seed0", "hypernet-robot-seed1", "ti-robot-seed0", "ti-robot-seed1",
+    ]  # fmt: skip
+    assert all(s["swept"].keys() == {"method", "seed"} for s in summaries)
+    assert all(s["time_to_first_step_s"] is not None for s in summaries)
+
+    report = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "report.py"), str(folder)], capture_output=True, text=True, timeout=300
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    out = folder / "report"
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert len(rows) == 4
+    assert sorted((r["method"], r["seed"]) for r in rows) == [
+        ("hypernet", "0"),
+        ("hypernet", "1"),
+        ("ti", "0"),
+        ("ti", "1"),
+    ]
+    assert all(r["status"] == "completed" and float(r["final_loss"]) > 0 for r in rows)
+    page = (out / "report.html").read_text()
+    images = re.findall(r"<img src='([^']+)'", page)
+    assert "plots/loss_curves.png" in images and "plots/methods.png" in images
+    assert sum(src.startswith("samples/") for src in images) == 4  # a sample grid per run
+    assert all((out / src).is_file() for src in images)
+
+
+@pytest.mark.slow
+def test_report_shows_failed_and_missing_jobs(tmp_path):
+    proc, folder = sweep(
+        tmp_path, f"data.path={tmp_path / 'nope'},bundled:robot,bundled:ink", "samples.every_n_steps=0"
+    )
+    assert proc.returncode != 0  # the sweep ran its other jobs, then reported the failure
+    assert "image folder" in proc.stderr
+    jobs = sorted(p for p in folder.iterdir() if p.is_dir())
+    shutil.rmtree(jobs[-1])  # as if the last job had not started yet
+    result = collect(folder)
+    statuses = dict(zip(result.runs["run_dir"], result.runs["status"]))
+    assert statuses == {jobs[0].name: "failed", jobs[1].name: "completed", "job 2": "not started"}
+    assert "does not exist" in result.runs.set_index("run_dir").loc[jobs[0].name, "error"]
+    page = write_report(result, tmp_path / "report").read_text()
+    assert "failed" in page and "not started" in page
+
+
+def test_report_on_a_folder_without_runs_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="no run records under"):
+        collect(tmp_path)
