@@ -29,7 +29,12 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def write_text(target: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+
+
 def write_json(target: str | os.PathLike, data: Any) -> None:
     """Write `data` as indented JSON, atomically."""
-    with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    write_text(target, json.dumps(data, indent=2, default=str) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,46 @@ class LastCheckpoint(pl.Callback):
             # Called on every rank; rank zero writes, through AtomicCheckpointIO.
             trainer.save_checkpoint(self.path, weights_only=False)
             self.saved_step = trainer.global_step
+
+
+class PreemptionCheckpoint(pl.Callback):
+    """On SIGUSR2 (SLURM's warning before a time limit or preemption): save last.ckpt at the next step
+    boundary, then hand the signal to whoever owned it before (submitit, which requeues the job).
+
+    conceptlab never requeues itself: one owner of requeue (Lightning's own SLURM requeue is off).
+    """
+
+    def __init__(self, checkpoint: LastCheckpoint, signum: int = signal.SIGUSR2):
+        self.checkpoint, self.signum = checkpoint, signum
+        self.requested = False
+        self.previous = None
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.previous = signal.signal(self.signum, self._request)
+
+    def _request(self, signum, frame) -> None:
+        log.warning("signal %s: saving last.ckpt at the next step boundary", signal.Signals(signum).name)
+        self.requested = True
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        # Every rank must agree, since saving a checkpoint involves them all.
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        self.checkpoint.save(trainer)
+        self.requested = False
+        self._hand_over()
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.previous is not None:
+            signal.signal(self.signum, self.previous)
+
+    def _hand_over(self) -> None:
+        previous, self.previous = self.previous, None
+        signal.signal(self.signum, previous if previous is not None else signal.SIG_DFL)
+        if callable(previous):
+            previous(self.signum, None)  # submitit: requeue, then exit
+        else:
+            signal.raise_signal(self.signum)  # what the signal would have done without us
 
 
 class SampleGrid(pl.Callback):

@@ -10,6 +10,7 @@ from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger, Logger
 
+from .atomic import write_text
 from .config import LoggerConfig
 from .errors import ConfigError
 
@@ -63,9 +64,14 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
     from .sweeps import flatten
 
     mode = wandb_mode(cfg)
+    # A requeued or resumed job continues its W&B run: the id is kept in the run directory.
+    id_file = run_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
 
     def start(mode: str) -> WandbLogger:
         logger = WandbLogger(
+            id=run_id,
+            resume="allow",
             project=cfg.project,
             entity=cfg.entity,
             name=run_name,
@@ -78,6 +84,10 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
             settings=wandb.Settings(init_timeout=cfg.init_timeout, silent=True),
         )
         logger.experiment  # noqa: B018 - start the run now, where a failure can still be handled
+        from pytorch_lightning.utilities import rank_zero_only
+
+        if rank_zero_only.rank == 0 and not id_file.is_file():
+            write_text(id_file, run_id)
         return logger
 
     if mode == "online":

@@ -78,9 +78,17 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
     from lightning_fabric.utilities.exceptions import MisconfigurationException
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
 
     from .backbone import load_backbone, resolve_dtype
-    from .callbacks import AtomicCheckpointIO, ConceptExport, LastCheckpoint, RunStats, SampleGrid
+    from .callbacks import (
+        AtomicCheckpointIO,
+        ConceptExport,
+        LastCheckpoint,
+        PreemptionCheckpoint,
+        RunStats,
+        SampleGrid,
+    )
     from .data import ConceptDataModule, read_concept_images
     from .loggers import make_loggers
     from .module import ConceptModule
@@ -118,8 +126,13 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     record.update(run_name=run_name)
     config = OmegaConf.to_container(cfg, resolve=True)
     stats, export = RunStats(job_started=record.started), ConceptExport(run_dir / "concepts")
+    last_checkpoint = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", cfg.checkpoint.every_n_steps)
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))  # submitit owns requeue, not Lightning
     callbacks = [
-        LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", cfg.checkpoint.every_n_steps),
+        last_checkpoint,
+        PreemptionCheckpoint(last_checkpoint),
         SampleGrid(cfg.samples, list(cfg.data.sample_prompts), method.prompt_text, run_dir / "samples"),
         export,
         stats,
@@ -139,7 +152,7 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
                 tags=[f"{k}={v}" for k, v in swept.items()],
             ),  # fmt: skip
             callbacks=callbacks,
-            plugins=[AtomicCheckpointIO()],
+            plugins=plugins,
             enable_checkpointing=False,  # LastCheckpoint owns checkpoints/last.ckpt
         )
     except (MisconfigurationException, ValueError) as err:
@@ -220,7 +233,13 @@ def finish_wandb(summary: dict[str, Any]) -> None:
 
 
 def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path | None:
-    """`ckpt_path`, or with `resume=true` the newest last.ckpt of an earlier run of the same command."""
+    """This run directory's own last.ckpt (a requeued job), `ckpt_path`, or with `resume=true` the
+    newest last.ckpt of an earlier run of the same command."""
+    own = run_dir / "checkpoints" / "last.ckpt"
+    if own.is_file():
+        # This very job ran before: requeued on SLURM, or a rerun into a fixed hydra.run.dir.
+        log.info("continuing this run from %s", own)
+        return own
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path).expanduser()
         if not path.is_file():
@@ -228,9 +247,6 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str])
         return path
     if not cfg.resume:
         return None
-    own = run_dir / "checkpoints" / "last.ckpt"
-    if own.is_file():
-        return own
     wanted = same_run_key(overrides)
     found = []
     for saved in Path(cfg.output_root).glob("**/.hydra/overrides.yaml"):
