@@ -87,7 +87,7 @@ def test_run_names_read_like_the_sweep():
 
 def sweep(tmp_path, *args):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", *args, *FAST, f"output_root={tmp_path}"],
+        [sys.executable, str(ROOT / "train.py"), "-m", *FAST, *args, f"output_root={tmp_path}"],
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     [folder] = list((tmp_path / "multirun").iterdir())
@@ -147,3 +147,39 @@ def test_report_shows_failed_and_missing_jobs(tmp_path):
 def test_report_on_a_folder_without_runs_says_so(tmp_path):
     with pytest.raises(ConfigError, match="no run records under"):
         collect(tmp_path)
+
+
+@pytest.mark.slow
+def test_ddp_jobs_inside_a_local_sweep_do_not_start_new_sweeps(tmp_path):
+    """Lightning's ddp would re-run `train.py -m ...` for rank 1; inside a sweep a job uses ddp_spawn."""
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    proc, folder = sweep(tmp_path, *ddp, "seed=0,1", "trainer.max_steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "multirun").iterdir())) == 1, "a rank started a sweep of its own"
+    summaries = [json.loads(p.read_text()) for p in sorted(folder.glob("*/summary.json"))]
+    assert len(summaries) == 2
+    for summary in summaries:
+        assert summary["status"] == "completed" and summary["steps"] == 3 and summary["final_loss"] > 0
+        assert summary["global_batch_size"] == 2 * 2  # data.batch_size x devices
+        assert summary["files"]["concepts"] == ["concepts/robot.pt", "concepts/robot.safetensors"]
+
+
+@pytest.mark.slow
+def test_every_sweep_job_is_its_own_wandb_run_with_a_flat_config(tmp_path):
+    proc, folder = sweep(tmp_path, "method=ti,hypernet", "logger=wandb", "samples.every_n_steps=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(folder.glob("*/wandb/offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[-1] for r in runs}) == 2
+    for job in sorted(p for p in folder.iterdir() if p.is_dir()):
+        run_id = (job / "wandb_run_id").read_text()
+        [run] = list(job.glob("wandb/offline-run-*"))
+        assert run.name.endswith(run_id)
+        record = (run / f"run-{run_id}.wandb").read_bytes()  # offline runs keep their config in here
+        assert b"method.name" in record and b"data.batch_size" in record  # flattened keys
+
+
+def test_more_devices_than_the_machine_has_is_a_clear_error(tmp_path):
+    from conceptlab.errors import ConceptLabError
+
+    with pytest.raises(ConceptLabError, match="trainer:"):
+        run_train(tmp_path / "run", "trainer.accelerator=gpu", "trainer.devices=4")

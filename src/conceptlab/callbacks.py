@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_json
 from .config import SamplesConfig
 
 log = logging.getLogger(__name__)
@@ -179,17 +179,21 @@ class ConceptExport(pl.Callback):
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.files: list[Path] = []
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            self.files = module.method.export(self.folder, trainer.global_step, module.backbone)
+            module.method.export(self.folder, trainer.global_step, module.backbone)
 
 
 class RunStats(pl.Callback):
-    """Loss, speed and memory figures for summary.json."""
+    """Loss, speed and memory figures for summary.json, written by rank zero when training ends.
 
-    def __init__(self, job_started: float | None = None):
+    They go through a file because with `ddp_spawn` training (and this callback) runs in other
+    processes than the one that writes summary.json.
+    """
+
+    def __init__(self, path: Path, job_started: float | None = None):
+        self.path = path
         self.losses: list[float] = []
         self.started: float | None = None
         self.steps_at_start = 0
@@ -207,6 +211,10 @@ class RunStats(pl.Callback):
         self.losses.append(float(loss.detach()))
         if self.first_step_at is None:
             self.first_step_at = time.time()
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            write_json(self.path, {"steps": trainer.global_step, **self.summary(trainer)})
 
     def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.started if self.started else 0.0

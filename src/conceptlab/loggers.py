@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
     mode = wandb_mode(cfg)
     # A requeued or resumed job continues its W&B run: the id is kept in the run directory.
     id_file = run_dir / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
 
     def start(mode: str) -> WandbLogger:
         logger = WandbLogger(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import sys
 import warnings
@@ -125,7 +127,8 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     run_name = cfg.logger.name or sweep_run_name(cfg.method.name, concept, cfg.seed, swept)
     record.update(run_name=run_name)
     config = OmegaConf.to_container(cfg, resolve=True)
-    stats, export = RunStats(job_started=record.started), ConceptExport(run_dir / "concepts")
+    stats_file = run_dir / ".train_stats.json"
+    stats, export = RunStats(stats_file, job_started=record.started), ConceptExport(run_dir / "concepts")
     last_checkpoint = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", cfg.checkpoint.every_n_steps)
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
@@ -139,7 +142,7 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     ]
     try:
         trainer = pl.Trainer(
-            **OmegaConf.to_container(cfg.trainer, resolve=True),
+            **trainer_kwargs(cfg, in_sweep=bool(record.data.get("sweep_dir"))),
             max_epochs=-1,
             default_root_dir=str(run_dir),
             logger=make_loggers(
@@ -175,6 +178,10 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     run_info = {"config": config, "versions": package_versions()}  # listed in every checkpoint
     module = ConceptModule(backbone, method, cfg.optim, schedule, cfg.trainer.max_steps, run_info=run_info)
     record.update(
+        global_batch_size=cfg.data.batch_size
+        * trainer.num_devices
+        * trainer.num_nodes
+        * trainer.accumulate_grad_batches,
         lr=schedule[0][0],
         lr_schedule=", ".join(f"{rate:g}:{until}" if until else f"{rate:g}" for rate, until in schedule),
         trainable_params=sum(p.numel() for p in method.trainable_parameters()),
@@ -196,12 +203,13 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
         trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
 
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    if stats_file.is_file():  # written by the rank-zero training process
+        record.update(**json.loads(stats_file.read_text()))
+        stats_file.unlink()
     record.update(
-        steps=trainer.global_step,
-        **stats.summary(trainer),
         files={
             "checkpoint": record.relative(checkpoint) if checkpoint.is_file() else None,
-            "concepts": [record.relative(p) for p in export.files],
+            "concepts": sorted(record.relative(p) for p in (run_dir / "concepts").glob("*")),
             "samples": sorted(record.relative(p) for p in (run_dir / "samples").glob("*.png")),
             "metrics": record.relative(run_dir / "metrics.csv")
             if (run_dir / "metrics.csv").is_file()
@@ -210,6 +218,21 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     )
     if cfg.logger.wandb:
         finish_wandb(record.data)
+
+
+def trainer_kwargs(cfg: DictConfig, in_sweep: bool) -> dict[str, Any]:
+    """cfg.trainer for Lightning, with `ddp` made safe inside a local sweep.
+
+    Lightning's `ddp` starts ranks >= 1 by re-running the command line, which under `-m` would start
+    a new sweep. Ranks started from outside (SLURM tasks, torchrun) are fine; otherwise a job of a
+    local sweep uses `ddp_spawn`, whose ranks are started inside the job.
+    """
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    started_outside = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if in_sweep and kwargs.get("strategy") == "ddp" and not started_outside:
+        log.info("trainer.strategy=ddp inside a local sweep: using ddp_spawn (ddp would re-run the sweep)")
+        kwargs["strategy"] = "ddp_spawn"
+    return kwargs
 
 
 def wandb_group(cfg: DictConfig, record) -> str | None:
