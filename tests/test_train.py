@@ -270,6 +270,7 @@ def test_ddp_on_cpu_gives_one_run_record_and_the_single_process_result(tmp_path)
     summary = read_summary(run_dir)
     assert summary["status"] == "completed" and summary["steps"] == 3
     assert summary["lr"] == pytest.approx(5e-4 * 2 * 2)  # scale_lr counts both devices
+    assert summary["global_batch_size"] == 2 * 2
     assert (run_dir / "metrics.csv").is_file()
     single = run_train(
         tmp_path / "single" / "run", "data.batch_size=4", "trainer.max_steps=3", "samples.every_n_steps=0"
@@ -278,3 +279,16 @@ def test_ddp_on_cpu_gives_one_run_record_and_the_single_process_result(tmp_path)
     ours = load_file(run_dir / "concepts" / "robot.safetensors")["<robot>"]
     reference = load_file(tmp_path / "single" / "run" / "concepts" / "robot.safetensors")["<robot>"]
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_a_rerun_in_the_same_folder_continues_its_checkpoint_and_wandb_run(tmp_path):
+    """What a requeued SLURM job does: same job folder, so the same last.ckpt and the same W&B run."""
+    run_dir = tmp_path / "job"
+    first = run_train(run_dir, "logger=wandb", "trainer.max_steps=2", "samples.every_n_steps=0")
+    run_id = (run_dir / "wandb_run_id").read_text()
+    again = run_train(run_dir, "logger=wandb", "trainer.max_steps=4", "samples.every_n_steps=0")
+    assert first["steps"] == 2 and again["steps"] == 4 and again["steps_this_process"] == 2
+    assert again["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
+    assert (run_dir / "wandb_run_id").read_text() == run_id
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)

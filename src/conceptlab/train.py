@@ -203,7 +203,7 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
         trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
 
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    if stats_file.is_file():  # written by the rank-zero training process
+    if trainer.is_global_zero and stats_file.is_file():  # written by the rank-zero training process
         record.update(**json.loads(stats_file.read_text()))
         stats_file.unlink()
     record.update(
