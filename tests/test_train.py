@@ -2,10 +2,14 @@
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from conftest import read_summary, run_train, train_subprocess
+from conftest import ROOT, read_summary, run_train, train_subprocess
 from safetensors.torch import load_file
 
 from conceptlab.errors import ConceptFileError, ConceptLabError, TrainingError
@@ -292,3 +296,27 @@ def test_a_rerun_in_the_same_folder_continues_its_checkpoint_and_wandb_run(tmp_p
     assert (run_dir / "wandb_run_id").read_text() == run_id
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+
+
+def test_sigusr2_saves_last_ckpt_then_stops_the_run(tmp_path):
+    """SLURM's warning signal without submitit: checkpoint at the next step, record 'interrupted'."""
+    args = [sys.executable, str(ROOT / "train.py"), "trainer.max_steps=100000", "checkpoint.every_n_steps=0",
+            "samples.every_n_steps=0", "logger=csv", "trainer.enable_progress_bar=false", f"output_root={tmp_path}"]  # fmt: skip
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+    )
+    try:
+        for _ in range(240):
+            time.sleep(0.5)
+            metrics = list(tmp_path.glob("runs/*/metrics.csv"))
+            if metrics and len(metrics[0].read_text().splitlines()) > 20:
+                break
+        proc.send_signal(signal.SIGUSR2)
+        assert proc.wait(timeout=120) == 128 + signal.SIGUSR2
+    finally:
+        proc.kill()
+    [run_dir] = list(tmp_path.glob("runs/*"))
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] > 0  # saved although periodic checkpoints were off
+    summary = read_summary(run_dir)
+    assert summary["status"] == "interrupted" and "SystemExit" in summary["error"]

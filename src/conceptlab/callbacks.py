@@ -6,6 +6,7 @@ import logging
 import resource
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,8 @@ class PreemptionCheckpoint(pl.Callback):
         self.previous = None
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.previous = signal.signal(self.signum, self._request)
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = signal.signal(self.signum, self._request)
 
     def _request(self, signum, frame) -> None:
         log.warning("signal %s: saving last.ckpt at the next step boundary", signal.Signals(signum).name)
@@ -77,16 +79,23 @@ class PreemptionCheckpoint(pl.Callback):
         self._hand_over()
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
         if self.previous is not None:
             signal.signal(self.signum, self.previous)
+            self.previous = None
 
     def _hand_over(self) -> None:
         previous, self.previous = self.previous, None
         signal.signal(self.signum, previous if previous is not None else signal.SIG_DFL)
         if callable(previous):
             previous(self.signum, None)  # submitit: requeue, then exit
-        else:
-            signal.raise_signal(self.signum)  # what the signal would have done without us
+        else:  # nobody requeues: stop here, checkpoint saved, run recorded as interrupted
+            raise SystemExit(128 + self.signum)
 
 
 class SampleGrid(pl.Callback):

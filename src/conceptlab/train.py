@@ -65,6 +65,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         fit(cfg, run_dir, overrides, concept, record)
     except BaseException as err:
         record.finish("interrupted" if isinstance(err, KeyboardInterrupt | SystemExit) else "failed", err)
+        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].finish(exit_code=1)  # the next job of a sweep gets a run of its own
         raise
     record.finish("completed")
     return record.data
@@ -170,18 +172,15 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
             f"method.lr={method.lr!r} is a step schedule; it replaces optim.scheduler={cfg.optim.scheduler!r}: "
             "use one or the other"
         )
+    global_batch = (
+        cfg.data.batch_size * trainer.num_devices * trainer.num_nodes * trainer.accumulate_grad_batches
+    )
     if method.scale_lr:
-        factor = (
-            cfg.data.batch_size * trainer.num_devices * trainer.num_nodes * trainer.accumulate_grad_batches
-        )
-        schedule = scaled(schedule, factor)
+        schedule = scaled(schedule, global_batch)
     run_info = {"config": config, "versions": package_versions()}  # listed in every checkpoint
     module = ConceptModule(backbone, method, cfg.optim, schedule, cfg.trainer.max_steps, run_info=run_info)
     record.update(
-        global_batch_size=cfg.data.batch_size
-        * trainer.num_devices
-        * trainer.num_nodes
-        * trainer.accumulate_grad_batches,
+        global_batch_size=global_batch,
         lr=schedule[0][0],
         lr_schedule=", ".join(f"{rate:g}:{until}" if until else f"{rate:g}" for rate, until in schedule),
         trainable_params=sum(p.numel() for p in method.trainable_parameters()),
