@@ -292,3 +292,13 @@ def test_shared_context_transform_is_reused_until_weights_or_multiplier_change()
     assert second is not first and not torch.equal(second[0], first[0])
     stack.entries = [(hn, 0.5)]
     assert not torch.equal(stack(context, shared=True)[0], second[0])
+
+
+def test_init_from_continues_an_existing_hypernetwork(backbone, tmp_path):
+    source = randomize(make_hn(enable_sizes=[32, 64]))
+    path = write_a1111_hypernetwork(tmp_path / "old.pt", source, 100, None, "tiny")
+    hn = make_hn(init_from=str(path))
+    hn.attach(backbone)
+    assert all(torch.equal(a, b) for a, b in zip(hn.parameters(), source.parameters()))
+    with pytest.raises(ConfigError, match=r"has widths \[32, 64\] but this hypernetwork has \[64\]"):
+        make_hn(init_from=str(path), enable_sizes=[64]).attach(backbone)

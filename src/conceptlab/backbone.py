@@ -60,6 +60,13 @@ class Backbone(nn.Module):
     def prediction_type(self) -> str:
         return self.scheduler.config.prediction_type
 
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids [len(texts), 77], padded and truncated as Stable Diffusion's pipelines do."""
+        return self.tokenizer(
+            texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
+
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The UNet's text context (last hidden state) for token ids [batch, 77]."""
         return self.text_encoder(input_ids)[0]

@@ -176,10 +176,7 @@ def render_grid(backbone, prompts: list[str], cfg: SamplesConfig):
 
 
 def encode_prompts(backbone, prompts: list[str]) -> torch.Tensor:
-    tokenizer = backbone.tokenizer
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids  # fmt: skip
-    context = backbone.encode_text(ids.to(backbone.text_encoder.device))
+    context = backbone.encode_text(backbone.tokenize(prompts).to(backbone.text_encoder.device))
     return context.to(backbone.unet.dtype)
 
 

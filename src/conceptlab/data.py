@@ -271,10 +271,14 @@ class StreamSampler(Sampler):
                  batches_per_epoch: int, next_batch: int = 0):  # fmt: skip
         self.n, self.batch_size, self.world_size, self.rank = num_images, batch_size, world_size, rank
         self.seed, self.batches_per_epoch, self.next_batch = seed, batches_per_epoch, next_batch
+        self._order: tuple[int, list[int]] | None = None
 
     def _image(self, position: int) -> int:
-        gen = torch.Generator().manual_seed(sample_seed(self.seed, -1 - position // self.n))
-        return int(torch.randperm(self.n, generator=gen)[position % self.n])
+        shuffle = position // self.n
+        if self._order is None or self._order[0] != shuffle:  # one shuffle per pass, drawn once
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, -1 - shuffle))
+            self._order = (shuffle, torch.randperm(self.n, generator=gen).tolist())
+        return self._order[1][position % self.n]
 
     def __iter__(self):
         end = (self.next_batch // self.batches_per_epoch + 1) * self.batches_per_epoch
@@ -311,10 +315,7 @@ class ConceptDataModule(pl.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         squares = [to_square(im.image, self.resolution, self.cfg.center_crop) for im in self.images]
         mean, std = encode_latents(self.backbone, squares, self.cfg.flip_p > 0, device)
-        tokenizer = self.backbone.tokenizer
-        flat = [c for captions in self.captions for c in captions]
-        ids = tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        ids = self.backbone.tokenize([c for captions in self.captions for c in captions])
         captions = encode_contexts(self.backbone, ids, device) if self.cache_context else ids
         self.dataset = ConceptLatents(
             mean, std, captions.view(len(self.images), -1, *captions.shape[1:]), self.cfg.flip_p, self.seed,
