@@ -320,3 +320,17 @@ def test_sigusr2_saves_last_ckpt_then_stops_the_run(tmp_path):
     assert checkpoint["global_step"] > 0  # saved although periodic checkpoints were off
     summary = read_summary(run_dir)
     assert summary["status"] == "interrupted" and "SystemExit" in summary["error"]
+
+
+def test_a_model_folder_given_as_model_path_trains(tmp_path):
+    """The path a user's SD folder takes: scripts/make_tiny_backbone.py writes one, train.py loads it."""
+    folder = tmp_path / "tiny-sd"
+    made = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_backbone.py"), str(folder)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert made.returncode == 0, made.stderr[-2000:]
+    proc, [run_dir] = train_subprocess(tmp_path / "work", f"model.path={folder}", "model.name=my-sd")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed" and summary["model"] == "my-sd"
+    assert read_embedding(run_dir / "concepts" / "robot.pt").step == 4
+    assert torch.load(run_dir / "concepts" / "robot.pt", weights_only=True)["sd_checkpoint_name"] == "my-sd"

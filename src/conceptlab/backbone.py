@@ -4,6 +4,7 @@ embedded tiny backbone (built once from code, saved with save_pretrained, then l
 from __future__ import annotations
 
 import gzip
+import inspect
 import logging
 import os
 import shutil
@@ -59,6 +60,26 @@ class Backbone(nn.Module):
     @property
     def prediction_type(self) -> str:
         return self.scheduler.config.prediction_type
+
+    def pipeline(self, scheduler: str = "DDIMScheduler"):
+        """A StableDiffusionPipeline over these very parts (no copy), with a sampling scheduler."""
+        import diffusers
+
+        scheduler_cls = getattr(diffusers, scheduler)
+        # SD folders' scheduler configs predate clip_sample, which DDIM/DDPM would otherwise turn on.
+        extra = {"clip_sample": False} if "clip_sample" in inspect.signature(scheduler_cls).parameters else {}
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=scheduler_cls.from_config(self.scheduler.config, **extra),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Token ids [len(texts), 77], padded and truncated as Stable Diffusion's pipelines do."""

@@ -141,20 +141,9 @@ class SampleGrid(pl.Callback):
 
 def render_grid(backbone, prompts: list[str], cfg: SamplesConfig):
     """Sample every prompt at every seed with the backbone as it is now; one labelled PIL grid."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from diffusers.utils import make_image_grid
 
-    pipe = StableDiffusionPipeline(
-        vae=backbone.vae,
-        text_encoder=backbone.text_encoder,
-        tokenizer=backbone.tokenizer,
-        unet=backbone.unet,
-        scheduler=DDIMScheduler.from_config(backbone.scheduler.config, clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = backbone.pipeline("DDIMScheduler")
     rows = []
     for prompt in prompts:
         # Encoded here (not by the pipeline) so a multi-vector placeholder reads exactly as in training.
@@ -200,7 +189,7 @@ class RunStats(pl.Callback):
 
     def __init__(self, path: Path, job_started: float | None = None):
         self.path = path
-        self.losses: list[float] = []
+        self.losses: list[torch.Tensor] = []
         self.started: float | None = None
         self.steps_at_start = 0
         self.job_started = job_started  # time.time() when the job began (imports excluded)
@@ -214,7 +203,7 @@ class RunStats(pl.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.losses.append(float(loss.detach()))
+        self.losses.append(loss.detach())  # kept on the device: no host sync in the training loop
         if self.first_step_at is None:
             self.first_step_at = time.time()
 
@@ -223,11 +212,12 @@ class RunStats(pl.Callback):
             write_json(self.path, {"steps": trainer.global_step, **self.summary(trainer)})
 
     def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
+        losses = torch.stack(self.losses).float().cpu().tolist() if self.losses else []
         elapsed = time.perf_counter() - self.started if self.started else 0.0
         steps = trainer.global_step - self.steps_at_start
         return {
-            "final_loss": self.losses[-1] if self.losses else None,
-            "mean_loss": sum(self.losses) / len(self.losses) if self.losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "mean_loss": sum(losses) / len(losses) if losses else None,
             "train_time_s": round(elapsed, 3),
             "steps_this_process": steps,
             "steps_per_s": round(steps / elapsed, 4) if elapsed > 0 else None,

@@ -87,7 +87,10 @@ def read_embedding(path: str | Path) -> Embedding:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConceptFileError(f"embedding file {path} does not exist")
-    data = _load_tensors(path)
+    return _embedding_from(_load_tensors(path), path)
+
+
+def _embedding_from(data: object, path: Path) -> Embedding:
     if isinstance(data, dict) and "string_to_param" in data:
         params = data["string_to_param"]
         if not isinstance(params, dict) or len(params) != 1:
@@ -209,17 +212,22 @@ def write_hypernetwork_safetensors(
     return path
 
 
-def is_hypernetwork_file(path: str | Path) -> bool:
-    """Whether a concept file holds a hypernetwork (else it is taken for an embedding)."""
-    path = Path(path)
+def read_concept(path: str | Path) -> Embedding | HypernetworkFile:
+    """Read a concept file of either kind, deciding from its content (each file is read once)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConceptFileError(f"concept file {path} does not exist")
     if path.suffix == ".safetensors":
         try:
-            with safe_open(str(path), framework="pt") as f:
-                return (f.metadata() or {}).get("format") == SAFETENSORS_FORMAT
-        except (SafetensorError, OSError):
-            return False
+            with safe_open(str(path), framework="pt") as f:  # reads the header only
+                is_hypernetwork = (f.metadata() or {}).get("format") == SAFETENSORS_FORMAT
+        except (SafetensorError, OSError) as err:
+            raise ConceptFileError(f"{path} is not a readable safetensors file: {err}") from err
+        return _read_hypernetwork_safetensors(path) if is_hypernetwork else read_embedding(path)
     data = _load_tensors(path)
-    return isinstance(data, dict) and any(isinstance(k, int) for k in data)
+    if isinstance(data, dict) and any(isinstance(k, int) for k in data):
+        return _hypernetwork_from(data, path)
+    return _embedding_from(data, path)
 
 
 def read_hypernetwork(path: str | Path) -> HypernetworkFile:
@@ -229,7 +237,10 @@ def read_hypernetwork(path: str | Path) -> HypernetworkFile:
         raise ConceptFileError(f"hypernetwork file {path} does not exist")
     if path.suffix == ".safetensors":
         return _read_hypernetwork_safetensors(path)
-    data = _load_tensors(path)
+    return _hypernetwork_from(_load_tensors(path), path)
+
+
+def _hypernetwork_from(data: object, path: Path) -> HypernetworkFile:
     if not isinstance(data, dict) or not any(isinstance(k, int) for k in data):
         raise ConceptFileError(f"{path} is not an AUTOMATIC1111 hypernetwork (no integer width keys)")
     pairs = {}

@@ -57,20 +57,20 @@ def concept_files(path: str | Path) -> list[Path]:
 
 def load_concepts(paths: list[str]) -> LoadedConcepts:
     """Read every embedding and hypernetwork the paths name; names must be unique."""
-    from .formats import is_hypernetwork_file, read_embedding
-    from .methods.hypernetwork import hypernetwork_from_file
+    from .formats import HypernetworkFile, read_concept
+    from .methods.hypernetwork import hypernetwork_from_source
 
     loaded = LoadedConcepts()
     for path in paths:
         for file in concept_files(path):
-            if is_hypernetwork_file(file):
+            concept = read_concept(file)
+            if isinstance(concept, HypernetworkFile):
                 name, table = file.stem, loaded.hypernetworks
-                value = hypernetwork_from_file(file)
+                value = hypernetwork_from_source(concept, str(file))
             else:
-                value = read_embedding(file)
                 # diffusers files carry their token; A1111 files are called by their file name.
-                name = value.name if file.suffix != ".pt" else file.stem
-                table = loaded.embeddings
+                name = concept.name if file.suffix != ".pt" else file.stem
+                value, table = concept, loaded.embeddings
             if name in loaded.embeddings or name in loaded.hypernetworks:
                 raise ConceptFileError(
                     f"two loaded concepts are called {name!r} ({file}); rename one of the files"
@@ -82,26 +82,11 @@ def load_concepts(paths: list[str]) -> LoadedConcepts:
 
 def build_pipeline(backbone, concepts: LoadedConcepts, scheduler: str):
     """A StableDiffusionPipeline over the backbone, with the embeddings added to its vocabulary."""
-    import diffusers
-
     from .methods.hypernetwork import attention_widths
 
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"scheduler={scheduler!r}: use one of {', '.join(SCHEDULERS)}")
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=backbone.vae,
-        text_encoder=backbone.text_encoder,
-        tokenizer=backbone.tokenizer,
-        unet=backbone.unet,
-        # SD folders' scheduler configs predate clip_sample, which DDIM/DDPM would otherwise turn on.
-        scheduler=getattr(diffusers, SCHEDULERS[scheduler]).from_config(
-            backbone.scheduler.config, **({"clip_sample": False} if scheduler in ("ddim", "ddpm") else {})
-        ),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = backbone.pipeline(SCHEDULERS[scheduler])
     for token, embedding in concepts.embeddings.items():
         if embedding.width != backbone.context_dim:
             raise ConceptFileError(

@@ -198,11 +198,12 @@ class Hypernetwork(Method):
                     f"set method.enable_sizes={source.sizes}"
                 )
             self.load_pairs(source.pairs, str(self.init_from))
-        unknown = [s for s in self.sizes if s not in attention_widths(backbone)]
+        widths = attention_widths(backbone)
+        unknown = [s for s in self.sizes if s not in widths]
         if unknown:
             raise ConfigError(
                 f"hypernetwork widths {unknown} match no attention layer of this backbone "
-                f"(its widths: {sorted(attention_widths(backbone))}); fix method.enable_sizes"
+                f"(its widths: {sorted(widths)}); fix method.enable_sizes"
             )
         stack = install_hypernetworks(backbone.unet)
         stack.entries = [(self, 1.0)]
@@ -231,7 +232,11 @@ def hypernetwork_from_file(path: str | Path) -> Hypernetwork:
     """A Hypernetwork with the structure and weights of a file (AUTOMATIC1111 .pt or the safetensors twin)."""
     from ..formats import read_hypernetwork
 
-    source = read_hypernetwork(path)
+    return hypernetwork_from_source(read_hypernetwork(path), str(path))
+
+
+def hypernetwork_from_source(source, origin: str) -> Hypernetwork:
+    """A Hypernetwork built from a formats.HypernetworkFile already read from `origin`."""
     s = source.structure
     hypernetwork = Hypernetwork(
         name="hypernet", lr=1e-5, scale_lr=False, concept=source.name, enable_sizes=source.sizes,
@@ -240,7 +245,7 @@ def hypernetwork_from_file(path: str | Path) -> Hypernetwork:
         use_dropout=s["use_dropout"], dropout_structure=s["dropout_structure"],
         activate_output=s["activate_output"], last_layer_dropout=s["last_layer_dropout"],
     )  # fmt: skip
-    hypernetwork.load_pairs(source.pairs, str(path))
+    hypernetwork.load_pairs(source.pairs, origin)
     return hypernetwork.eval().requires_grad_(False)
 
 
