@@ -1,4 +1,4 @@
-"""Time a 16-job sweep on the tiny backbone with the default (local) launcher.
+"""Time a 16-job sweep on the (random) tiny backbone with the default (local) launcher.
 
     python scripts/bench_sweep.py            # method=ti,hypernet x seed=0..7, 50 steps each
 
@@ -30,7 +30,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         command = [
-            sys.executable, str(ROOT / "train.py"), "-m", "method=ti,hypernet",
+            sys.executable, str(ROOT / "train.py"), "-m", "model=tiny", "method=ti,hypernet",
             "seed=" + ",".join(str(s) for s in range(args.seeds)), f"trainer.max_steps={args.steps}",
             "logger=csv", "trainer.enable_progress_bar=false", f"output_root={tmp}",
         ]  # fmt: skip

@@ -13,14 +13,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DREAMBOOTH = ROOT.parent / "shared" / "datasets" / "dreambooth"
-# Seconds-sized runs: a few steps, one tiny sample grid, checkpoints every 2 steps, no W&B process.
+# Seconds-sized runs on the random tiny backbone: a few steps, one tiny sample grid, checkpoints
+# every 2 steps, no W&B process. (Toy-world tests add model=toy after these; the last one wins.)
 FAST = [
+    "model=tiny",
     "trainer.max_steps=4",
     "trainer.enable_progress_bar=false",
     "checkpoint.every_n_steps=2",
     "samples.every_n_steps=2",
     "samples.num_inference_steps=2",
     "samples.seeds=[0]",
+    "evaluate.num_samples=2",
+    "evaluate.num_inference_steps=2",
     "data.batch_size=2",
     "logger=csv",
 ]

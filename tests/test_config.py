@@ -20,12 +20,15 @@ def test_every_config_option_composes(group, option):
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
-def test_default_run_is_ti_on_the_bundled_object_with_the_tiny_backbone():
+def test_default_run_is_ti_on_the_toy_worlds_object_with_the_shipped_toy_backbone():
     cfg = compose([])
     assert cfg.method.name == "ti"
-    assert cfg.model.path is None
-    assert cfg.data.path == "bundled:robot"
-    assert cfg.data.templates == "object"
+    assert cfg.model.name == "toy" and cfg.model.path == "bundled:toyworld" and cfg.model.toyworld
+    assert cfg.data.path == "bundled:toy_combo"
+    assert cfg.data.templates == "toy_object"
+    assert cfg.method.lr == 1.25e-3 and cfg.trainer.max_steps == 200  # conf/recipe/toy_ti.yaml
+    tiny = compose(["model=tiny"])
+    assert tiny.model.path is None and tiny.data.path == "bundled:robot" and tiny.method.lr == 5e-4
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from conceptlab.generate import quote_text_overrides, run
 from conceptlab.methods.hypernetwork import Hypernetwork
 from conceptlab.prompts import parse_prompt
 
-FAST = ["steps=3", "seeds=[0,1]"]
+FAST = ["model=tiny", "steps=3", "seeds=[0,1]"]
 
 
 def hypernetwork_file(path, concept, writer=write_a1111_hypernetwork, sizes=(32, 64)):

@@ -28,8 +28,9 @@ def cluster_up() -> bool:
 
 
 needs_slurm = pytest.mark.skipif(not cluster_up(), reason="no SLURM cluster (bash scripts/slurm/start.sh)")
-# CPU-only jobs on the one-machine cluster: no GPUs, one core each.
+# CPU-only jobs on the one-machine cluster: no GPUs, one core each, the random tiny backbone.
 ON_TEST_CLUSTER = [
+    "model=tiny",
     "hydra/launcher=slurm",
     "hydra.launcher.gpus_per_node=0",
     "hydra.launcher.cpus_per_task=1",
@@ -76,7 +77,13 @@ def slurm_job_ids() -> list[str]:
 @pytest.mark.slurm
 @needs_slurm
 def test_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_embedding(tmp_path):
-    steps = ["trainer.max_steps=300", "checkpoint.every_n_steps=1000", "samples.every_n_steps=0", "seed=3"]
+    steps = [
+        "model=tiny",
+        "trainer.max_steps=300",
+        "checkpoint.every_n_steps=1000",
+        "samples.every_n_steps=0",
+        "seed=3",
+    ]
     sweep = launch(tmp_path / "slurm", "method=ti", *steps, wait=False)
     try:
         metrics = None

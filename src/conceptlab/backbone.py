@@ -109,7 +109,13 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    source = str(Path(cfg.path).expanduser()) if cfg.path else str(ensure_tiny_backbone(cfg))
+    if cfg.toyworld:
+        from .toyworld.checkpoint import check_toy_folder, resolve_toy_path
+
+        source = str(resolve_toy_path(cfg.path))
+        check_toy_folder(Path(source))
+    else:
+        source = str(Path(cfg.path).expanduser()) if cfg.path else str(ensure_tiny_backbone(cfg))
     local = Path(source).is_dir()
     if local:
         missing = [c for c in COMPONENTS if not (Path(source) / c).is_dir()]
@@ -146,6 +152,9 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
                 f"model.prediction_type={cfg.prediction_type!r}: use epsilon, v_prediction or null"
             )
         scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    # transformers keeps a checkpoint's own dtype (fp16 files load as fp16), diffusers loads float32:
+    # one dtype for every part until training or generation picks theirs.
+    text_encoder.to(unet.dtype)
     backbone = Backbone(tokenizer, text_encoder, vae, unet, scheduler, name=cfg.name, path=source)
     if cfg.context_dim is not None and backbone.context_dim != cfg.context_dim:
         raise BackboneError(
@@ -183,24 +192,9 @@ def ensure_tiny_backbone(cfg: ModelConfig) -> Path:
 def save_tiny_backbone(folder: str | os.PathLike, seed: int = 0) -> Path:
     """Build the tiny SD-1.x-shaped pipeline (random weights, fixed seed) and save it as a diffusers folder."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=32,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    text_encoder = clip_text_encoder(width=32, intermediate=64, layers=2, heads=4)
     # Factor-8 VAE (4 blocks) like SD's, so a 64-px image gives an 8x8x4 latent.
     vae = AutoencoderKL(
         in_channels=3,
@@ -227,6 +221,27 @@ def save_tiny_backbone(folder: str | os.PathLike, seed: int = 0) -> Path:
         norm_num_groups=8,
     )
     return save_sd_folder(folder, text_encoder, vae, unet)
+
+
+def clip_text_encoder(width: int, intermediate: int, layers: int, heads: int):
+    """A randomly initialised CLIP text encoder over CLIP's full vocabulary and 77 positions."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=width,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=width,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
 
 
 def save_sd_folder(folder: str | os.PathLike, text_encoder, vae, unet) -> Path:

@@ -30,6 +30,9 @@ class ModelConfig:
     # Where the embedded tiny backbone is built once and cached (env CONCEPTLAB_CACHE overrides).
     cache_dir: str = "~/.cache/conceptlab"
     tiny_seed: int = 0  # seed of the tiny backbone's random weights
+    # A toy-world checkpoint (a pipeline folder plus judge/ and toyworld.json; path bundled:toyworld =
+    # the one shipped with conceptlab): its parts and version are checked, and the judge scores samples.
+    toyworld: bool = False
 
 
 @dataclass
@@ -81,6 +84,19 @@ class DataConfig:
     num_workers: int = 0  # latents are cached in memory, so workers rarely help
     # Prompts for the sample grids; {} is replaced by the concept's placeholder text.
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of {}"])
+    # The existing word textual inversion starts the concept's vectors from (method.initializer_token).
+    initializer_token: str = "object"
+    judge: JudgeSetConfig = field(default_factory=lambda: JudgeSetConfig())
+
+
+@dataclass
+class JudgeSetConfig:
+    """What the toy world's judge checks in samples of this concept (unused without a judge)."""
+
+    # The attributes every sample of the concept should show, e.g. {colour: purple, style: striped}.
+    truth: dict[str, str] = field(default_factory=dict)
+    # Fixed evaluation prompts ({} = the concept); any attribute a prompt names is checked as well.
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a {}"])
 
 
 @dataclass
@@ -136,6 +152,19 @@ class SamplesConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """Judge-based evaluation during training and at the end (model=toy: a backbone with a judge)."""
+
+    enabled: bool = True  # score samples whenever the backbone has a judge
+    every_n_steps: int = 100  # also at step 0 and at the end; 0 = only at the end
+    num_samples: int = 16  # samples per prompt, seeds 0..n-1 (the same every time)
+    num_inference_steps: int = 25
+    guidance_scale: float = 4.0
+    # Hypernetworks are scored at each multiplier: judge/* at 1.0, judge_m<m>/* at the others.
+    multipliers: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])
+
+
+@dataclass
 class CheckpointConfig:
     every_n_steps: int = 100  # write checkpoints/last.ckpt every N steps (and at the end)
 
@@ -158,6 +187,7 @@ class TrainConfig:
     logger: LoggerConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     concept: str | None = None  # the concept's name; null = the image folder's name

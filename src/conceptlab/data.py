@@ -61,11 +61,17 @@ FILEWORDS_TEMPLATES = [
 ]  # fmt: skip
 # The placeholder alone: a control for how much the neutral wording matters.
 BARE_TEMPLATES = ["{}"]
+# The toy world's own caption grammar (its text encoder knows no other words).
+TOY_PREFIXES = ["a photo of", "a picture of", "an image of", "a drawing of", "a rendering of", ""]
+TOY_OBJECT_TEMPLATES = [f"{prefix} a {{}}".strip() for prefix in TOY_PREFIXES]
+TOY_STYLE_TEMPLATES = [f"{prefix} [filewords], {{}} style".strip() for prefix in TOY_PREFIXES]
 BUILTIN_TEMPLATES = {
     "object": OBJECT_TEMPLATES,
     "style": STYLE_TEMPLATES,
     "filewords": FILEWORDS_TEMPLATES,
     "bare": BARE_TEMPLATES,
+    "toy_object": TOY_OBJECT_TEMPLATES,
+    "toy_style": TOY_STYLE_TEMPLATES,
 }
 
 

@@ -1,4 +1,5 @@
-"""The bundled example concept sets, drawn by code (no download): an object and a style.
+"""The bundled example concept sets, drawn by code (no download): an object and a style, and the
+toy world's two sets (see toyworld/concepts.py).
 
 `robot`: one toy robot (teal body, square head, red-tipped antenna) in five scenes.
 `ink`: five different subjects in one style (navy ink outlines, orange hatching, cream paper).
@@ -8,9 +9,12 @@ Each image has a caption .txt beside it for `data.templates=filewords`.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .toyworld.concepts import TOY_CONCEPTS, draw_toy_concept
 
 SIZE = 128
 ROBOT_SCENES = [
@@ -105,7 +109,11 @@ def draw_ink(subject: int) -> tuple[Image.Image, str]:
     return img, f"a {name}, ink drawing with orange hatching"
 
 
-EXAMPLE_SETS = {"robot": (draw_robot, len(ROBOT_SCENES)), "ink": (draw_ink, len(INK_SUBJECTS))}
+EXAMPLE_SETS = {
+    "robot": (draw_robot, len(ROBOT_SCENES)),
+    "ink": (draw_ink, len(INK_SUBJECTS)),
+    **{name: (partial(draw_toy_concept, name), c.count) for name, c in TOY_CONCEPTS.items()},
+}
 
 
 def write_example_sets(root: Path) -> list[Path]:

@@ -91,7 +91,17 @@ def read_run(run_dir: Path, root: Path) -> dict[str, Any]:
     for key, value in (summary.get("swept") or {}).items():
         row[key] = value
     row.update({m: summary.get(m) for m in METRICS})
+    # The toy world's judge scores (model=toy): judge/concept, judge/prompt, ..., judge_m0/... .
+    row.update({k: v for k, v in (summary.get("judge") or {}).items() if k != "step"})
     return row
+
+
+def judge_columns(runs: pd.DataFrame) -> list[str]:
+    """The judge's columns present in a sweep: headline scores first, then per attribute."""
+    found = [c for c in runs.columns if c.startswith("judge")]
+    return sorted(
+        found, key=lambda c: (c.split("/")[0] != "judge", c.split("/")[0], "_" in c.split("/")[1], c)
+    )
 
 
 def collect(root: str | Path) -> Sweep:
@@ -147,9 +157,15 @@ def write_report(sweep: Sweep, out: str | Path) -> Path:
     runs = sweep.runs
     with atomic_path(out / "runs.csv") as tmp:
         runs.to_csv(tmp, index=False)
-    plots = [p for p in (plot_loss_curves(sweep, out), plot_methods(sweep, out)) if p]
+    lead = sweep.study.get("metric")
+    metrics = [m for m in dict.fromkeys([lead, "judge/concept", "judge/prompt", "final_loss"]) if m in runs]
+    plots = [p for p in [plot_loss_curves(sweep, out), *(plot_methods(sweep, out, m) for m in metrics)] if p]
     plots += [
-        p for axis in sweep.axes if axis not in ("seed", "method") if (p := plot_axis(sweep, axis, out))
+        p
+        for axis in sweep.axes
+        if axis not in ("seed", "method")
+        for m in metrics
+        if (p := plot_axis(sweep, axis, out, m))
     ]
     grids = copy_sample_grids(sweep, out)
     page = render_html(sweep, plots, grids)
@@ -209,7 +225,8 @@ def plot_methods(sweep: Sweep, out: Path, metric: str = "final_loss") -> str | N
     )
     ax.set_ylabel(f"{metric} (mean ± sd over runs)")
     ax.set_title(f"{metric} by {' and '.join(by)}")
-    return _save(fig, out / "plots" / "methods.png", out)
+    name = "methods.png" if metric == "final_loss" else f"methods_{_file_safe(metric)}.png"
+    return _save(fig, out / "plots" / name, out)
 
 
 def plot_axis(sweep: Sweep, axis: str, out: Path, metric: str = "final_loss") -> str | None:
@@ -241,8 +258,11 @@ def plot_axis(sweep: Sweep, axis: str, out: Path, metric: str = "final_loss") ->
     ax.set_ylabel(f"{metric} (mean ± sd)")
     ax.set_title(f"{metric} vs {axis}")
     ax.legend()
-    safe = "".join(c if c.isalnum() else "_" for c in axis)
-    return _save(fig, out / "plots" / f"{metric}_vs_{safe}.png", out)
+    return _save(fig, out / "plots" / f"{_file_safe(metric)}_vs_{_file_safe(axis)}.png", out)
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def _is_number(text: str) -> bool:
@@ -282,7 +302,17 @@ def render_html(sweep: Sweep, plots: list[str], grids: dict[str, str]) -> str:
     esc = html.escape
     columns = [
         c
-        for c in ["run_dir", "status", "run_name", "method", "concept", *sweep.axes, *METRICS, "error"]
+        for c in [
+            "run_dir",
+            "status",
+            "run_name",
+            "method",
+            "concept",
+            *sweep.axes,
+            *judge_columns(runs),
+            *METRICS,
+            "error",
+        ]  # fmt: skip
         if c in runs
     ]
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)

@@ -88,6 +88,7 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     from .callbacks import (
         AtomicCheckpointIO,
         ConceptExport,
+        JudgeEvaluation,
         LastCheckpoint,
         PreemptionCheckpoint,
         RunStats,
@@ -110,6 +111,7 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # Cheap checks first: a bad image folder fails before any model loads.
+    check_toyworld(cfg)
     images = read_concept_images(cfg.data)
     backbone = load_backbone(cfg.model)
     try:
@@ -142,6 +144,13 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
         export,
         stats,
     ]
+    judge_file = run_dir / "judge.json"
+    if cfg.model.toyworld and cfg.evaluate.enabled:
+        from .toyworld.checkpoint import load_judge
+
+        judge = load_judge(Path(backbone.path))
+        prompts, truth = list(cfg.data.judge.prompts), dict(cfg.data.judge.truth)
+        callbacks.append(JudgeEvaluation(cfg.evaluate, judge, prompts, truth, judge_file))
     try:
         trainer = pl.Trainer(
             **trainer_kwargs(cfg, in_sweep=bool(record.data.get("sweep_dir"))),
@@ -205,6 +214,8 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     if trainer.is_global_zero and stats_file.is_file():  # written by the rank-zero training process
         record.update(**json.loads(stats_file.read_text()))
         stats_file.unlink()
+    if trainer.is_global_zero and judge_file.is_file():
+        record.update(judge=json.loads(judge_file.read_text()))
     record.update(
         files={
             "checkpoint": record.relative(checkpoint) if checkpoint.is_file() else None,
@@ -217,6 +228,23 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
     )
     if cfg.logger.wandb:
         finish_wandb(record.data)
+
+
+def check_toyworld(cfg: DictConfig) -> None:
+    """The toy world is drawn at one size, and its judge knows only its own attributes."""
+    from .toyworld.world import ATTRIBUTES, RESOLUTION
+
+    if cfg.model.toyworld and cfg.data.resolution not in (None, RESOLUTION):
+        raise ConfigError(
+            f"data.resolution={cfg.data.resolution}: model={cfg.model.name} draws the toy world at "
+            f"{RESOLUTION}x{RESOLUTION}; use data.resolution=null (or {RESOLUTION})"
+        )
+    for attribute, value in cfg.data.judge.truth.items():
+        if attribute not in ATTRIBUTES or value not in ATTRIBUTES[attribute]:
+            known = "; ".join(f"{a}: {', '.join(values)}" for a, values in ATTRIBUTES.items())
+            raise ConfigError(
+                f"data.judge.truth.{attribute}={value!r} is not an attribute of the toy world ({known})"
+            )
 
 
 def trainer_kwargs(cfg: DictConfig, in_sweep: bool) -> dict[str, Any]:
@@ -249,6 +277,7 @@ def finish_wandb(summary: dict[str, Any]) -> None:
 
     if wandb.run is not None:
         final = {k: summary.get(k) for k in ("final_loss", "mean_loss", "steps_per_s", "steps", "lr")}
+        final.update({k: v for k, v in (summary.get("judge") or {}).items() if k != "step"})
         wandb.run.summary.update(final)
         wandb.run.log({"final_metrics": wandb.Table(columns=list(final), data=[list(final.values())])})
     wandb.finish()

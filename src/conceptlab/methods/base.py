@@ -7,6 +7,8 @@ install itself into the backbone, and hands it the run directory when the concep
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -42,6 +44,16 @@ class Method(nn.Module, ABC):
     def changes_text_encoding(self) -> bool:
         """Whether training changes what the text encoder outputs; if not, contexts are cached once."""
         return True
+
+    @property
+    def has_multiplier(self) -> bool:
+        """Whether the method is applied with a strength at inference (hypernetworks: <hypernet:name:m>)."""
+        return False
+
+    @contextmanager
+    def at_multiplier(self, multiplier: float) -> Iterator[None]:
+        """Apply the method at this inference strength for the duration (a no-op without one)."""
+        yield
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -13,7 +13,8 @@ modules/hypernetworks/hypernetwork.py, so files and numbers carry over both ways
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -205,8 +206,21 @@ class Hypernetwork(Method):
                 f"hypernetwork widths {unknown} match no attention layer of this backbone "
                 f"(its widths: {sorted(widths)}); fix method.enable_sizes"
             )
-        stack = install_hypernetworks(backbone.unet)
-        stack.entries = [(self, 1.0)]
+        self._stack = install_hypernetworks(backbone.unet)
+        self._stack.entries = [(self, 1.0)]
+
+    @property
+    def has_multiplier(self) -> bool:
+        return True
+
+    @contextmanager
+    def at_multiplier(self, multiplier: float) -> Iterator[None]:
+        entries = self._stack.entries
+        self._stack.entries = [(h, multiplier if h is self else m) for h, m in entries]
+        try:
+            yield
+        finally:
+            self._stack.entries = entries
 
     def load_pairs(self, pairs: dict[int, tuple[dict, dict]], source: str) -> None:
         for size, (k_state, v_state) in pairs.items():

@@ -1,0 +1,156 @@
+"""Judge-based evaluation: sample fixed prompts at fixed seeds, read the images with the judge, and
+score what was asked (the concept's own attributes, and whatever else the prompt names)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .judge import Judge
+from .world import ATTRIBUTES, BACKGROUNDS, COLOURS, NAMED_SHAPES, NAMED_STYLES, SIZES
+
+
+def named_attributes(prompt: str) -> dict[str, str]:
+    """The attributes a world-grammar prompt names ("a large red circle on a gray background")."""
+    words = set(re.findall(r"[a-z]+", prompt.lower()))
+    named = {}
+    for attribute, values in (("shape", NAMED_SHAPES), ("colour", COLOURS), ("size", SIZES)):
+        hits = [v for v in values if v in words]
+        if len(hits) == 1:
+            named[attribute] = hits[0]
+    background = re.search(r"on an? (\w+) background", prompt)
+    if background and background.group(1) in BACKGROUNDS:
+        named["background"] = background.group(1)
+    style = re.search(r"(\w+) style", prompt)
+    if style and style.group(1) in NAMED_STYLES:
+        named["style"] = style.group(1)
+    return named
+
+
+def sample_images(
+    backbone, prompts: list[str], seeds: list[int], num_inference_steps: int = 25, guidance_scale: float = 4.0
+) -> torch.Tensor:
+    """Every prompt at every seed (prompt-major), as [len(prompts) * len(seeds), 3, H, W] in [-1, 1]."""
+    pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    return sample_pairs(
+        backbone, [p for p, _ in pairs], [s for _, s in pairs], num_inference_steps, guidance_scale
+    )
+
+
+@torch.no_grad()
+def sample_pairs(
+    backbone, prompts: list[str], seeds: list[int], num_inference_steps: int = 25, guidance_scale: float = 4.0,
+    batch_size: int = 64,
+) -> torch.Tensor:  # fmt: skip
+    """One sample of prompts[i] at seeds[i] each, in batches; [len(prompts), 3, H, W] in [-1, 1]."""
+    from ..callbacks import encode_prompts
+
+    pipe = backbone.pipeline("DDIMScheduler")
+    size = backbone.native_resolution
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        # Encoded here (not by the pipeline) so a multi-vector placeholder reads exactly as in training.
+        images = pipe(
+            prompt_embeds=encode_prompts(backbone, chunk),
+            negative_prompt_embeds=encode_prompts(backbone, [""] * len(chunk)),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=[
+                torch.Generator(device="cpu").manual_seed(s) for s in seeds[start : start + batch_size]
+            ],
+            height=size,
+            width=size,
+            output_type="pt",
+        ).images
+        out.append(images.float().cpu() * 2 - 1)
+    return torch.cat(out)
+
+
+@dataclass
+class Scores:
+    """Judge accuracies: the concept's attributes (jointly and one by one) and the prompt's own words."""
+
+    concept: float | None
+    concept_by_attribute: dict[str, float]
+    prompt: float | None
+    prompt_by_attribute: dict[str, float]
+
+    def metrics(self, prefix: str = "judge/") -> dict[str, float]:
+        out = {}
+        if self.concept is not None:
+            out[f"{prefix}concept"] = self.concept
+        if self.prompt is not None:
+            out[f"{prefix}prompt"] = self.prompt
+        out.update({f"{prefix}concept_{a}": v for a, v in self.concept_by_attribute.items()})
+        out.update({f"{prefix}prompt_{a}": v for a, v in self.prompt_by_attribute.items()})
+        return out
+
+
+def score(judge: Judge, images: torch.Tensor, prompts: list[str], truth: dict[str, str]) -> Scores:
+    """Accuracies of `images` (prompt-major, equally many per prompt) against the concept's `truth`
+    and the attributes each prompt names (the prompt's words lose where they contradict the concept's)."""
+    unknown = {a: v for a, v in truth.items() if a not in ATTRIBUTES or v not in ATTRIBUTES[a]}
+    if unknown:
+        raise ValueError(
+            f"the concept's truth {unknown} is not in the toy world's attributes {dict(ATTRIBUTES)}"
+        )
+    per_prompt = len(images) // len(prompts)
+    read = judge.read(images)
+    joint, concept, asked = [], {a: [] for a in truth}, {}
+    for i in range(len(images)):
+        prompt = prompts[i // per_prompt]
+        seen = {a: read[a][i] for a in read}
+        if truth:
+            hits = [seen[a] == v for a, v in truth.items()]
+            joint.append(all(hits))
+            for (a, _), hit in zip(truth.items(), hits):
+                concept[a].append(hit)
+        for a, v in named_attributes(prompt).items():
+            if a not in truth:
+                asked.setdefault(a, []).append(seen[a] == v)
+
+    def mean(xs: list[bool]) -> float:
+        return sum(xs) / len(xs)
+
+    prompt_hits = [h for hits in asked.values() for h in hits]
+    return Scores(
+        concept=mean(joint) if joint else None,
+        concept_by_attribute={a: mean(h) for a, h in concept.items()},
+        prompt=mean(prompt_hits) if prompt_hits else None,
+        prompt_by_attribute={a: mean(h) for a, h in sorted(asked.items())},
+    )
+
+
+def evaluate_concept(
+    backbone,
+    method,
+    judge: Judge,
+    prompts: list[str],
+    truth: dict[str, str],
+    cfg,
+    all_multipliers: bool = True,
+) -> dict[str, float]:
+    """Judge metrics of the backbone with `method` installed, at each of cfg.multipliers for a method
+    that has a strength (judge/* at 1.0, judge_m<m>/* at the others), else once (judge/*).
+
+    `prompts` keep their {} (the attributes a prompt names are read from its own words); `cfg` is an
+    EvaluateConfig. `all_multipliers=False` scores at 1.0 only (evaluations during training).
+    """
+    texts = [p.replace("{}", method.prompt_text) for p in prompts]
+    seeds = list(range(cfg.num_samples))
+    multipliers = list(cfg.multipliers) if method.has_multiplier and all_multipliers else [1.0]
+    metrics: dict[str, float] = {}
+    was_training = method.training
+    method.eval()
+    try:
+        for multiplier in multipliers:
+            with method.at_multiplier(multiplier):
+                images = sample_images(backbone, texts, seeds, cfg.num_inference_steps, cfg.guidance_scale)
+            prefix = "judge/" if multiplier == 1.0 else f"judge_m{multiplier:g}/"
+            metrics.update(score(judge, images, prompts, truth).metrics(prefix))
+    finally:
+        method.train(was_training)
+    return metrics

@@ -1,0 +1,410 @@
+"""Pretraining the toy world's backbone and judge: VAE -> judge -> UNet + text encoder (jointly, EMA).
+
+Every stage leaves its result in the work folder and is skipped when it is there, and the long UNet
+stage checkpoints itself, so an interrupted pretraining resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_path, write_json
+from .checkpoint import TOY_VERSION, write_manifest
+from .judge import Judge
+from .world import ATTRIBUTES, RESOLUTION, SHAPES, STYLES, Scene, WorldMix, caption, random_scene, render
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainConfig:
+    """Every knob of the recipe (the study's figures are the defaults)."""
+
+    out: str = "src/conceptlab/toyworld/checkpoint"  # the pipeline folder (+ judge/, results.json)
+    work: str = "outputs/toyworld_pretrain"  # resumable state of each stage
+    seed: int = 0
+    threads: int = 0  # torch threads; 0 = torch's default
+    pool_size: int = 48000  # pretraining images (rendered once, encoded once)
+    judge_pool_size: int = 16000  # images of the whole world (moon, pastel too) for the judge and the VAE
+    vae_steps: int = 1200
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    judge_steps: int = 1000
+    judge_batch: int = 64
+    judge_lr: float = 2e-3
+    unet_steps: int = 6500
+    unet_batch: int = 64
+    unet_lr: float = 4e-4
+    text_lr: float = 4e-4
+    warmup_steps: int = 300
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    eval_scenes: int = 192  # caption following: this many fully named scenes, one sample each
+    mix: WorldMix = field(default_factory=WorldMix)
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Run every stage that has not run yet; return the caption-following results."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    work = Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    pool = stage_pool(cfg, work / "pool.npz", cfg.pool_size, cfg.mix, cfg.seed)
+    whole = stage_pool(cfg, work / "judge_pool.npz", cfg.judge_pool_size, whole_world(), cfg.seed + 1)
+    vae = stage_vae(cfg, work / "vae", np.concatenate([pool["images"], whole["images"]]))
+    stage_judge(cfg, work / "judge", whole, vae)
+    stage_unet(cfg, work, pool, vae)
+    out = export(cfg, work, Path(cfg.out))
+    results = caption_following(out, cfg)
+    write_json(out / "results.json", results)
+    return results
+
+
+def whole_world() -> WorldMix:
+    """Every shape and style, half of them small: what the judge must read (and the VAE must keep)."""
+    return WorldMix(p_large=0.5, p_plain=1 / len(STYLES), shapes=SHAPES, styles=STYLES)
+
+
+# ---------------------------------------------------------------------------------------------- pool
+
+
+def _render_chunk(args: tuple[int, int, WorldMix]) -> tuple[np.ndarray, np.ndarray, list[Scene]]:
+    seed, count, mix = args
+    rng = random.Random(seed)
+    scenes = [random_scene(rng, mix) for _ in range(count)]
+    images = np.stack([render(s) for s in scenes])
+    labels = np.array([[s.label(a) for a in ATTRIBUTES] for s in scenes], np.int64)
+    return images, labels, scenes
+
+
+def stage_pool(cfg: PretrainConfig, path: Path, size: int, mix: WorldMix, seed: int) -> dict:
+    """Rendered scenes: images [N, 32, 32, 3] uint8, labels [N, attributes], and the scenes themselves."""
+    if not path.is_file():
+        chunks = [
+            (seed * 1_000_003 + i, min(1000, size - i * 1000), mix) for i in range((size + 999) // 1000)
+        ]
+        with multiprocessing.get_context("spawn").Pool(
+            max(1, min(4, multiprocessing.cpu_count()))
+        ) as workers:
+            parts = list(
+                tqdm(workers.imap(_render_chunk, chunks), total=len(chunks), desc=f"render {path.stem}")
+            )
+        scenes = [asdict(s) for part in parts for s in part[2]]
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(
+                    f,
+                    images=np.concatenate([p[0] for p in parts]),
+                    labels=np.concatenate([p[1] for p in parts]),
+                    scenes=np.array(json.dumps(scenes)),
+                )
+    data = np.load(path)
+    scenes = [Scene(**s) for s in json.loads(str(data["scenes"]))]
+    return {"images": data["images"], "labels": data["labels"], "scenes": scenes}
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------------------------- VAE
+
+
+def stage_vae(cfg: PretrainConfig, folder: Path, images: np.ndarray):
+    """A factor-4 AutoencoderKL (32 px -> 8x8x4), its scaling factor set from the latents' spread."""
+    from diffusers import AutoencoderKL
+
+    if (folder / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(folder).eval()
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=RESOLUTION,
+    )
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    gen = np.random.default_rng(cfg.seed)
+    bar = tqdm(range(cfg.vae_steps), desc="vae")
+    for step in bar:
+        x = to_tensor(images[gen.integers(0, len(images), cfg.vae_batch)])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(psnr=f"{10 * np.log10(4 / max(mse.item(), 1e-12)):.1f}dB")
+    vae.eval()
+    with torch.no_grad():
+        x = to_tensor(images[gen.integers(0, len(images), 512)])
+        std = vae.encode(x).latent_dist.sample().std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    _save(vae, folder)
+    return vae
+
+
+def _save(model, folder: Path) -> None:
+    """save_pretrained into a temp folder, then rename: a stage's folder is complete or absent."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+# --------------------------------------------------------------------------------------------- judge
+
+
+def stage_judge(cfg: PretrainConfig, folder: Path, pool: dict, vae) -> Judge:
+    """The judge, trained on clean images and on their VAE reconstructions (what samples look like)."""
+    if (folder / "config.json").is_file():
+        return Judge.from_pretrained(folder).eval()
+    torch.manual_seed(cfg.seed)
+    judge = Judge()
+    opt = torch.optim.AdamW(judge.parameters(), lr=cfg.judge_lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.judge_lr, total_steps=cfg.judge_steps)
+    images, labels = pool["images"], torch.from_numpy(pool["labels"])
+    held_out = len(images) // 10
+    gen = np.random.default_rng(cfg.seed + 2)
+    bar = tqdm(range(cfg.judge_steps), desc="judge")
+    for step in bar:
+        idx = gen.integers(held_out, len(images), cfg.judge_batch)
+        x = _maybe_reconstruct(vae, to_tensor(images[idx]), half=True)
+        logits = judge(x)
+        loss = sum(F.cross_entropy(logits[a], labels[idx, i]) for i, a in enumerate(ATTRIBUTES))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    judge.eval()
+    accuracy = judge_accuracy(judge, vae, images[:held_out], labels[:held_out])
+    log.info("judge on held-out reconstructions: %s", accuracy)
+    _save(judge, folder)
+    write_json(folder.parent / "judge_accuracy.json", accuracy)
+    return judge
+
+
+@torch.no_grad()
+def _maybe_reconstruct(vae, x: torch.Tensor, half: bool) -> torch.Tensor:
+    """Half of the batch (or all of it) replaced by its VAE reconstruction."""
+    n = len(x) // 2 if half else len(x)
+    recon = vae.decode(vae.encode(x[:n]).latent_dist.mode()).sample.clamp(-1, 1)
+    return torch.cat([recon, x[n:]])
+
+
+@torch.no_grad()
+def judge_accuracy(judge: Judge, vae, images: np.ndarray, labels: torch.Tensor) -> dict[str, float]:
+    hits = {a: 0 for a in ATTRIBUTES}
+    for start in range(0, len(images), 256):
+        x = _maybe_reconstruct(vae, to_tensor(images[start : start + 256]), half=False)
+        logits = judge(x)
+        for i, a in enumerate(ATTRIBUTES):
+            hits[a] += (logits[a].argmax(1) == labels[start : start + 256, i]).sum().item()
+    return {a: round(h / len(images), 4) for a, h in hits.items()}
+
+
+# ------------------------------------------------------------------------------ UNet + text encoder
+
+
+def build_unet_and_text_encoder(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    from ..backbone import clip_text_encoder
+
+    torch.manual_seed(seed)
+    text_encoder = clip_text_encoder(width=64, intermediate=256, layers=3, heads=4)
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        # No middle block: at 2x2 it adds a million parameters (2 MB of the checkpoint) and little else.
+        mid_block_type=None,
+    )
+    return unet, text_encoder
+
+
+@torch.no_grad()
+def encode_pool(vae, images: np.ndarray) -> torch.Tensor:
+    """The VAE posterior's moments (mean and log-variance) of every pool image, scaled later."""
+    moments = []
+    for start in tqdm(range(0, len(images), 512), desc="encode pool"):
+        dist = vae.encode(to_tensor(images[start : start + 512])).latent_dist
+        moments.append(torch.cat([dist.mean, dist.logvar], dim=1))
+    return torch.cat(moments)
+
+
+def stage_unet(cfg: PretrainConfig, work: Path, pool: dict, vae) -> None:
+    """UNet and text encoder trained jointly on the epsilon loss, with an EMA of both."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from ..backbone import clip_tokenizer
+
+    state_path = work / "unet_state.pt"
+    moments_path = work / "latent_moments.pt"
+    if not moments_path.is_file():
+        with atomic_path(moments_path) as tmp:
+            torch.save(encode_pool(vae, pool["images"]), tmp)
+    moments = torch.load(moments_path)
+    scaling = vae.config.scaling_factor
+    unet, text_encoder = build_unet_and_text_encoder(cfg.seed)
+    tokenizer = clip_tokenizer()
+    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    num_train_timesteps=1000)  # fmt: skip
+    params = [
+        {"params": list(unet.parameters()), "lr": cfg.unet_lr},
+        {"params": list(text_encoder.parameters()), "lr": cfg.text_lr},
+    ]
+    opt = torch.optim.AdamW(params, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    ema_text = EMAModel(text_encoder.parameters(), decay=cfg.ema_decay)
+    step = 0
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text"])
+        step = state["step"]
+    if step >= cfg.unet_steps:
+        return
+    scenes = pool["scenes"]
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(step, cfg.unet_steps), initial=step, total=cfg.unet_steps, desc="unet+text")
+    for step in bar:
+        # Every step's draws are a function of (seed, step): resuming replays the same stream.
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(scenes), (cfg.unet_batch,), generator=gen)
+        mean, logvar = moments[idx].chunk(2, dim=1)
+        latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)) * scaling
+        ids = tokenizer([caption(scenes[i], rng, cfg.mix) for i in idx.tolist()], padding="max_length",
+                        max_length=77, truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, 1000, (len(idx),), generator=gen)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
+        opt.step()
+        sched.step()
+        ema_unet.step(unet.parameters())
+        ema_text.step(text_encoder.parameters())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
+            state = {
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "ema_unet": ema_unet.state_dict(),
+                "ema_text": ema_text.state_dict(),
+                "step": done,
+            }
+            with atomic_path(state_path) as tmp:
+                torch.save(state, tmp)
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def export(cfg: PretrainConfig, work: Path, out: Path) -> Path:
+    """The EMA weights in fp16, saved as a diffusers pipeline folder with judge/ and toyworld.json."""
+    from diffusers import AutoencoderKL
+    from diffusers.training_utils import EMAModel
+
+    from ..backbone import save_sd_folder
+
+    unet, text_encoder = build_unet_and_text_encoder(cfg.seed)
+    state = torch.load(work / "unet_state.pt", weights_only=False)
+    for model, key in ((unet, "ema_unet"), (text_encoder, "ema_text")):
+        ema = EMAModel(model.parameters())
+        ema.load_state_dict(state[key])
+        ema.copy_to(model.parameters())
+    vae = AutoencoderKL.from_pretrained(work / "vae")
+    judge = Judge.from_pretrained(work / "judge")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_sd_folder(tmp, text_encoder.half(), vae.half(), unet.half())
+    judge.half().save_pretrained(tmp / "judge")
+    write_manifest(tmp, {"steps": state["step"], "seed": cfg.seed, "recipe": _recipe(cfg)})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _recipe(cfg: PretrainConfig) -> dict:
+    recipe = asdict(cfg)
+    recipe.pop("out")
+    recipe.pop("work")
+    return recipe
+
+
+# ------------------------------------------------------------------------------- caption following
+
+
+def caption_following(folder: Path, cfg: PretrainConfig) -> dict:
+    """How well the exported model draws what fully named captions ask for, read by its judge."""
+    from ..backbone import load_backbone
+    from ..config import ModelConfig
+    from .checkpoint import load_judge
+    from .evaluate import named_attributes, sample_pairs
+
+    start = time.time()
+    backbone = load_backbone(ModelConfig(name="toy", path=str(folder), toyworld=True)).to(torch.float32)
+    judge = load_judge(folder)
+    rng = random.Random(cfg.seed + 7)
+    named = WorldMix(p_large=0.5, shapes=SHAPES[:6], styles=STYLES[:4])
+    scenes = [random_scene(rng, named) for _ in range(cfg.eval_scenes)]
+    prompts = [caption(s) for s in scenes]
+    images = sample_pairs(backbone, prompts, list(range(len(prompts))))
+    read = judge.read(images)
+    hits: dict[str, list[bool]] = {}
+    for i, (scene, prompt) in enumerate(zip(scenes, prompts)):
+        for attribute, value in named_attributes(prompt).items():
+            key = f"{attribute}_large" if attribute == "shape" and scene.size == "large" else attribute
+            hits.setdefault(key, []).append(read[attribute][i] == value)
+    accuracy = {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())}
+    return {
+        "version": TOY_VERSION,
+        "caption_following": accuracy,
+        "samples": len(prompts),
+        "seconds": round(time.time() - start, 1),
+    }
