@@ -81,6 +81,37 @@ class Backbone(nn.Module):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    @torch.no_grad()
+    def sample(
+        self, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float,
+        negative_prompt: str = "", batch_size: int = 64,
+    ) -> torch.Tensor:  # fmt: skip
+        """One DDIM sample of prompts[i] at seeds[i] each, in batches: [len(prompts), 3, H, W] in [0, 1]."""
+        pipe = self.pipeline("DDIMScheduler")
+        size = self.native_resolution
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            # Encoded here (not by the pipeline) so a multi-vector placeholder reads exactly as in training.
+            images = pipe(
+                prompt_embeds=self.encode_prompts(chunk),
+                negative_prompt_embeds=self.encode_prompts([negative_prompt] * len(chunk)),
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=[
+                    torch.Generator(device="cpu").manual_seed(s) for s in seeds[start : start + batch_size]
+                ],
+                height=size,
+                width=size,
+                output_type="pt",
+            ).images
+            out.append(images.float().cpu())
+        return torch.cat(out)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text contexts for prompts, in the UNet's dtype."""
+        return self.encode_text(self.tokenize(prompts).to(self.text_encoder.device)).to(self.unet.dtype)
+
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Token ids [len(texts), 77], padded and truncated as Stable Diffusion's pipelines do."""
         return self.tokenizer(

@@ -142,31 +142,15 @@ class SampleGrid(pl.Callback):
 def render_grid(backbone, prompts: list[str], cfg: SamplesConfig):
     """Sample every prompt at every seed with the backbone as it is now; one labelled PIL grid."""
     from diffusers.utils import make_image_grid
+    from PIL import Image
 
-    pipe = backbone.pipeline("DDIMScheduler")
-    rows = []
-    for prompt in prompts:
-        # Encoded here (not by the pipeline) so a multi-vector placeholder reads exactly as in training.
-        context = encode_prompts(backbone, [prompt] * len(cfg.seeds))
-        negative = encode_prompts(backbone, [cfg.negative_prompt] * len(cfg.seeds))
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in cfg.seeds]
-        out = pipe(
-            prompt_embeds=context,
-            negative_prompt_embeds=negative,
-            num_inference_steps=cfg.num_inference_steps,
-            guidance_scale=cfg.guidance_scale,
-            generator=generators,
-            height=backbone.native_resolution,
-            width=backbone.native_resolution,
-            output_type="pil",
-        )
-        rows.extend(out.images)
-    return make_image_grid(rows, rows=len(prompts), cols=len(cfg.seeds))
-
-
-def encode_prompts(backbone, prompts: list[str]) -> torch.Tensor:
-    context = backbone.encode_text(backbone.tokenize(prompts).to(backbone.text_encoder.device))
-    return context.to(backbone.unet.dtype)
+    pairs = [(prompt, seed) for prompt in prompts for seed in cfg.seeds]
+    images = backbone.sample(
+        [p for p, _ in pairs], [s for _, s in pairs], cfg.num_inference_steps, cfg.guidance_scale,
+        cfg.negative_prompt,
+    )  # fmt: skip
+    pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    return make_image_grid([Image.fromarray(p) for p in pixels], rows=len(prompts), cols=len(cfg.seeds))
 
 
 class ConceptExport(pl.Callback):

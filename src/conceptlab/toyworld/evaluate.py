@@ -39,34 +39,11 @@ def sample_images(
     )
 
 
-@torch.no_grad()
 def sample_pairs(
-    backbone, prompts: list[str], seeds: list[int], num_inference_steps: int = 25, guidance_scale: float = 4.0,
-    batch_size: int = 64,
-) -> torch.Tensor:  # fmt: skip
-    """One sample of prompts[i] at seeds[i] each, in batches; [len(prompts), 3, H, W] in [-1, 1]."""
-    from ..callbacks import encode_prompts
-
-    pipe = backbone.pipeline("DDIMScheduler")
-    size = backbone.native_resolution
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        # Encoded here (not by the pipeline) so a multi-vector placeholder reads exactly as in training.
-        images = pipe(
-            prompt_embeds=encode_prompts(backbone, chunk),
-            negative_prompt_embeds=encode_prompts(backbone, [""] * len(chunk)),
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=[
-                torch.Generator(device="cpu").manual_seed(s) for s in seeds[start : start + batch_size]
-            ],
-            height=size,
-            width=size,
-            output_type="pt",
-        ).images
-        out.append(images.float().cpu() * 2 - 1)
-    return torch.cat(out)
+    backbone, prompts: list[str], seeds: list[int], num_inference_steps: int = 25, guidance_scale: float = 4.0
+) -> torch.Tensor:
+    """One sample of prompts[i] at seeds[i] each, in [-1, 1] (what the judge reads)."""
+    return backbone.sample(prompts, seeds, num_inference_steps, guidance_scale) * 2 - 1
 
 
 @dataclass
