@@ -47,7 +47,7 @@ def textual_inversion(tmp: Path) -> dict:
     return {
         "curve": curve,
         "start": curve[0][1],
-        "final": summary["judge"]["judge/concept"],
+        "final": summary["metrics"]["judge/concept"],
         "steps": summary["steps"],
         "train_time_s": summary["train_time_s"],
         "train_s_to_0.8": round(reached * per_step, 1) if reached is not None else None,
@@ -56,7 +56,7 @@ def textual_inversion(tmp: Path) -> dict:
 
 def hypernetwork(tmp: Path) -> dict:
     summary, _ = train(tmp, "hypernet", "method=hypernet", "data=toy_pastel", "evaluate.every_n_steps=0")
-    judge = summary["judge"]
+    judge = summary["metrics"]
     out = {"steps": summary["steps"], "train_time_s": summary["train_time_s"]}
     for m, prefix in (("1", "judge/"), ("0.5", "judge_m0.5/"), ("0", "judge_m0/")):
         out[f"multiplier_{m}"] = {

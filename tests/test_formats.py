@@ -5,7 +5,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conceptlab.errors import ConceptFileError
-from conceptlab.formats import read_embedding, write_a1111_embedding, write_diffusers_embedding
+from conceptlab.methods.textual_inversion import (
+    read_embedding,
+    write_a1111_embedding,
+    write_diffusers_embedding,
+)
 
 A1111_KEYS = {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
 

@@ -11,16 +11,20 @@ from conftest import ROOT, compose, run_train
 from PIL import Image
 
 from conceptlab.errors import ConceptFileError, ConfigError
-from conceptlab.formats import write_a1111_embedding, write_a1111_hypernetwork, write_diffusers_embedding
 from conceptlab.generate import quote_text_overrides, run
-from conceptlab.methods.hypernetwork import Hypernetwork
+from conceptlab.methods.hypernetwork import (
+    HypernetworkLayers,
+    write_a1111_hypernetwork,
+    write_hypernetwork_safetensors,
+)
+from conceptlab.methods.textual_inversion import write_a1111_embedding, write_diffusers_embedding
 from conceptlab.prompts import parse_prompt
 
 FAST = ["model=tiny", "steps=3", "seeds=[0,1]"]
 
 
 def hypernetwork_file(path, concept, writer=write_a1111_hypernetwork, sizes=(32, 64)):
-    hn = Hypernetwork(name="hypernet", lr=1e-5, scale_lr=False, concept=concept, enable_sizes=list(sizes))
+    hn = HypernetworkLayers(concept=concept, enable_sizes=list(sizes))
     with torch.no_grad():
         for p in hn.parameters():
             p.normal_(0, 0.5)
@@ -31,8 +35,6 @@ def hypernetwork_file(path, concept, writer=write_a1111_hypernetwork, sizes=(32,
 
 @pytest.fixture
 def concepts(tmp_path):
-    from conceptlab.formats import write_hypernetwork_safetensors
-
     torch.manual_seed(0)
     return {
         "cat": write_diffusers_embedding(tmp_path / "cat.safetensors", "<cat-a>", torch.randn(2, 32)),
@@ -66,7 +68,10 @@ def test_generate_py_with_two_embeddings_and_two_hypernetworks(tmp_path, tiny_di
     [out] = list((tmp_path / "generate").iterdir())
     record = json.loads((out / "generation.json").read_text())
     assert record["text"] == "a photo of <cat-a> in the style of style-b"
-    assert record["hypernetworks"] == [{"name": "ink", "multiplier": 0.5}, {"name": "oil", "multiplier": 0.8}]
+    assert record["tags"] == [
+        {"tag": "hypernet", "name": "ink", "multiplier": 0.5}, {"tag": "hypernet", "name": "oil", "multiplier": 0.8}
+    ]  # fmt: skip
+    assert [c["method"] for c in record["concepts"]] == ["ti", "ti", "hypernet", "hypernet"]
     assert record["multipliers"] == [0.0, 1.0] and record["seeds"] == [0, 1]
     assert sorted(record["images"]) == [f"images/0{r}_seed{s}.png" for r in (0, 1) for s in (0, 1)]
     grid = Image.open(out / "grid.png")
@@ -98,7 +103,9 @@ def test_a_training_run_directory_is_a_concept(tmp_path):
     record, _ = generate(
         tmp_path, "prompt=a house <hypernet:ink:0.7>", f"concepts=[{tmp_path / 'runs' / 'ink'}]"
     )
-    assert record["concepts"] == [str(tmp_path / "runs" / "ink" / "concepts" / "ink.safetensors")]
+    assert [c["file"] for c in record["concepts"]] == [
+        str(tmp_path / "runs" / "ink" / "concepts" / "ink.safetensors")
+    ]
 
 
 @pytest.mark.parametrize(
@@ -108,7 +115,7 @@ def test_a_training_run_directory_is_a_concept(tmp_path):
             "a <hypernet:nope:1>",
             "ink",
             ConfigError,
-            r"<hypernet:nope> is not loaded \(loaded hypernetworks: ink\)",
+            r"<hypernet:nope> is not loaded \(loaded hypernet files: ink\)",
         ),
         (
             "a photo of <dog>",
@@ -134,14 +141,18 @@ def test_concept_files_for_another_model_are_refused(tmp_path):
 
 
 def test_multipliers_need_a_hypernetwork_in_the_prompt(tmp_path, concepts):
-    with pytest.raises(ConfigError, match="put a <hypernet:name> in the prompt"):
+    with pytest.raises(ConfigError, match=r"put one in the prompt \(<hypernet:name>\)"):
         generate(tmp_path, "prompt=a house", "multipliers=[0,1]", f"concepts=[{concepts['ink']}]")
 
 
 def test_prompt_syntax():
-    text, uses = parse_prompt("a castle <hypernet:ink:0.7>, <hypernet:oil> at dusk")
-    assert text == "a castle, at dusk"
-    assert [(u.name, u.multiplier) for u in uses] == [("ink", 0.7), ("oil", 1.0)]
+    text, uses = parse_prompt(
+        "a castle <hypernet:ink:0.7>, <lora:oil> at <other:x> dusk", ["hypernet", "lora"]
+    )
+    assert text == "a castle, at <other:x> dusk"
+    assert [(u.tag, u.name, u.multiplier) for u in uses] == [("hypernet", "ink", 0.7), ("lora", "oil", 1.0)]
+    with pytest.raises(ConfigError, match="not a finite number"):
+        parse_prompt("<hypernet:ink:nan>", ["hypernet"])
 
 
 def test_prompts_with_angle_brackets_reach_hydra_quoted():

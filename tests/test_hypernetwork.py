@@ -8,13 +8,15 @@ from torch import nn
 from conceptlab.config import DataConfig, OptimConfig
 from conceptlab.data import ConceptDataModule, read_concept_images
 from conceptlab.errors import ConfigError
-from conceptlab.formats import read_hypernetwork, write_a1111_hypernetwork, write_hypernetwork_safetensors
 from conceptlab.methods.hypernetwork import (
     Hypernetwork,
     HypernetworkProcessor,
     HypernetworkStack,
     hypernetwork_from_file,
     install_hypernetworks,
+    read_hypernetwork,
+    write_a1111_hypernetwork,
+    write_hypernetwork_safetensors,
 )
 from conceptlab.module import ConceptModule
 from conceptlab.schedules import parse_lr_schedule, rate_at
@@ -149,7 +151,7 @@ def test_a1111_file_built_from_the_recipe_loads_and_gives_the_same_outputs(tmp_p
 def test_written_file_has_a1111_keys_shapes_and_metadata(tmp_path, backbone):
     hn = make_hn(activation_func="relu", add_layer_norm=True, use_dropout=True, layer_structure=[1, 2, 2, 1])
     hn.attach(backbone)
-    path = write_a1111_hypernetwork(tmp_path / "style.pt", hn, 12, None, "tiny")
+    path = write_a1111_hypernetwork(tmp_path / "style.pt", hn.net, 12, None, "tiny")
     data = torch.load(path, weights_only=True)
     assert {k for k in data if not isinstance(k, int)} == A1111_META
     assert sorted(k for k in data if isinstance(k, int)) == [32, 64]
@@ -167,7 +169,7 @@ def test_written_file_has_a1111_keys_shapes_and_metadata(tmp_path, backbone):
 def test_safetensors_twin_round_trips(tmp_path, backbone):
     hn = randomize(make_hn(activation_func="swish"))
     hn.attach(backbone)
-    path = write_hypernetwork_safetensors(tmp_path / "style.safetensors", hn, 3, "tiny")
+    path = write_hypernetwork_safetensors(tmp_path / "style.safetensors", hn.net, 3, "tiny")
     again = hypernetwork_from_file(path)
     assert again.sizes == hn.sizes and again.activation_func == "swish"
     assert isinstance(again.pair(32)[0].linear[1], nn.Hardswish)  # A1111's swish is Hardswish
@@ -218,7 +220,7 @@ def test_default_sd15_file_is_the_size_a1111_writes(tmp_path):
                      sd_checkpoint_name="sd15", activate_output=False, last_layer_dropout=False,
                      dropout_structure=[0, 0, 0], optional_info=None, step=0, name="style")  # fmt: skip
     torch.save(reference, tmp_path / "reference.pt")
-    path = write_a1111_hypernetwork(tmp_path / "ours.pt", ours, 0, None, "sd15")
+    path = write_a1111_hypernetwork(tmp_path / "ours.pt", ours.net, 0, None, "sd15")
     assert path.stat().st_size == pytest.approx((tmp_path / "reference.pt").stat().st_size, rel=0.01)
 
 
@@ -296,7 +298,7 @@ def test_shared_context_transform_is_reused_until_weights_or_multiplier_change()
 
 def test_init_from_continues_an_existing_hypernetwork(backbone, tmp_path):
     source = randomize(make_hn(enable_sizes=[32, 64]))
-    path = write_a1111_hypernetwork(tmp_path / "old.pt", source, 100, None, "tiny")
+    path = write_a1111_hypernetwork(tmp_path / "old.pt", source.net, 100, None, "tiny")
     hn = make_hn(init_from=str(path))
     hn.attach(backbone)
     assert all(torch.equal(a, b) for a, b in zip(hn.parameters(), source.parameters()))

@@ -183,3 +183,50 @@ def test_more_devices_than_the_machine_has_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConceptLabError, match="trainer:"):
         run_train(tmp_path / "run", "trainer.accelerator=gpu", "trainer.devices=4")
+
+
+def fake_sweep(tmp_path, metric, rows, goal=None):
+    import pandas as pd
+
+    from conceptlab.report import Sweep
+
+    study = {"name": "s", "question": "which?", "metric": metric, "goal": goal}
+    return Sweep(root=tmp_path, runs=pd.DataFrame(rows), axes=["method", "seed"], study=study)
+
+
+def test_the_study_metric_drives_the_headline_table_and_best_run(tmp_path):
+    from conceptlab.report import headline, write_report
+
+    rows = [
+        {"run_dir": f"{i}", "status": "completed", "run_name": f"{m}-seed{s}", "method": m, "seed": s,
+         "concept": "robot", "judge/concept": v, "final_loss": 0.1}
+        for i, (m, s, v) in enumerate([("ti", 0, 0.9), ("ti", 1, 0.7), ("hypernet", 0, 0.4), ("hypernet", 1, 0.95)])
+    ] + [{"run_dir": "4", "status": "failed", "method": "lora", "seed": 0}]  # fmt: skip
+    answer = headline(fake_sweep(tmp_path, "judge/concept", rows))
+    assert answer.metric == "judge/concept" and answer.goal == "max" and not answer.note
+    assert list(answer.table["method"]) == ["ti", "hypernet"]  # best mean first; failed runs left out
+    assert answer.table["mean"].tolist() == [0.8, 0.675] and answer.table["count"].tolist() == [2, 2]
+    assert answer.best_run["run_name"] == "hypernet-seed1"  # the best single run
+    page = write_report(fake_sweep(tmp_path, "judge/concept", rows), tmp_path / "report").read_text()
+    assert page.index("<h2>Answer</h2>") < page.index("<h2>Runs</h2>")
+    assert "Best setting by judge/concept (higher is better): method=ti" in page
+
+
+def test_a_study_metric_the_runs_lack_falls_back_to_the_loss_and_says_so(tmp_path):
+    from conceptlab.report import headline
+
+    rows = [
+        {"run_dir": "0", "status": "completed", "method": "ti", "concept": "a", "seed": 0, "final_loss": 0.3},
+        {
+            "run_dir": "1",
+            "status": "completed",
+            "method": "hypernet",
+            "concept": "a",
+            "seed": 0,
+            "final_loss": 0.2,
+        },
+    ]
+    answer = headline(fake_sweep(tmp_path, "judge/concept", rows))
+    assert answer.metric == "final_loss" and answer.goal == "min" and "judge/concept" in answer.note
+    assert list(answer.table["method"]) == ["hypernet", "ti"]
+    assert headline(fake_sweep(tmp_path, "train/loss", rows)).note == ""  # train/loss is final_loss

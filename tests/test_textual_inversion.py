@@ -7,8 +7,7 @@ import torch
 from conceptlab.config import DataConfig, OptimConfig
 from conceptlab.data import ConceptDataModule, read_concept_images
 from conceptlab.errors import ConceptFileError, ConfigError
-from conceptlab.formats import write_a1111_embedding
-from conceptlab.methods.textual_inversion import TextualInversion
+from conceptlab.methods.textual_inversion import TextualInversion, write_a1111_embedding
 from conceptlab.module import ConceptModule
 
 

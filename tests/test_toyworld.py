@@ -15,10 +15,10 @@ from conftest import ROOT, compose, read_summary, train_subprocess
 from PIL import Image
 
 from conceptlab.backbone import load_backbone
-from conceptlab.config import EvaluateConfig, ModelConfig
+from conceptlab.config import EvaluateConfig
 from conceptlab.errors import BackboneError, ConfigError
 from conceptlab.toyworld import world
-from conceptlab.toyworld.checkpoint import FILES, MANIFEST, bundled_checkpoint, load_judge
+from conceptlab.toyworld.checkpoint import FILES, MANIFEST, bundled_checkpoint, load_judge, toy_model_config
 from conceptlab.toyworld.concepts import TOY_CONCEPTS, concept_scenes
 from conceptlab.toyworld.evaluate import named_attributes, sample_images, score
 from conceptlab.toyworld.world import Scene, WorldMix, caption, random_scene, render
@@ -125,8 +125,32 @@ def test_data_objects_and_styles_resolve_to_toy_sets_on_the_toy_model():
     assert compose(["model=tiny"]).data.path == "bundled:robot"
     assert compose(["model=tiny", "data=toy_pastel"]).data.path == "bundled:toy_pastel"
     cfg = compose(["model=toy", "method=ti"])
-    assert cfg.method.initializer_token == "shape" and dict(cfg.data.judge.truth)["colour"] == "purple"
+    assert cfg.method.initializer_token == "shape"
+    assert compose(["model=toy", "trainer=gpu"]).trainer.max_steps == 3000  # an explicit trainer wins
+    assert compose(["model=toy", "method=hypernet"]).trainer.max_steps == 800  # the toy recipe
     assert compose([]).model.name == "toy"  # the default of `python train.py`
+
+
+def test_toy_concept_sets_name_only_the_worlds_attributes():
+    from conceptlab.toyworld.concepts import toy_concept_of
+
+    for concept in TOY_CONCEPTS.values():
+        assert all(value in world.ATTRIBUTES[attribute] for attribute, value in concept.truth.items())
+        assert concept.prompts and all("{}" in p for p in concept.prompts)
+    assert toy_concept_of("bundled:toy_combo")[0] == "toy_combo"
+    assert toy_concept_of("bundled:robot") is None and toy_concept_of("/home/me/toy_combo") is None
+
+
+def test_a_users_own_folder_on_the_toy_model_trains_without_a_concept_score(tmp_path):
+    """The judge's truth belongs to the world's concept sets, not to the model: it scores only those."""
+    proc, [run_dir] = train_subprocess(
+        tmp_path, "model=toy", "data.path=bundled:robot", "trainer.max_steps=2"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert output.count("is not one of the toy world's concept sets") == 1
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed" and summary["metrics"] == {} and summary["resolution"] == 32
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -190,7 +214,7 @@ def test_the_shipped_checkpoint_is_small_fp16_and_loads_like_any_diffusers_folde
 
 
 def test_the_judge_reads_the_world_through_the_vae():
-    backbone = load_backbone(ModelConfig(name="toy", path=str(TOY), toyworld=True))
+    backbone = load_backbone(toy_model_config(TOY))
     judge = load_judge(TOY)
     rng = random.Random(5)
     mix = WorldMix(p_large=1.0, shapes=world.SHAPES, styles=world.STYLES)
@@ -216,7 +240,7 @@ def test_a_toy_folder_missing_a_part_or_of_another_version_is_refused(tmp_path, 
     (toy_copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(BackboneError, match=r"missing unet/diffusion_pytorch_model.safetensors; rebuild it with "
                        r"`python scripts/pretrain_toyworld.py --out .*toy`"):  # fmt: skip
-        load_backbone(ModelConfig(name="toy", path=str(toy_copy), toyworld=True))
+        load_backbone(toy_model_config(toy_copy))
     proc, _ = train_subprocess(tmp_path, "model=toy", f"model.path={toy_copy}", fast=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: toy-world checkpoint")
@@ -225,18 +249,17 @@ def test_a_toy_folder_missing_a_part_or_of_another_version_is_refused(tmp_path, 
     with pytest.raises(
         BackboneError, match="says toy-world version 999, but this conceptlab draws version 1"
     ):
-        load_backbone(ModelConfig(name="toy", path=str(toy_copy), toyworld=True))
+        load_backbone(toy_model_config(toy_copy))
     (toy_copy / MANIFEST).unlink()
     with pytest.raises(BackboneError, match="toyworld.json is missing"):
-        load_backbone(ModelConfig(name="toy", path=str(toy_copy), toyworld=True))
+        load_backbone(toy_model_config(toy_copy))
     assert "judge/diffusion_pytorch_model.safetensors" in FILES
 
 
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (["data.resolution=64"], "data.resolution=64: model=toy draws the toy world at 32x32"),
-        (["data.judge.truth={colour: teal}"], "data.judge.truth.colour='teal' is not an attribute"),
+        (["data.resolution=64"], "data.resolution=64: the toy world is drawn at 32x32"),
     ],
 )
 def test_bad_toy_settings_fail_before_training(tmp_path, overrides, match):
@@ -253,7 +276,7 @@ def test_judge_scores_reach_metrics_summary_and_report(tmp_path):
         tmp_path, "model=toy", "method=hypernet", "data=toy_pastel", "evaluate.every_n_steps=2"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    judge = read_summary(run_dir)["judge"]
+    judge = read_summary(run_dir)["metrics"]
     assert judge["step"] == 4
     for prefix in ("judge/", "judge_m0.5/", "judge_m0/"):
         assert {
@@ -279,7 +302,7 @@ def test_multiplier_zero_samples_are_the_bare_models(tmp_path):
     cfg = compose(["model=toy", "method=hypernet", "data=toy_pastel"])
     evaluate = EvaluateConfig(num_samples=2, num_inference_steps=3)
     bare = load_backbone(cfg.model)
-    texts = [p.replace("{}", "toy_pastel") for p in cfg.data.judge.prompts[:1]]
+    texts = [p.replace("{}", "toy_pastel") for p in TOY_CONCEPTS["toy_pastel"].prompts[:1]]
     reference = sample_images(bare, texts, [0, 1], 3, evaluate.guidance_scale)
     backbone = load_backbone(cfg.model)
     method = instantiate(cfg.method, concept="toy_pastel")
@@ -317,7 +340,7 @@ def test_textual_inversion_learns_the_attribute_combination(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in _judge_rows(run_dir) if r["judge/concept"] != ""]
     assert rows[0]["step"] == "0" and float(rows[0]["judge/concept"]) <= 0.1
-    assert read_summary(run_dir)["judge"]["judge/concept"] >= 0.8
+    assert read_summary(run_dir)["metrics"]["judge/concept"] >= 0.8
 
 
 @pytest.mark.slow
@@ -327,7 +350,7 @@ def test_hypernetwork_learns_the_unseen_style_and_is_the_bare_model_at_zero(tmp_
         fast=False, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    judge = read_summary(run_dir)["judge"]
+    judge = read_summary(run_dir)["metrics"]
     assert judge["judge/concept_style"] >= 0.3
     rows = [r for r in _judge_rows(run_dir) if r["judge_m0/concept"] != ""]
     first, last = rows[0], rows[-1]
@@ -360,4 +383,4 @@ def test_pretraining_runs_every_stage_and_resumes(tmp_path):
     assert json.loads((tmp_path / "out" / MANIFEST).read_text())["steps"] == 4
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["samples"] == 2 and set(results["caption_following"]) >= {"colour", "background"}
-    load_backbone(ModelConfig(name="toy", path=str(tmp_path / "out"), toyworld=True))
+    load_backbone(toy_model_config(tmp_path / "out"))

@@ -13,7 +13,7 @@ from conftest import ROOT, read_summary, run_train, train_subprocess
 from safetensors.torch import load_file
 
 from conceptlab.errors import ConceptFileError, ConceptLabError, TrainingError
-from conceptlab.formats import read_embedding, write_a1111_embedding
+from conceptlab.methods.textual_inversion import read_embedding, write_a1111_embedding
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def assert_loads_in_diffusers(path, vectors):
 
 
 def test_train_py_hypernetwork_run_leaves_a1111_files(tmp_path):
-    from conceptlab.formats import read_hypernetwork
+    from conceptlab.methods.hypernetwork import read_hypernetwork
 
     proc, [run_dir] = train_subprocess(tmp_path, "method=hypernet", "data=styles", "method.lr='1e-5:2, 5e-6'")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -95,14 +95,16 @@ def test_train_py_hypernetwork_run_leaves_a1111_files(tmp_path):
     )
     assert summary["lr_schedule"] == "1e-05:2, 5e-06"
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert checkpoint["state_dict"] and all(k.startswith("method.layers.") for k in checkpoint["state_dict"])
+    assert checkpoint["state_dict"] and all(
+        k.startswith("method.net.layers.") for k in checkpoint["state_dict"]
+    )
     a1111 = torch.load(run_dir / "concepts" / "ink.pt", weights_only=True)
     assert sorted(k for k in a1111 if isinstance(k, int)) == [32, 64] and a1111["step"] == 4
     twin = read_hypernetwork(run_dir / "concepts" / "ink.safetensors")
     for size in (32, 64):
         for ours, theirs in zip(twin.pairs[size], a1111[size]):
             assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-        key = f"method.layers.{size}.0.linear.0.weight"
+        key = f"method.net.layers.{size}.0.linear.0.weight"
         assert torch.equal(checkpoint["state_dict"][key], a1111[size][0]["linear.0.weight"])
 
 
@@ -222,7 +224,7 @@ def test_bad_input_fails_before_training_and_writes_nothing_half_done(tmp_path, 
         run_train(run_dir, make_override(tmp_path, tiny_dir))
     summary = read_summary(run_dir)
     assert summary["status"] == "failed" and message.split(" ")[0] in summary["error"]
-    assert "steps" not in summary
+    assert summary["steps"] is None  # it never trained
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "concepts").exists()
 
 

@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
-from importlib import metadata
+from importlib import metadata, resources
 from pathlib import Path
 
 import torch
@@ -27,7 +27,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 class Backbone(nn.Module):
-    """Tokenizer, text encoder, VAE, UNet and noise scheduler; frozen and always in eval mode."""
+    """Tokenizer, text encoder, VAE, UNet and noise scheduler; frozen and in eval mode.
+
+    A method may unfreeze parts (LoRA adds trainable layers to the UNet): it sets their
+    requires_grad, and their train/eval mode in its own `train()`, which runs after this one's.
+    """
 
     def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, name: str, path: str):
         super().__init__()
@@ -42,7 +46,7 @@ class Backbone(nn.Module):
         self.eval()
 
     def train(self, mode: bool = True) -> Backbone:
-        # Frozen means frozen: no dropout, whatever Lightning asks of the module that holds us.
+        # The frozen parts never train (no dropout), whatever Lightning asks of the module holding us.
         return super().train(False)
 
     @property
@@ -140,13 +144,11 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    if cfg.toyworld:
-        from .toyworld.checkpoint import check_toy_folder, resolve_toy_path
+    source = str(resolve_model_path(cfg.path)) if cfg.path else str(ensure_tiny_backbone(cfg))
+    if cfg.check:
+        from hydra.utils import get_method
 
-        source = str(resolve_toy_path(cfg.path))
-        check_toy_folder(Path(source))
-    else:
-        source = str(Path(cfg.path).expanduser()) if cfg.path else str(ensure_tiny_backbone(cfg))
+        get_method(cfg.check)(Path(source))  # e.g. the toy world's manifest and version check
     local = Path(source).is_dir()
     if local:
         missing = [c for c in COMPONENTS if not (Path(source) / c).is_dir()]
@@ -193,6 +195,17 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
             f"{cfg.context_dim}; pick the model config that matches the folder (sd15: 768, sd21: 1024)"
         )
     return backbone
+
+
+def resolve_model_path(path: str) -> Path | str:
+    """A folder, `pkg://package/sub/folder` (a folder inside an installed Python package), or a hub id."""
+    if path.startswith("pkg://"):
+        package, _, inside = path.removeprefix("pkg://").partition("/")
+        try:
+            return Path(str(resources.files(package))) / inside
+        except ModuleNotFoundError as err:
+            raise BackboneError(f"model.path={path}: no installed package {package!r}") from err
+    return Path(path).expanduser()
 
 
 def tiny_backbone_dir(cfg: ModelConfig) -> Path:

@@ -1,4 +1,4 @@
-"""Lightning callbacks: sample grids, the learned concept files, and the run's own statistics."""
+"""Lightning callbacks: checkpoints, sample grids, the learned concept files, and the run's own statistics."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from .atomic import atomic_path, write_json
+from .atomic import atomic_path
 from .config import SamplesConfig
 
 log = logging.getLogger(__name__)
@@ -165,14 +165,10 @@ class ConceptExport(pl.Callback):
 
 
 class RunStats(pl.Callback):
-    """Loss, speed and memory figures for summary.json, written by rank zero when training ends.
+    """Loss, speed and memory figures for the run record, reported by rank zero when training ends."""
 
-    They go through a file because with `ddp_spawn` training (and this callback) runs in other
-    processes than the one that writes summary.json.
-    """
-
-    def __init__(self, path: Path, job_started: float | None = None):
-        self.path = path
+    def __init__(self, record, job_started: float | None = None):
+        self.record = record
         self.losses: list[torch.Tensor] = []
         self.started: float | None = None
         self.steps_at_start = 0
@@ -193,7 +189,7 @@ class RunStats(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            write_json(self.path, {"steps": trainer.global_step, **self.summary(trainer)})
+            self.record.report(trainer, steps=trainer.global_step, **self.summary(trainer))
 
     def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
         losses = torch.stack(self.losses).float().cpu().tolist() if self.losses else []
@@ -219,50 +215,3 @@ def peak_memory_mb() -> dict[str, float]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["cuda"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return peak
-
-
-class JudgeEvaluation(pl.Callback):
-    """The toy world's judge scores fixed prompts at fixed seeds: at step 0, every N steps and at the end.
-
-    A hypernetwork is scored at every multiplier at step 0 and at the end, at 1.0 in between. Metrics
-    go to every logger (metrics.csv, W&B); the last ones to `path` (JSON), which the run record
-    (summary.json) takes up.
-    """
-
-    def __init__(self, cfg, judge, prompts: list[str], truth: dict[str, str], path: Path):
-        self.cfg, self.judge, self.prompts, self.truth, self.path = cfg, judge, prompts, truth, path
-        self.done: tuple[int, bool] | None = None  # (step, all multipliers) of the last evaluation
-
-    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if self.cfg.every_n_steps > 0:
-            self.evaluate(trainer, module, full=trainer.global_step == 0)
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.cfg.every_n_steps > 0 and step % self.cfg.every_n_steps == 0 and step < trainer.max_steps:
-            self.evaluate(trainer, module, full=False)
-
-    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.evaluate(trainer, module, full=True)
-
-    @torch.no_grad()
-    def evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, full: bool) -> None:
-        from .toyworld.evaluate import evaluate_concept
-
-        step = trainer.global_step
-        if not trainer.is_global_zero or self.done in ((step, True), (step, full)):
-            return
-        self.done = (step, full)
-        self.judge.to(module.device)
-        metrics = evaluate_concept(
-            module.backbone,
-            module.method,
-            self.judge,
-            self.prompts,
-            self.truth,
-            self.cfg,
-            all_multipliers=full,
-        )
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        write_json(self.path, {"step": step, **metrics})

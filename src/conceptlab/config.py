@@ -1,12 +1,16 @@
-"""Structured configs: the schema every yaml in conf/ is checked against.
+"""Structured configs: the schema every yaml in conf/ is checked against, and the one home of defaults.
 
-A key that is not declared here is an error at composition time (a typo in `method.num_vectorz=4`
-fails before anything loads), and `python train.py --cfg job` prints every knob. The yaml files in
-conf/ hold the defaults a user sees and sweeps; the dataclasses hold the types and the help text.
+Each key is declared once, here (or in its method's module), with its default and a one-line help
+that `python train.py --help` prints. A key that is not declared is an error at composition time (a
+typo in `method.num_vectorz=4` fails before anything loads). The yaml files in conf/ hold choices -
+the values that make `data=styles` a style set or `trainer=gpu` a GPU run - never copies of these
+defaults.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,216 +18,282 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
+def opt(default: Any = MISSING, help: str = "") -> Any:  # noqa: A002 - the name --help shows
+    """A config field with its one-line help (lists and nested configs get a fresh default each time)."""
+    if isinstance(default, type):
+        return field(default_factory=default, metadata={"help": help})
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    name: str = "tiny"  # label used in run names and in exported files' sd_checkpoint_name
-    # A local diffusers Stable Diffusion folder or a hub id; null = the embedded tiny backbone.
-    path: str | None = None
-    revision: str | None = None  # hub revision (ignored for local folders)
-    variant: str | None = None  # weight variant to load, e.g. fp16
-    # dtype of the frozen parts: auto = float16 on CUDA (bfloat16 with bf16 precision), float32 on CPU.
-    dtype: str = "auto"
-    # epsilon | v_prediction | null (= what the folder's scheduler config says)
-    prediction_type: str | None = None
-    # Width of the text context the folder must have (768 for SD 1.x, 1024 for SD 2.x); null = any.
-    context_dim: int | None = None
-    # Where the embedded tiny backbone is built once and cached (env CONCEPTLAB_CACHE overrides).
-    cache_dir: str = "~/.cache/conceptlab"
-    tiny_seed: int = 0  # seed of the tiny backbone's random weights
-    # A toy-world checkpoint (a pipeline folder plus judge/ and toyworld.json; path bundled:toyworld =
-    # the one shipped with conceptlab): its parts and version are checked, and the judge scores samples.
-    toyworld: bool = False
+    """The frozen backbone."""
 
-
-@dataclass
-class TextualInversionConfig:
-    _target_: str = "conceptlab.methods.textual_inversion.TextualInversion"
-    name: str = "ti"
-    # Placeholder word; null = "<concept>". Extra vectors are named "<concept>_1", "<concept>_2", ...
-    placeholder: str | None = None
-    num_vectors: int = 1  # vectors per placeholder (1..N)
-    initializer_token: str = "object"  # one existing token whose embedding starts every vector
-    init_from: str | None = None  # start from an existing embedding file (diffusers or AUTOMATIC1111)
-    lr: Any = 5.0e-4  # base learning rate, or an AUTOMATIC1111 schedule "5e-3:100, 1e-3:1000, 5e-4"
-    scale_lr: bool = True  # lr x batch size x devices x nodes x grad accumulation (the TI paper's rule)
-
-
-@dataclass
-class HypernetworkConfig:
-    _target_: str = "conceptlab.methods.hypernetwork.Hypernetwork"
-    name: str = "hypernet"
-    # Widths that get a (key, value) module pair; null = AUTOMATIC1111's default for the backbone:
-    # the text width and the UNet's block widths (768, 320, 640, 1280 for SD 1.x).
-    enable_sizes: list[int] | None = None
-    layer_structure: list[float] = field(default_factory=lambda: [1.0, 2.0, 1.0])  # multiples of the width
-    activation_func: str | None = "linear"  # linear relu leakyrelu elu swish(=Hardswish) tanh sigmoid ...
-    weight_initialization: str = "Normal"  # Normal XavierUniform XavierNormal KaimingUniform KaimingNormal
-    add_layer_norm: bool = False
-    use_dropout: bool = False
-    dropout_structure: list[float] | None = None  # per layer_structure entry; null = A1111's 0.3 rule
-    activate_output: bool = False  # activation after the last layer too
-    last_layer_dropout: bool = False
-    init_from: str | None = None  # continue from a hypernetwork file (A1111 .pt or conceptlab .safetensors)
-    lr: Any = 1.0e-5  # A1111's range; or a schedule "1e-5:1000, 5e-6:3000, 1e-6"
-    scale_lr: bool = False
+    name: str = opt("tiny", "label used in run names and in exported files' sd_checkpoint_name")
+    path: str | None = opt(
+        None,
+        "a local diffusers SD folder, a hub id, or pkg://package/folder inside an installed package; "
+        "null = the embedded tiny backbone",
+    )
+    revision: str | None = opt(None, "hub revision (ignored for local folders)")
+    variant: str | None = opt(None, "weight variant to load, e.g. fp16")
+    dtype: str = opt(
+        "auto",
+        "frozen parts' dtype: auto (float16 on CUDA, bfloat16 with bf16 precision, float32 on CPU), float32, float16, bfloat16",
+    )
+    prediction_type: str | None = opt(None, "epsilon | v_prediction | null (the folder's scheduler config)")
+    context_dim: int | None = opt(
+        None, "text-context width the folder must have (768 SD 1.x, 1024 SD 2.x); null = any"
+    )
+    cache_dir: str = opt(
+        "~/.cache/conceptlab", "where the embedded tiny backbone is built once (env CONCEPTLAB_CACHE wins)"
+    )
+    tiny_seed: int = opt(0, "seed of the tiny backbone's random weights")
+    check: str | None = opt(
+        None,
+        "a function (dotted path) that checks the model folder before loading, e.g. the toy world's manifest check",
+    )
 
 
 @dataclass
 class DataConfig:
-    # Folder of concept images; "bundled:NAME" = an example set shipped with conceptlab.
-    path: str = MISSING
-    # object | style | filewords (caption .txt beside each image) | bare ("{}") | a template file
-    templates: str = "object"
-    num_images: int | None = None  # use a seeded subset of this many images; null = all
-    subset_seed: int = 0  # the subset is nested: the first k of one fixed shuffle
-    resolution: int | None = None  # training size in pixels; null = the backbone's native size
-    center_crop: bool = True  # crop the central square (else squash the whole image to a square)
-    flip_p: float = 0.5  # probability of a horizontal flip (both flips' latents are cached)
-    repeats: int = 100  # an epoch shows every image this many times
-    batch_size: int = 4
-    num_workers: int = 0  # latents are cached in memory, so workers rarely help
-    # Prompts for the sample grids; {} is replaced by the concept's placeholder text.
-    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of {}"])
-    # The existing word textual inversion starts the concept's vectors from (method.initializer_token).
-    initializer_token: str = "object"
-    judge: JudgeSetConfig = field(default_factory=lambda: JudgeSetConfig())
+    """The concept's images and captions."""
 
-
-@dataclass
-class JudgeSetConfig:
-    """What the toy world's judge checks in samples of this concept (unused without a judge)."""
-
-    # The attributes every sample of the concept should show, e.g. {colour: purple, style: striped}.
-    truth: dict[str, str] = field(default_factory=dict)
-    # Fixed evaluation prompts ({} = the concept); any attribute a prompt names is checked as well.
-    prompts: list[str] = field(default_factory=lambda: ["a photo of a {}"])
+    path: str = opt(
+        MISSING, "folder of concept images; bundled:NAME = an example set shipped with conceptlab"
+    )
+    templates: str = opt(
+        "object",
+        "object | style | filewords | bare | toy_object | toy_style | a template file ({} or [name])",
+    )
+    num_images: int | None = opt(None, "a seeded subset of this many images; null = all")
+    subset_seed: int = opt(0, "the subset is nested: the first k of one fixed shuffle")
+    resolution: int | None = opt(None, "training size in pixels; null = the backbone's native size")
+    center_crop: bool = opt(True, "crop the central square (false: squash the whole image to a square)")
+    flip_p: float = opt(0.5, "probability of a horizontal flip (both flips' latents are cached)")
+    repeats: int = opt(100, "an epoch shows every image this many times")
+    batch_size: int = opt(4, "images per step and device")
+    num_workers: int = opt(0, "data-loader workers (latents are cached in memory, so workers rarely help)")
+    sample_prompts: list[str] = opt(["a photo of {}"], "prompts of the sample grids; {} = the concept")
+    initializer_token: str = opt(
+        "object", "the existing word textual inversion starts from (method.initializer_token)"
+    )
 
 
 @dataclass
 class OptimConfig:
-    weight_decay: float = 1.0e-2
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1.0e-8
-    # diffusers.optimization.get_scheduler name: constant | constant_with_warmup | linear | cosine | ...
-    scheduler: str = "constant"
-    warmup_steps: int = 0
+    """AdamW and the learning-rate scheduler."""
+
+    weight_decay: float = opt(1.0e-2, "AdamW weight decay")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
+    eps: float = opt(1.0e-8, "AdamW epsilon")
+    scheduler: str = opt(
+        "constant", "diffusers.optimization scheduler: constant, constant_with_warmup, linear, cosine, ..."
+    )
+    warmup_steps: int = opt(0, "warm-up steps of the scheduler")
 
 
 @dataclass
 class TrainerConfig:
-    """Keyword arguments of lightning's Trainer (only these are accepted)."""
+    """Keyword arguments of Lightning's Trainer (only these are accepted)."""
 
-    accelerator: str = "auto"
-    devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: Any = "32-true"
-    max_steps: int = 200
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float | None = None
-    log_every_n_steps: int = 10
-    enable_progress_bar: bool = True
-    enable_model_summary: bool = False
-    deterministic: bool = False
-    # conceptlab shards the data itself (so a resumed run sees the same batches)
-    use_distributed_sampler: bool = False
+    accelerator: str = opt("auto", "cpu | gpu | auto")
+    devices: Any = opt(1, "devices per node")
+    num_nodes: int = opt(1, "nodes")
+    strategy: str = opt("auto", "auto | ddp | ddp_spawn | ...")
+    precision: Any = opt("32-true", "32-true | 16-mixed | bf16-mixed")
+    max_steps: int = opt(200, "optimizer steps")
+    accumulate_grad_batches: int = opt(1, "batches per optimizer step")
+    gradient_clip_val: float | None = opt(None, "clip gradients to this norm; null = no clipping")
+    log_every_n_steps: int = opt(1, "a loss point every N steps (metrics.csv, W&B)")
+    enable_progress_bar: bool = opt(True, "Lightning's progress bar")
+    enable_model_summary: bool = opt(False, "Lightning's model summary table")
+    deterministic: bool = opt(False, "deterministic algorithms only")
+    use_distributed_sampler: bool = opt(
+        False, "conceptlab shards the data itself (a resumed run sees the same batches)"
+    )
 
 
 @dataclass
 class LoggerConfig:
-    wandb: bool = False  # also log to Weights & Biases (metrics.csv is always written)
-    project: str = "conceptlab"
-    entity: str | None = None
-    # auto = online when W&B credentials exist, otherwise offline; online | offline | disabled
-    mode: str = "auto"
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
-    name: str | None = None  # run name; null = "<method>-<concept>-seed<seed>"
-    init_timeout: float = 30.0  # seconds to wait for the W&B server before going offline
+    """metrics.csv always; Weights & Biases optionally."""
+
+    wandb: bool = opt(False, "also log to Weights & Biases")
+    project: str = opt("conceptlab", "W&B project")
+    entity: str | None = opt(None, "W&B entity (team or user)")
+    mode: str = opt("auto", "auto (online with credentials, else offline) | online | offline | disabled")
+    group: str | None = opt(None, "W&B group; null = the study's name and sweep id")
+    tags: list[str] = opt([], "W&B tags (swept values are added)")
+    name: str | None = opt(None, 'run name; null = "<method>-<concept>-seed<seed>" or the swept values')
+    init_timeout: float = opt(30.0, "seconds to wait for the W&B server before logging offline")
 
 
 @dataclass
 class SamplesConfig:
-    every_n_steps: int = 100  # sample grid every N steps (and at step 0 and the end); 0 = never
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5
-    negative_prompt: str = ""
+    """Sample grids during training."""
+
+    every_n_steps: int = opt(100, "a grid every N steps, plus step 0 and the end; 0 = never")
+    seeds: list[int] = opt([0, 1], "one column per seed (rows: data.sample_prompts)")
+    num_inference_steps: int = opt(25, "DDIM steps")
+    guidance_scale: float = opt(7.5, "classifier-free guidance")
+    negative_prompt: str = opt("", "negative prompt")
 
 
 @dataclass
 class EvaluateConfig:
-    """Judge-based evaluation during training and at the end (model=toy: a backbone with a judge)."""
+    """When and how the evaluators (the `evaluators` group, e.g. the toy world's judge) score samples."""
 
-    enabled: bool = True  # score samples whenever the backbone has a judge
-    every_n_steps: int = 100  # also at step 0 and at the end; 0 = only at the end
-    num_samples: int = 16  # samples per prompt, seeds 0..n-1 (the same every time)
-    num_inference_steps: int = 25
-    guidance_scale: float = 4.0
-    # Hypernetworks are scored at each multiplier: judge/* at 1.0, judge_m<m>/* at the others.
-    multipliers: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])
+    enabled: bool = opt(True, "run the evaluators the config selects")
+    every_n_steps: int = opt(100, "also at step 0 and the end; 0 = only at the end")
+    num_samples: int = opt(16, "samples per prompt, seeds 0..n-1 (the same every time)")
+    num_inference_steps: int = opt(25, "DDIM steps")
+    guidance_scale: float = opt(4.0, "classifier-free guidance")
+    multipliers: list[float] = opt(
+        [1.0, 0.5, 0.0],
+        "methods with a strength are scored at each: metrics at 1.0, <name>_m<m>/ at the others",
+    )
 
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = 100  # write checkpoints/last.ckpt every N steps (and at the end)
+    """checkpoints/last.ckpt."""
+
+    every_n_steps: int = opt(100, "write last.ckpt every N steps (and at the end)")
 
 
 @dataclass
 class StudyConfig:
-    """Set by experiments/ files: what a sweep is about."""
+    """What a sweep is about (set by experiments/ files)."""
 
-    name: str | None = None  # the experiment's name (W&B group: name + sweep id)
-    question: str = ""  # what the study answers, in one sentence
-    metric: str = "train/loss"  # the metric the study is about (reports and dashboards lead with it)
+    name: str | None = opt(None, "the experiment's name (W&B group: name + sweep id)")
+    question: str = opt("", "what the study answers, in one sentence")
+    metric: str = opt("train/loss", "the metric the report leads with and picks the best run by")
+    goal: str | None = opt(None, "max | min for the metric; null = min for losses, max otherwise")
 
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = MISSING
-    method: Any = MISSING
-    data: DataConfig = MISSING
-    trainer: TrainerConfig = MISSING
-    logger: LoggerConfig = MISSING
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    samples: SamplesConfig = field(default_factory=SamplesConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    study: StudyConfig = field(default_factory=StudyConfig)
-    concept: str | None = None  # the concept's name; null = the image folder's name
-    seed: int = 0
-    resume: bool = False  # continue the newest earlier run of the same command from its last.ckpt
-    ckpt_path: str | None = None  # continue from this checkpoint instead
-    output_root: str = "outputs"  # run directories are created below this folder
+    model: ModelConfig = opt(MISSING, "the frozen backbone (group: model)")
+    method: Any = opt(MISSING, "the method that learns the concept (group: method)")
+    data: DataConfig = opt(MISSING, "images and captions (group: data)")
+    trainer: TrainerConfig = opt(TrainerConfig, "Lightning Trainer (group: trainer)")
+    logger: LoggerConfig = opt(LoggerConfig, "loggers (group: logger)")
+    evaluators: dict[str, Any] = opt(
+        {}, "evaluation callbacks by name (group: evaluators): a _target_ and its arguments"
+    )
+    optim: OptimConfig = opt(OptimConfig, "optimizer and scheduler")
+    samples: SamplesConfig = opt(SamplesConfig, "sample grids")
+    evaluate: EvaluateConfig = opt(EvaluateConfig, "evaluation schedule")
+    checkpoint: CheckpointConfig = opt(CheckpointConfig, "checkpoints")
+    study: StudyConfig = opt(StudyConfig, "what a sweep is about")
+    concept: str | None = opt(None, "the concept's name; null = the image folder's name")
+    seed: int = opt(0, "seeds data order, noise, timesteps and the sample grids")
+    resume: bool = opt(False, "continue the newest earlier run of this same command from its last.ckpt")
+    ckpt_path: str | None = opt(None, "continue from this checkpoint instead")
+    output_root: str = opt("outputs", "run directories are created below this folder")
 
 
 @dataclass
 class GenerateConfig:
-    model: ModelConfig = MISSING
-    prompt: str = MISSING  # placeholders (<my-cat>) and <hypernet:name:multiplier> tags allowed
-    negative_prompt: str = ""
-    # Concept files (.safetensors / .pt / .bin: embeddings or hypernetworks) or run directories.
-    concepts: list[str] = field(default_factory=list)
-    seed: int = 0
-    num_images: int = 1  # images (columns) with seeds seed, seed+1, ... unless `seeds` is given
-    seeds: list[int] | None = None
-    multipliers: list[float] | None = None  # one row per value: every <hypernet:...> at that strength
-    steps: int = 25
-    guidance_scale: float = 7.5
-    scheduler: str = "ddim"  # ddim pndm euler euler_a dpm++ lms heun unipc ddpm
-    resolution: int | None = None  # null = the model's native size
-    device: str = "auto"  # auto = cuda when available
-    output_root: str = "outputs"
+    model: ModelConfig = opt(MISSING, "the backbone (group: model)")
+    prompt: str = opt(MISSING, "the prompt: placeholder words (<my-cat>) and <tag:name:multiplier> allowed")
+    negative_prompt: str = opt("", "negative prompt")
+    concepts: list[str] = opt([], "concept files (embeddings, hypernetworks, LoRAs) or run directories")
+    seed: int = opt(0, "first seed")
+    num_images: int = opt(1, "images (columns) with seeds seed, seed+1, ... unless seeds is given")
+    seeds: list[int] | None = opt(None, "an explicit list of seeds (columns)")
+    multipliers: list[float] | None = opt(
+        None, "one row per value: every <tag:name> of the prompt at that strength"
+    )
+    steps: int = opt(25, "sampling steps")
+    guidance_scale: float = opt(7.5, "classifier-free guidance")
+    scheduler: str = opt("ddim", "ddim pndm euler euler_a dpm++ lms heun unipc ddpm")
+    resolution: int | None = opt(None, "image size; null = the model's native size")
+    device: str = opt("auto", "auto (cuda when available) | cpu | cuda")
+    output_root: str = opt("outputs", "output folders are created below this folder")
 
 
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (call before composing)."""
+    """Register the schemas (and every discovered method's) with Hydra's ConfigStore; add --help's resolver."""
+    from omegaconf import OmegaConf
+
+    from .methods import registered_methods
+
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(group="schema/model", name="model", node=ModelConfig)
-    cs.store(group="schema/method", name="ti", node=TextualInversionConfig)
-    cs.store(group="schema/method", name="hypernet", node=HypernetworkConfig)
+    for name, method in registered_methods().items():
+        cs.store(group="schema/method", name=name, node=method.Config)
     cs.store(group="schema/data", name="data", node=DataConfig)
     cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
     cs.store(group="schema/logger", name="logger", node=LoggerConfig)
+    if not OmegaConf.has_resolver("conceptlab_help"):
+        OmegaConf.register_new_resolver("conceptlab_help", help_text)
+
+
+def key_help(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every key of a structured config, nested configs flattened."""
+    rows = []
+    for f in dataclasses.fields(schema):
+        if f.name == "_target_":
+            continue
+        key = f"{prefix}{f.name}"
+        factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+            rows += key_help(factory, f"{key}.")
+            continue
+        default = factory() if factory else f.default
+        shown = "???" if default is MISSING else repr(default)
+        rows.append((key, shown, f.metadata.get("help", "")))
+    return rows
+
+
+def help_text(app: str) -> str:
+    """`--help` for train.py / generate.py: every group with its options, every key with its help."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    from .methods import registered_methods
+
+    loader = GlobalHydra.instance().config_loader()
+    lines = [HELP_HEADERS[app], "", "Config groups (group=option):"]
+    for group in sorted(loader.list_groups("")):
+        if group in ("hydra", "schema"):
+            continue
+        options = loader.get_group_options(group, ObjectType.CONFIG)
+        if options and (app == "train" or group == "model"):
+            lines.append(f"  {GROUP_NOTES.get(group, group + ':')} {', '.join(options)}")
+    sections: list[tuple[str, type]]
+    if app == "train":
+        sections = [("", TrainConfig), ("model.", ModelConfig), ("data.", DataConfig)]
+        sections += [(f"method.  (method={n})", m.Config) for n, m in registered_methods().items()]
+    else:
+        sections = [("", GenerateConfig), ("model.", ModelConfig)]
+    for title, schema in sections:
+        prefix = title.split(" ")[0]
+        lines += ["", f"Keys{' of ' + title if title else ''}:"]
+        for key, default, text in key_help(schema, prefix if prefix else ""):
+            if prefix == "" and key in ("model", "method", "data", "trainer", "logger"):
+                continue
+            lines.append(f"  {key} = {default}".ljust(44) + f"  {text}")
+    # Hydra fills the help template with string.Template: a literal dollar sign must be doubled.
+    return "\n".join(lines).replace("$", "$$")
+
+
+GROUP_NOTES = {
+    "experiment": "+experiment= (a study to sweep with -m):",
+    "bundled": "bundled (chosen by model and data: data=objects|styles on a model with its own sets):",
+    "recipe": "recipe (chosen by model and method: tuned settings on a model that needs its own):",
+    "evaluators": "evaluators (chosen by model; evaluators=none turns evaluation off):",
+}
+HELP_HEADERS = {
+    "train": "conceptlab train.py: teach a frozen Stable Diffusion model a concept.\n"
+    "  python train.py method=ti data=objects [key=value ...]     one run\n"
+    "  python train.py -m +experiment=ti_vs_hypernet              a sweep (experiments/)\n"
+    "  python train.py --cfg job                                  the composed config, values resolved",
+    "generate": "conceptlab generate.py: generate with learned concepts.\n"
+    '  python generate.py prompt="a photo of <my-cat> <hypernet:ink:0.7>" concepts=[outputs/runs/...]',
+}

@@ -1,5 +1,5 @@
-"""The bundled example concept sets, drawn by code (no download): an object and a style, and the
-toy world's two sets (see toyworld/concepts.py).
+"""The bundled example concept sets, drawn by code (no download): an object and a style. (The toy
+world draws its own sets: toyworld/concepts.py.)
 
 `robot`: one toy robot (teal body, square head, red-tipped antenna) in five scenes.
 `ink`: five different subjects in one style (navy ink outlines, orange hatching, cream paper).
@@ -9,12 +9,10 @@ Each image has a caption .txt beside it for `data.templates=filewords`.
 
 from __future__ import annotations
 
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-
-from .toyworld.concepts import TOY_CONCEPTS, draw_toy_concept
 
 SIZE = 128
 ROBOT_SCENES = [
@@ -112,14 +110,20 @@ def draw_ink(subject: int) -> tuple[Image.Image, str]:
 EXAMPLE_SETS = {
     "robot": (draw_robot, len(ROBOT_SCENES)),
     "ink": (draw_ink, len(INK_SUBJECTS)),
-    **{name: (partial(draw_toy_concept, name), c.count) for name, c in TOY_CONCEPTS.items()},
 }
 
 
 def write_example_sets(root: Path) -> list[Path]:
-    """Draw every example set into root/<set>/NN.png (+ NN.txt captions)."""
+    """Draw the robot and ink sets into root/<set>/NN.png (+ NN.txt captions)."""
+    return write_sets(root, EXAMPLE_SETS)
+
+
+def write_sets(
+    root: Path, sets: dict[str, tuple[Callable[[int], tuple[Image.Image, str]], int]]
+) -> list[Path]:
+    """Draw each set's images (draw(i) -> image, caption) into root/<set>/NN.png + NN.txt."""
     written = []
-    for name, (draw, count) in EXAMPLE_SETS.items():
+    for name, (draw, count) in sets.items():
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(count):

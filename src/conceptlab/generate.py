@@ -1,11 +1,11 @@
-"""Generate images with any mix of learned concepts: embeddings (diffusers or AUTOMATIC1111 files,
-or run directories) and hypernetworks (`<hypernet:name:multiplier>` in the prompt, as in A1111)."""
+"""Generate images with any mix of learned concepts, of any method: concept files or run directories;
+words like `<my-cat>` and tags like `<hypernet:name:0.7>` / `<lora:name:0.8>` in the prompt, as in
+AUTOMATIC1111. Each concept installs itself (methods.base.Concept); nothing here knows a method."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .atomic import atomic_path, write_json
 from .errors import ConceptFileError, ConceptLabError, ConfigError
+from .methods.base import Concept
+from .prompts import TagUse
 
 log = logging.getLogger(__name__)
 SCHEDULERS = {
@@ -29,105 +31,53 @@ SCHEDULERS = {
 }
 
 
-@dataclass
-class LoadedConcepts:
-    embeddings: dict[str, Any] = field(default_factory=dict)  # token -> formats.Embedding
-    hypernetworks: dict[str, Any] = field(default_factory=dict)  # name -> methods.hypernetwork.Hypernetwork
-    files: list[str] = field(default_factory=list)
+def load_concepts(paths: list[str]) -> list[Concept]:
+    """Read every concept the paths name (files or run directories); names must be unique per kind."""
+    from .formats import concept_files, read_concept
 
-
-def concept_files(path: str | Path) -> list[Path]:
-    """The concept files a path names: a file, a concepts/ folder, or a run directory."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise ConceptFileError(f"concept {path} does not exist (give a concept file or a run directory)")
-    folder = path / "concepts" if (path / "concepts").is_dir() else path
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".pt", ".bin"))
-    # A run writes each concept twice (safetensors and A1111 .pt): load one of the twins.
-    chosen = {}
-    for file in files:
-        if file.stem not in chosen or file.suffix == ".safetensors":
-            chosen[file.stem] = file
-    if not chosen:
-        raise ConceptFileError(f"no concept files (.safetensors, .pt, .bin) in {folder}")
-    return sorted(chosen.values())
-
-
-def load_concepts(paths: list[str]) -> LoadedConcepts:
-    """Read every embedding and hypernetwork the paths name; names must be unique."""
-    from .formats import HypernetworkFile, read_concept
-    from .methods.hypernetwork import hypernetwork_from_source
-
-    loaded = LoadedConcepts()
+    concepts: list[Concept] = []
     for path in paths:
         for file in concept_files(path):
             concept = read_concept(file)
-            if isinstance(concept, HypernetworkFile):
-                name, table = file.stem, loaded.hypernetworks
-                value = hypernetwork_from_source(concept, str(file))
-            else:
-                # diffusers files carry their token; A1111 files are called by their file name.
-                name = concept.name if file.suffix != ".pt" else file.stem
-                value, table = concept, loaded.embeddings
-            if name in loaded.embeddings or name in loaded.hypernetworks:
+            if any(c.name == concept.name and c.tag == concept.tag for c in concepts):
                 raise ConceptFileError(
-                    f"two loaded concepts are called {name!r} ({file}); rename one of the files"
+                    f"two loaded concepts are called {concept.name!r} ({file}); rename one of the files"
                 )
-            table[name] = value
-            loaded.files.append(str(file))
-    return loaded
+            concepts.append(concept)
+    return concepts
 
 
-def build_pipeline(backbone, concepts: LoadedConcepts, scheduler: str):
-    """A StableDiffusionPipeline over the backbone, with the embeddings added to its vocabulary."""
-    from .methods.hypernetwork import attention_widths
-
-    if scheduler not in SCHEDULERS:
-        raise ConfigError(f"scheduler={scheduler!r}: use one of {', '.join(SCHEDULERS)}")
-    pipe = backbone.pipeline(SCHEDULERS[scheduler])
-    for token, embedding in concepts.embeddings.items():
-        if embedding.width != backbone.context_dim:
-            raise ConceptFileError(
-                f"embedding {token!r} is {embedding.width} wide but this model's text encoder is "
-                f"{backbone.context_dim} wide: it was trained for another model (pick the matching model=)"
-            )
-        if token in backbone.tokenizer.get_vocab():
-            raise ConceptFileError(
-                f"embedding {token!r} clashes with a word already in the vocabulary; rename its file"
-            )
-        pipe.load_textual_inversion({token: embedding.vectors}, token=token)
-    widths = attention_widths(backbone)
-    for name, hypernetwork in concepts.hypernetworks.items():
-        if any(size not in widths for size in hypernetwork.sizes):
-            raise ConceptFileError(
-                f"hypernetwork {name!r} has widths {hypernetwork.sizes}, but this model's attention layers are "
-                f"{sorted(widths)} wide: it was trained for another model"
-            )
-        hypernetwork.to(backbone.unet.device)
-    return pipe
-
-
-def resolve_prompt(prompt: str, concepts: LoadedConcepts, tokenizer) -> tuple[str, list]:
-    """The prompt's text and its hypernetworks; unknown names and placeholders are errors."""
+def resolve_prompt(prompt: str, concepts: list[Concept], tokenizer) -> tuple[str, list[TagUse]]:
+    """The prompt's text and its tags; unknown names and placeholders are errors."""
+    from .methods import registered_methods
     from .prompts import parse_prompt, placeholders
 
-    text, uses = parse_prompt(prompt)
+    tags = {m.prompt_tag for m in registered_methods().values() if m.prompt_tag}
+    text, uses = parse_prompt(prompt, tags)
     for use in uses:
-        if use.name not in concepts.hypernetworks:
-            loaded = ", ".join(sorted(concepts.hypernetworks)) or "none"
+        if not any(c.tag == use.tag and c.name == use.name for c in concepts):
+            loaded = ", ".join(sorted(c.name for c in concepts if c.tag == use.tag)) or "none"
             raise ConfigError(
-                f"<hypernet:{use.name}> is not loaded (loaded hypernetworks: {loaded}); add its file to concepts="
+                f"<{use.tag}:{use.name}> is not loaded (loaded {use.tag} files: {loaded}); add its file to concepts="
             )
     vocab = tokenizer.get_vocab()
     for word in placeholders(text):
         if word not in vocab:
-            loaded = ", ".join(sorted(concepts.embeddings)) or "none"
+            loaded = ", ".join(sorted(c.name for c in concepts if c.tag is None)) or "none"
             raise ConfigError(
                 f"{word} is used in the prompt but no loaded embedding defines it (loaded: {loaded}); add its file to concepts="
             )
     return text, uses
+
+
+def apply_tags(concepts: list[Concept], uses: list[TagUse], multiplier: float | None) -> None:
+    """Switch the tagged concepts on in prompt order (at `multiplier` if given), and all others off."""
+    for concept in concepts:
+        if concept.tag:
+            concept.deactivate()
+    for use in uses:
+        concept = next(c for c in concepts if c.tag == use.tag and c.name == use.name)
+        concept.activate(use.multiplier if multiplier is None else multiplier)
 
 
 def labelled_grid(images: list, rows: list[str], cols: list[str]):
@@ -151,28 +101,32 @@ def labelled_grid(images: list, rows: list[str], cols: list[str]):
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Generate every (row, seed) image, save them, a labelled grid and generation.json."""
     from .backbone import load_backbone, resolve_dtype
-    from .methods.hypernetwork import install_hypernetworks
 
+    if cfg.scheduler not in SCHEDULERS:
+        raise ConfigError(f"scheduler={cfg.scheduler!r}: use one of {', '.join(SCHEDULERS)}")
     concepts = load_concepts(list(cfg.concepts))
     backbone = load_backbone(cfg.model)
     device = torch.device(
         cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
     backbone.to(device, resolve_dtype(cfg.model.dtype, device, "16-mixed"))
-    pipe = build_pipeline(backbone, concepts, cfg.scheduler)
+    for concept in concepts:
+        concept.install(backbone)
+    pipe = backbone.pipeline(SCHEDULERS[cfg.scheduler])
     text, uses = resolve_prompt(cfg.prompt, concepts, backbone.tokenizer)
     if cfg.multipliers is not None and not uses:
-        raise ConfigError("multipliers= compares hypernetwork strengths; put a <hypernet:name> in the prompt")
-    stack = install_hypernetworks(backbone.unet)
+        tags = sorted({c.tag for c in concepts if c.tag}) or ["tag"]
+        raise ConfigError(
+            "multipliers= compares the strengths of tagged concepts; put one in the prompt "
+            f"({', '.join(f'<{t}:name>' for t in tags)})"
+        )
     seeds = list(cfg.seeds) if cfg.seeds is not None else list(range(cfg.seed, cfg.seed + cfg.num_images))
     rows = [None] if cfg.multipliers is None else [float(m) for m in cfg.multipliers]
     size = cfg.resolution or backbone.native_resolution
 
     images, files = [], []
     for row, multiplier in enumerate(rows):
-        stack.entries = [
-            (concepts.hypernetworks[u.name], u.multiplier if multiplier is None else multiplier) for u in uses
-        ]
+        apply_tags(concepts, uses, multiplier)
         out = pipe(
             prompt=[text] * len(seeds),
             negative_prompt=[cfg.negative_prompt] * len(seeds),
@@ -195,10 +149,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     record = {
         "prompt": cfg.prompt,
         "text": text,
-        "hypernetworks": [{"name": u.name, "multiplier": u.multiplier} for u in uses],
+        "tags": [{"tag": u.tag, "name": u.name, "multiplier": u.multiplier} for u in uses],
         "multipliers": rows if cfg.multipliers is not None else None,
         "seeds": seeds,
-        "concepts": concepts.files,
+        "concepts": [c.describe() for c in concepts],
         "model": cfg.model.name,
         "scheduler": cfg.scheduler,
         "steps": cfg.steps,

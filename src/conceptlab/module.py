@@ -1,7 +1,8 @@
 """The LightningModule: the latent-diffusion loss over a frozen backbone and one trainable method.
 
 Nothing here knows which method trains: it optimizes `method.trainable_parameters()` and checkpoints
-the method's state only (kilobytes for an embedding), never the backbone's weights.
+exactly what trains (the method's own tensors and any backbone part it unfroze: kilobytes for an
+embedding), never the frozen weights, which come from the model's own folder.
 """
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ class ConceptModule(pl.LightningModule):
         self.lr = lr_schedule[0][0]
         self.max_steps = max_steps
         self.run_info = run_info or {}
-        # Checkpoints hold the method's tensors only; the backbone comes from its own folder.
+        # Checkpoints hold what trains only; the frozen backbone comes from its own folder.
         self.strict_loading = False
+
+    def trained_state_keys(self) -> set[str]:
+        """State-dict keys a checkpoint holds: the method's state and every parameter that trains."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return trainable | set(self.method.state_dict(prefix="method."))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
@@ -79,21 +85,22 @@ class ConceptModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if k.startswith("method.")
-        }
+        keep = self.trained_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["conceptlab"] = self.run_info
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        ours = set(self.method.state_dict(prefix="method."))
+        ours = self.trained_state_keys()
         theirs = set(checkpoint.get("state_dict", {}))
         if ours != theirs:
+            shown = sorted(theirs)[:4] + (["..."] if len(theirs) > 4 else [])
             raise TrainingError(
-                f"the checkpoint holds {sorted(theirs) or 'no method tensors'} but this run's method has "
-                f"{sorted(ours)}: it was written by another method or configuration"
+                f"the checkpoint holds {shown or 'no method tensors'} but this run trains "
+                f"{len(ours)} other tensors: it was written by another method or configuration"
             )
+        state = self.state_dict()
         for key, value in checkpoint["state_dict"].items():
-            expected = self.method.state_dict(prefix="method.")[key].shape
+            expected = state[key].shape
             if value.shape != expected:
                 raise TrainingError(
                     f"checkpoint tensor {key} has shape {tuple(value.shape)} but this run needs "

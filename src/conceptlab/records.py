@@ -1,16 +1,37 @@
-"""The run's own record: summary.json, written at start, on success and on failure (atomically)."""
+"""The run's own record: one typed summary, owned by one object, written to summary.json (atomically)
+at start, on success and on failure.
+
+Every part of a run reports to the RunRecord. Parts that run inside Lightning's training processes
+(speed, evaluation scores) report through `RunRecord.report`, which also leaves the fields in the
+trainer's callback metrics: that is how Lightning returns results from `ddp_spawn` workers to the
+process that writes the record, so no side files are needed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
+
 from .atomic import write_json
 
-PACKAGES = ("conceptlab", "torch", "diffusers", "transformers", "pytorch-lightning", "hydra-core", "wandb")
+PACKAGES = (
+    "conceptlab",
+    "torch",
+    "diffusers",
+    "transformers",
+    "pytorch-lightning",
+    "hydra-core",
+    "wandb",
+    "peft",
+)
+REPORT_KEY = "conceptlab/record"
 
 
 def package_versions() -> dict[str, str | None]:
@@ -23,31 +44,92 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-class RunRecord:
-    """Accumulates what a run is and did, and rewrites summary.json whole each time it changes."""
+@dataclass
+class RunSummary:
+    """What summary.json holds: what the run is, how it was set up, what it did."""
+
+    # identity (at start)
+    status: str = "running"  # running | completed | failed | interrupted
+    error: str | None = None
+    method: str = ""
+    concept: str = ""
+    model: str = ""
+    overrides: list[str] = field(default_factory=list)
+    swept: dict[str, str] = field(default_factory=dict)
+    study: str | None = None
+    sweep_dir: str | None = None
+    seed: int = 0
+    max_steps: int = 0
+    run_dir: str = ""
+    started_at: str = ""
+    versions: dict[str, str | None] = field(default_factory=dict)
+    run_name: str | None = None
+    # set-up (before the first step)
+    global_batch_size: int | None = None
+    lr: float | None = None
+    lr_schedule: str | None = None
+    trainable_params: int | None = None
+    num_images: int | None = None
+    images: list[str] = field(default_factory=list)
+    resolution: int | None = None
+    resumed_from: str | None = None
+    # training (reported by RunStats)
+    steps: int | None = None
+    final_loss: float | None = None
+    mean_loss: float | None = None
+    train_time_s: float | None = None
+    steps_this_process: int | None = None
+    steps_per_s: float | None = None
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)
+    time_to_first_step_s: float | None = None
+    # evaluation: the evaluators' last scores ("judge/concept", ...) and the step they are from
+    metrics: dict[str, float] = field(default_factory=dict)
+    # the end
+    files: dict[str, Any] = field(default_factory=dict)
+    wall_time_s: float | None = None
+
+
+class RunRecord(pl.Callback):
+    """Accumulates the RunSummary and rewrites summary.json whole each time it is written."""
 
     def __init__(self, run_dir: Path, **fields: Any):
         self.path = run_dir / "summary.json"
         self.run_dir = run_dir
         self.started = time.time()
-        self.data: dict[str, Any] = {
-            "status": "running",
-            "error": None,
-            **fields,
-            "run_dir": str(run_dir),
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
-            "versions": package_versions(),
-        }
+        self.summary = RunSummary(
+            run_dir=str(run_dir),
+            started_at=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
+            versions=package_versions(),
+        )
+        self.update(**fields)
         self.write()
 
+    @property
+    def data(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.summary)
+
     def update(self, **fields: Any) -> None:
-        self.data.update(fields)
+        for name, value in fields.items():
+            if not hasattr(self.summary, name):
+                raise AttributeError(
+                    f"RunSummary has no field {name!r}"
+                )  # a typo in the code, not the user's
+            setattr(self.summary, name, value)
+
+    def report(self, trainer: pl.Trainer, **fields: Any) -> None:
+        """Fields from inside training; they reach the record in whichever process writes it."""
+        self.update(**fields)
+        trainer.callback_metrics.setdefault(REPORT_KEY, {}).update(fields)
+
+    def collect(self, trainer: pl.Trainer) -> None:
+        """Take up what the training processes reported (after trainer.fit)."""
+        self.update(**trainer.callback_metrics.get(REPORT_KEY, {}))
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
-        self.data["status"] = status
+        self.summary.status = status
         if error is not None:
-            self.data["error"] = f"{type(error).__name__}: {error}"
-        self.data["wall_time_s"] = round(time.time() - self.started, 3)
+            self.summary.error = f"{type(error).__name__}: {error}"
+        self.summary.wall_time_s = round(time.time() - self.started, 3)
         self.write()
 
     def write(self) -> None:

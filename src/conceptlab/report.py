@@ -21,6 +21,8 @@ from .atomic import atomic_path
 from .errors import ConfigError
 
 METRICS = ["final_loss", "mean_loss", "steps", "steps_per_s", "wall_time_s", "train_time_s", "lr"]
+# A study's metric that the run record keeps under another name.
+RECORD_METRICS = {"train/loss": "final_loss"}
 
 
 @dataclass
@@ -91,8 +93,8 @@ def read_run(run_dir: Path, root: Path) -> dict[str, Any]:
     for key, value in (summary.get("swept") or {}).items():
         row[key] = value
     row.update({m: summary.get(m) for m in METRICS})
-    # The toy world's judge scores (model=toy): judge/concept, judge/prompt, ..., judge_m0/... .
-    row.update({k: v for k, v in (summary.get("judge") or {}).items() if k != "step"})
+    # The evaluators' last scores (model=toy: judge/concept, judge/prompt, ..., judge_m0/...).
+    row.update({k: v for k, v in (summary.get("metrics") or {}).items() if k != "step"})
     return row
 
 
@@ -136,6 +138,48 @@ def collect(root: str | Path) -> Sweep:
     return Sweep(root=root, runs=pd.DataFrame(rows), axes=axes, study=study, expected_jobs=expected)
 
 
+@dataclass
+class Headline:
+    """The study's answer: its metric per setting (mean, sd and count over seeds), best first."""
+
+    metric: str  # the runs.csv column the table shows
+    goal: str  # max | min
+    table: pd.DataFrame
+    best_run: dict[str, Any]
+    note: str = ""  # why the table shows another metric than the study names, if it does
+
+
+def headline(sweep: Sweep) -> Headline | None:
+    """The table the report leads with: `study.metric` for every setting of the swept keys (seeds pooled).
+
+    A study names the metric it is about (`judge/concept` on the toy world); where the runs do not
+    have it (no evaluator on that model) the final training loss stands in, and the note says so.
+    """
+    done = _completed(sweep.runs)
+    if done.empty:
+        return None
+    asked = sweep.study.get("metric") or "train/loss"
+    metric, note = RECORD_METRICS.get(asked, asked), ""
+    if metric not in done or done[metric].isna().all():
+        note = (
+            f"The study's metric {asked} is not in these runs' records (no evaluator on this model computes it); "
+            "the final training loss stands in."
+        )
+        metric = "final_loss"
+    done = done[done[metric].notna()]
+    goal = sweep.study.get("goal") or ("min" if "loss" in metric else "max")
+    settings = [a for a in sweep.axes if a != "seed" and a in done] or ["method"]
+    table = (
+        done.assign(**{a: done[a].astype(str) for a in settings})
+        .groupby(settings)[metric]
+        .agg(["mean", "std", "count"])
+        .reset_index()
+        .sort_values("mean", ascending=goal == "min", kind="stable")
+    )
+    best = done.loc[done[metric].idxmin() if goal == "min" else done[metric].idxmax()]
+    return Headline(metric, goal, table, best.to_dict(), note)
+
+
 def loss_curve(run_dir: Path) -> pd.DataFrame | None:
     metrics = run_dir / "metrics.csv"
     if not metrics.is_file():
@@ -157,7 +201,10 @@ def write_report(sweep: Sweep, out: str | Path) -> Path:
     runs = sweep.runs
     with atomic_path(out / "runs.csv") as tmp:
         runs.to_csv(tmp, index=False)
-    lead = sweep.study.get("metric")
+    answer = headline(sweep)
+    lead = (
+        answer.metric if answer else RECORD_METRICS.get(sweep.study.get("metric"), sweep.study.get("metric"))
+    )
     metrics = [m for m in dict.fromkeys([lead, "judge/concept", "judge/prompt", "final_loss"]) if m in runs]
     plots = [p for p in [plot_loss_curves(sweep, out), *(plot_methods(sweep, out, m) for m in metrics)] if p]
     plots += [
@@ -168,7 +215,7 @@ def write_report(sweep: Sweep, out: str | Path) -> Path:
         if (p := plot_axis(sweep, axis, out, m))
     ]
     grids = copy_sample_grids(sweep, out)
-    page = render_html(sweep, plots, grids)
+    page = render_html(sweep, plots, grids, answer)
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(page)
     return out / "report.html"
@@ -295,7 +342,36 @@ def copy_sample_grids(sweep: Sweep, out: Path) -> dict[str, str]:
     return grids
 
 
-def render_html(sweep: Sweep, plots: list[str], grids: dict[str, str]) -> str:
+def render_headline(answer: Headline | None) -> str:
+    if answer is None:
+        return "<p>No completed runs: no answer yet.</p>"
+    esc = html.escape
+    settings = [c for c in answer.table.columns if c not in ("mean", "std", "count")]
+    head = (
+        "".join(f"<th>{esc(c)}</th>" for c in settings)
+        + f"<th>{esc(answer.metric)} (mean ± sd)</th><th>runs</th>"
+    )
+    rows = []
+    for i, (_, r) in enumerate(answer.table.iterrows()):
+        cells = "".join(f"<td>{esc(str(r[c]))}</td>" for c in settings)
+        spread = "" if pd.isna(r["std"]) else f" ± {r['std']:.3g}"
+        rows.append(
+            f"<tr{' class=best' if i == 0 else ''}>{cells}<td>{r['mean']:.4g}{spread}</td><td>{int(r['count'])}</td></tr>"
+        )
+    top = answer.table.iloc[0]
+    best_setting = ", ".join(f"{c}={top[c]}" for c in settings)
+    run = answer.best_run
+    return (
+        f"<p class=note>{esc(answer.note)}</p>"
+        * bool(answer.note)
+        + f"<p><b>Best setting by {esc(answer.metric)} ({'higher' if answer.goal == 'max' else 'lower'} is better):"
+        f" {esc(best_setting)}</b> — {top['mean']:.4g} over {int(top['count'])} run(s). Best single run: "
+        f"{esc(str(run.get('run_name') or run.get('run_dir')))} ({run[answer.metric]:.4g}).</p>"
+        f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    )
+
+
+def render_html(sweep: Sweep, plots: list[str], grids: dict[str, str], answer: Headline | None = None) -> str:
     runs = sweep.runs
     counts = runs["status"].value_counts().to_dict() if "status" in runs else {}
     title = sweep.study.get("name") or sweep.root.name
@@ -332,11 +408,13 @@ def render_html(sweep: Sweep, plots: list[str], grids: dict[str, str]) -> str:
 <html><head><meta charset="utf-8"><title>conceptlab report: {esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px}}tr.problem{{background:#fde}}img{{max-width:100%}}
-figure{{display:inline-block;margin:6px}}figure img{{max-width:320px}}</style></head><body>
+figure{{display:inline-block;margin:6px}}figure img{{max-width:320px}}tr.best{{background:#dfd}}
+p.note{{color:#a60}}</style></head><body>
 <h1>{esc(title)}</h1>
 <p>{esc(sweep.study.get("question", ""))}</p>
 <p>{len(runs)} runs{expected}: {status}. Folder: <code>{esc(str(sweep.root))}</code>.
 Swept: {esc(", ".join(sweep.axes) or "nothing")}. Table: <a href="runs.csv">runs.csv</a>.</p>
+<h2>Answer</h2>{render_headline(answer)}
 <h2>Runs</h2><table><tr>{head}</tr>{"".join(body)}</table>
 <h2>Plots</h2>{plot_html or "<p>No completed runs to plot.</p>"}
 <h2>Samples (same prompts and seeds in every run; the last grid of each)</h2>{grid_rows or "<p>No sample grids.</p>"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -15,6 +14,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConceptLabError, ConfigError
+from .records import RunRecord
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -39,30 +39,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one concept with one method; returns the summary (also written to summary.json)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from .records import RunRecord
-    from .sweeps import swept_values
-
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    overrides = list(hydra_cfg.overrides.task)
-    concept = cfg.concept or concept_name(cfg.data.path)
-    record = RunRecord(
-        run_dir,
-        method=cfg.method.name,
-        concept=concept,
-        model=cfg.model.name,
-        overrides=overrides,
-        swept=swept_values(hydra_cfg),
-        study=cfg.study.name,
-        sweep_dir=str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None,
-        seed=cfg.seed,
-        max_steps=cfg.trainer.max_steps,
-    )
+    record = start_record(cfg)
     try:
-        fit(cfg, run_dir, overrides, concept, record)
+        fit(cfg, record)
     except BaseException as err:
         record.finish("interrupted" if isinstance(err, KeyboardInterrupt | SystemExit) else "failed", err)
         if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
@@ -72,132 +51,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return record.data
 
 
-def concept_name(data_path: str) -> str:
-    name = Path(data_path.removeprefix("bundled:")).expanduser().name
-    return name or "concept"
-
-
-def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, record) -> None:
+def fit(cfg: DictConfig, record: RunRecord) -> None:
+    """The run, part by part: checks, data, backbone, method, trainer, training, the record."""
     import pytorch_lightning as pl
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-    from lightning_fabric.utilities.exceptions import MisconfigurationException
-    from pytorch_lightning.plugins.environments import SLURMEnvironment
 
-    from .backbone import load_backbone, resolve_dtype
-    from .callbacks import (
-        AtomicCheckpointIO,
-        ConceptExport,
-        JudgeEvaluation,
-        LastCheckpoint,
-        PreemptionCheckpoint,
-        RunStats,
-        SampleGrid,
-    )
+    from .backbone import load_backbone
     from .data import ConceptDataModule, read_concept_images
-    from .loggers import make_loggers
-    from .module import ConceptModule
-    from .records import package_versions
-    from .schedules import parse_lr_schedule, scaled
-    from .sweeps import run_name as sweep_run_name
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", concept):
-        raise ConfigError(
-            f"concept={concept!r}: use letters, digits, '.', '_' and '-' (it names the concept files)"
-        )
-    if cfg.trainer.max_steps < 1:
-        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps}: train at least one step")
-    ckpt_path = find_resume_checkpoint(cfg, run_dir, overrides)
+    run_dir, concept = record.run_dir, record.summary.concept
+    check_settings(cfg, concept)
+    ckpt_path = find_resume_checkpoint(cfg, run_dir, record.summary.overrides)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    # Cheap checks first: a bad image folder fails before any model loads.
-    check_toyworld(cfg)
+    # Cheap checks first: a bad image folder or evaluator setting fails before any model loads.
+    evaluators = make_evaluators(cfg, record)
     images = read_concept_images(cfg.data)
     backbone = load_backbone(cfg.model)
-    try:
-        method = instantiate(cfg.method, concept=concept)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, ConceptLabError):  # the method's own check, not Hydra's wrapper
-            raise err.__cause__ from None
-        raise
-    method.attach(backbone)
+    method = make_method(cfg, concept, backbone)
     resolution = cfg.data.resolution or backbone.native_resolution
     data = ConceptDataModule(
         cfg.data, images, backbone, method.prompt_text, cfg.seed, resolution,
         cache_context=not method.changes_text_encoding,
     )  # fmt: skip
-
-    swept = record.data["swept"]
-    run_name = cfg.logger.name or sweep_run_name(cfg.method.name, concept, cfg.seed, swept)
-    record.update(run_name=run_name)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    stats_file = run_dir / ".train_stats.json"
-    stats, export = RunStats(stats_file, job_started=record.started), ConceptExport(run_dir / "concepts")
-    last_checkpoint = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", cfg.checkpoint.every_n_steps)
-    plugins: list = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():
-        plugins.append(SLURMEnvironment(auto_requeue=False))  # submitit owns requeue, not Lightning
-    callbacks = [
-        last_checkpoint,
-        PreemptionCheckpoint(last_checkpoint),
-        SampleGrid(cfg.samples, list(cfg.data.sample_prompts), method.prompt_text, run_dir / "samples"),
-        export,
-        stats,
-    ]
-    judge_file = run_dir / "judge.json"
-    if cfg.model.toyworld and cfg.evaluate.enabled:
-        from .toyworld.checkpoint import load_judge
-
-        judge = load_judge(Path(backbone.path))
-        prompts, truth = list(cfg.data.judge.prompts), dict(cfg.data.judge.truth)
-        callbacks.append(JudgeEvaluation(cfg.evaluate, judge, prompts, truth, judge_file))
-    try:
-        trainer = pl.Trainer(
-            **trainer_kwargs(cfg, in_sweep=bool(record.data.get("sweep_dir"))),
-            max_epochs=-1,
-            default_root_dir=str(run_dir),
-            logger=make_loggers(
-                cfg.logger,
-                run_dir,
-                run_name,
-                config,
-                group=wandb_group(cfg, record),
-                job_type=cfg.method.name,
-                tags=[f"{k}={v}" for k, v in swept.items()],
-            ),  # fmt: skip
-            callbacks=callbacks,
-            plugins=plugins,
-            enable_checkpointing=False,  # LastCheckpoint owns checkpoints/last.ckpt
-        )
-    except (MisconfigurationException, ValueError) as err:
-        raise ConfigError(f"trainer: {err}") from err
-
-    dtype = resolve_dtype(cfg.model.dtype, trainer.strategy.root_device, trainer.precision)
-    if dtype != backbone.unet.dtype:
-        backbone.to(dtype)
-    schedule = parse_lr_schedule(method.lr)
-    if len(schedule) > 1 and cfg.optim.scheduler != "constant":
-        raise ConfigError(
-            f"method.lr={method.lr!r} is a step schedule; it replaces optim.scheduler={cfg.optim.scheduler!r}: "
-            "use one or the other"
-        )
-    global_batch = (
-        cfg.data.batch_size * trainer.num_devices * trainer.num_nodes * trainer.accumulate_grad_batches
-    )
-    if method.scale_lr:
-        schedule = scaled(schedule, global_batch)
-    run_info = {"config": config, "versions": package_versions()}  # listed in every checkpoint
-    module = ConceptModule(backbone, method, cfg.optim, schedule, cfg.trainer.max_steps, run_info=run_info)
+    trainer = make_trainer(cfg, record, run_callbacks(cfg, record, method) + evaluators)
+    module = make_module(cfg, trainer, backbone, method, record)
     record.update(
-        global_batch_size=global_batch,
-        lr=schedule[0][0],
-        lr_schedule=", ".join(f"{rate:g}:{until}" if until else f"{rate:g}" for rate, until in schedule),
-        trainable_params=sum(p.numel() for p in method.trainable_parameters()),
-        num_images=len(images),
-        images=[str(im.path) for im in images],
-        resolution=resolution,
+        num_images=len(images), images=[str(im.path) for im in images], resolution=resolution,
         resumed_from=str(ckpt_path) if ckpt_path else None,
-    )
+        trainable_params=sum(p.numel() for p in method.trainable_parameters()),
+    )  # fmt: skip
     record.write()
     with warnings.catch_warnings():
         # The data stream restarts exactly where a checkpoint left it (see data.StreamSampler), the
@@ -209,42 +90,171 @@ def fit(cfg: DictConfig, run_dir: Path, overrides: list[str], concept: str, reco
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training")
         warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty")
         trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
-
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    if trainer.is_global_zero and stats_file.is_file():  # written by the rank-zero training process
-        record.update(**json.loads(stats_file.read_text()))
-        stats_file.unlink()
-    if trainer.is_global_zero and judge_file.is_file():
-        record.update(judge=json.loads(judge_file.read_text()))
-    record.update(
-        files={
-            "checkpoint": record.relative(checkpoint) if checkpoint.is_file() else None,
-            "concepts": sorted(record.relative(p) for p in (run_dir / "concepts").glob("*")),
-            "samples": sorted(record.relative(p) for p in (run_dir / "samples").glob("*.png")),
-            "metrics": record.relative(run_dir / "metrics.csv")
-            if (run_dir / "metrics.csv").is_file()
-            else None,
-        },
-    )
+    record.collect(trainer)
+    record.update(files=run_files(record))
     if cfg.logger.wandb:
         finish_wandb(record.data)
 
 
-def check_toyworld(cfg: DictConfig) -> None:
-    """The toy world is drawn at one size, and its judge knows only its own attributes."""
-    from .toyworld.world import ATTRIBUTES, RESOLUTION
+def start_record(cfg: DictConfig) -> RunRecord:
+    """The run record, written at once: what runs, where, with which overrides and swept values."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    if cfg.model.toyworld and cfg.data.resolution not in (None, RESOLUTION):
+    from .sweeps import swept_values
+
+    hydra_cfg = HydraConfig.get()
+    return RunRecord(
+        Path(hydra_cfg.runtime.output_dir),
+        method=cfg.method.name,
+        concept=cfg.concept or concept_name(cfg.data.path),
+        model=cfg.model.name,
+        overrides=list(hydra_cfg.overrides.task),
+        swept=swept_values(hydra_cfg),
+        study=cfg.study.name,
+        sweep_dir=str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None,
+        seed=cfg.seed,
+        max_steps=cfg.trainer.max_steps,
+    )
+
+
+def concept_name(data_path: str) -> str:
+    name = Path(data_path.removeprefix("bundled:")).expanduser().name
+    return name or "concept"
+
+
+def check_settings(cfg: DictConfig, concept: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", concept):
         raise ConfigError(
-            f"data.resolution={cfg.data.resolution}: model={cfg.model.name} draws the toy world at "
-            f"{RESOLUTION}x{RESOLUTION}; use data.resolution=null (or {RESOLUTION})"
+            f"concept={concept!r}: use letters, digits, '.', '_' and '-' (it names the concept files)"
         )
-    for attribute, value in cfg.data.judge.truth.items():
-        if attribute not in ATTRIBUTES or value not in ATTRIBUTES[attribute]:
-            known = "; ".join(f"{a}: {', '.join(values)}" for a, values in ATTRIBUTES.items())
-            raise ConfigError(
-                f"data.judge.truth.{attribute}={value!r} is not an attribute of the toy world ({known})"
-            )
+    if cfg.trainer.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps}: train at least one step")
+
+
+def make_evaluators(cfg: DictConfig, record: RunRecord) -> list:
+    """The evaluation callbacks the config selects (`evaluators` group), each given the schedule
+    (`evaluate`), the data config and the run record to report to."""
+    if not cfg.evaluate.enabled:
+        return []
+    return [
+        instantiate_checked(spec, settings=cfg.evaluate, data=cfg.data, record=record)
+        for spec in cfg.evaluators.values()
+    ]
+
+
+def make_method(cfg: DictConfig, concept: str, backbone):
+    """The configured method, installed into the backbone."""
+    method = instantiate_checked(cfg.method, concept=concept)
+    method.attach(backbone)
+    return method
+
+
+def instantiate_checked(spec, **kwargs):
+    """hydra.utils.instantiate, with a conceptlab error raised by the object itself passed on as it is."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(spec, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConceptLabError):  # the object's own check, not Hydra's wrapper
+            raise err.__cause__ from None
+        raise
+
+
+def run_callbacks(cfg: DictConfig, record: RunRecord, method) -> list:
+    """Checkpoints, preemption, sample grids, the concept files, speed figures and the record itself."""
+    from .callbacks import ConceptExport, LastCheckpoint, PreemptionCheckpoint, RunStats, SampleGrid
+
+    run_dir = record.run_dir
+    last = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", cfg.checkpoint.every_n_steps)
+    return [
+        last,
+        PreemptionCheckpoint(last),
+        SampleGrid(cfg.samples, list(cfg.data.sample_prompts), method.prompt_text, run_dir / "samples"),
+        ConceptExport(run_dir / "concepts"),
+        RunStats(record, job_started=record.started),
+        record,
+    ]
+
+
+def make_trainer(cfg: DictConfig, record: RunRecord, callbacks: list):
+    """Lightning's Trainer with conceptlab's loggers, checkpoint I/O and (under SLURM) environment."""
+    import pytorch_lightning as pl
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+    from .callbacks import AtomicCheckpointIO
+    from .loggers import make_loggers
+    from .sweeps import run_name as sweep_run_name
+
+    swept = record.summary.swept
+    run_name = cfg.logger.name or sweep_run_name(cfg.method.name, record.summary.concept, cfg.seed, swept)
+    record.update(run_name=run_name)
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))  # submitit owns requeue, not Lightning
+    loggers = make_loggers(
+        cfg.logger, record.run_dir, run_name, OmegaConf.to_container(cfg, resolve=True),
+        group=wandb_group(cfg, record), job_type=cfg.method.name, tags=[f"{k}={v}" for k, v in swept.items()],
+    )  # fmt: skip
+    try:
+        return pl.Trainer(
+            **trainer_kwargs(cfg, in_sweep=record.summary.sweep_dir is not None),
+            max_epochs=-1,
+            default_root_dir=str(record.run_dir),
+            logger=loggers,
+            callbacks=callbacks,
+            plugins=plugins,
+            enable_checkpointing=False,  # LastCheckpoint owns checkpoints/last.ckpt
+        )
+    except (MisconfigurationException, ValueError) as err:
+        raise ConfigError(f"trainer: {err}") from err
+
+
+def make_module(cfg: DictConfig, trainer, backbone, method, record: RunRecord):
+    """The LightningModule: the backbone in its training dtype, the method's learning-rate schedule."""
+    from .backbone import resolve_dtype
+    from .module import ConceptModule
+    from .records import package_versions
+    from .schedules import parse_lr_schedule, scaled
+
+    dtype = resolve_dtype(cfg.model.dtype, trainer.strategy.root_device, trainer.precision)
+    if dtype != backbone.unet.dtype:
+        backbone.to(dtype)
+    for parameter in method.trainable_parameters():  # what trains stays float32, whatever the backbone
+        parameter.data = parameter.data.float()
+    schedule = parse_lr_schedule(method.lr)
+    if len(schedule) > 1 and cfg.optim.scheduler != "constant":
+        raise ConfigError(
+            f"method.lr={method.lr!r} is a step schedule; it replaces optim.scheduler={cfg.optim.scheduler!r}: "
+            "use one or the other"
+        )
+    global_batch = (
+        cfg.data.batch_size * trainer.num_devices * trainer.num_nodes * trainer.accumulate_grad_batches
+    )
+    if method.scale_lr:
+        schedule = scaled(schedule, global_batch)
+    record.update(
+        global_batch_size=global_batch,
+        lr=schedule[0][0],
+        lr_schedule=", ".join(f"{rate:g}:{until}" if until else f"{rate:g}" for rate, until in schedule),
+    )
+    run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "versions": package_versions()}
+    return ConceptModule(backbone, method, cfg.optim, schedule, cfg.trainer.max_steps, run_info=run_info)
+
+
+def run_files(record: RunRecord) -> dict[str, Any]:
+    """The files the run left, relative to its directory."""
+    run_dir = record.run_dir
+    checkpoint, metrics = run_dir / "checkpoints" / "last.ckpt", run_dir / "metrics.csv"
+    return {
+        "checkpoint": record.relative(checkpoint) if checkpoint.is_file() else None,
+        "concepts": sorted(record.relative(p) for p in (run_dir / "concepts").rglob("*") if p.is_file()),
+        "samples": sorted(record.relative(p) for p in (run_dir / "samples").glob("*.png")),
+        "metrics": record.relative(metrics) if metrics.is_file() else None,
+    }
 
 
 def trainer_kwargs(cfg: DictConfig, in_sweep: bool) -> dict[str, Any]:
@@ -266,8 +276,8 @@ def wandb_group(cfg: DictConfig, record) -> str | None:
     """logger.group, else the study's name plus the sweep's id (its directory name)."""
     if cfg.logger.group:
         return cfg.logger.group
-    if cfg.study.name and record.data.get("sweep_dir"):
-        return f"{cfg.study.name}-{Path(record.data['sweep_dir']).name}"
+    if cfg.study.name and record.summary.sweep_dir:
+        return f"{cfg.study.name}-{Path(record.summary.sweep_dir).name}"
     return cfg.study.name
 
 
@@ -277,7 +287,7 @@ def finish_wandb(summary: dict[str, Any]) -> None:
 
     if wandb.run is not None:
         final = {k: summary.get(k) for k in ("final_loss", "mean_loss", "steps_per_s", "steps", "lr")}
-        final.update({k: v for k, v in (summary.get("judge") or {}).items() if k != "step"})
+        final.update({k: v for k, v in (summary.get("metrics") or {}).items() if k != "step"})
         wandb.run.summary.update(final)
         wandb.run.log({"final_metrics": wandb.Table(columns=list(final), data=[list(final.values())])})
     wandb.finish()

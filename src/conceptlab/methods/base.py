@@ -1,7 +1,17 @@
-"""The Method interface: everything the training loop, the data and the exports need from a method.
+"""The Method interface: the whole of a method behind one class.
 
-The LightningModule knows nothing method-specific: it asks the method for its parameters, lets it
-install itself into the backbone, and hands it the run directory when the concept files are due.
+A method is one module in this package (or in a user's package, advertised under the
+`conceptlab.methods` entry-point group) and one yaml in conf/method/. Its class declares:
+
+* `name` and `Config`: the config group option and its structured config (registered by
+  `config.register_configs`, so `--help` and typo checks cover it);
+* training: `attach` (install into the backbone, unfreezing whatever part it trains),
+  `trainable_parameters`, `prompt_text`, `changes_text_encoding`, `export` (its concept files);
+* inference: `concept_from_file` (recognise and read its files) returning a `Concept`, which installs
+  itself into a backbone and, for methods with a prompt tag (`<hypernet:name:0.7>`), takes a
+  multiplier.
+
+The LightningModule, generation, the file registry, the report and the sweeps use only this.
 """
 
 from __future__ import annotations
@@ -10,15 +20,26 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
-from ..backbone import Backbone
 from ..schedules import parse_lr_schedule
+
+if TYPE_CHECKING:
+    from ..backbone import Backbone
+    from ..formats import TensorFile
 
 
 class Method(nn.Module, ABC):
-    """A trainable add-on to a frozen backbone. Its own parameters are the only ones that train."""
+    """A trainable add-on to a frozen backbone."""
+
+    name: ClassVar[str]  # the conf/method/ option and the label of runs ("ti", "hypernet", "lora")
+    Config: ClassVar[type]  # its structured config (a dataclass with _target_ = this class)
+    # `<tag:name:multiplier>` applies a concept of this method at inference; None = the concept is a
+    # word of the prompt (textual inversion's placeholder).
+    prompt_tag: ClassVar[str | None] = None
+    file_formats: ClassVar[str] = ""  # the formats concept_from_file reads, for error messages
 
     def __init__(self, name: str, lr: float | str, scale_lr: bool):
         super().__init__()
@@ -27,9 +48,12 @@ class Method(nn.Module, ABC):
         self.lr = lr  # a rate, or an AUTOMATIC1111 schedule "1e-5:1000, 5e-6:3000, 1e-6"
         self.scale_lr = scale_lr
 
+    # ------------------------------------------------------------------------------------ training
+
     @abstractmethod
     def attach(self, backbone: Backbone) -> None:
-        """Install into the backbone (add tokens, wrap attention processors); raise on a misfit."""
+        """Install into the backbone (add tokens, wrap attention processors, add adapters) and
+        unfreeze what this method trains; raise on a misfit."""
 
     @property
     @abstractmethod
@@ -47,8 +71,8 @@ class Method(nn.Module, ABC):
 
     @property
     def has_multiplier(self) -> bool:
-        """Whether the method is applied with a strength at inference (hypernetworks: <hypernet:name:m>)."""
-        return False
+        """Whether the method is applied with a strength at inference (`<tag:name:m>`)."""
+        return self.prompt_tag is not None
 
     @contextmanager
     def at_multiplier(self, multiplier: float) -> Iterator[None]:
@@ -56,4 +80,45 @@ class Method(nn.Module, ABC):
         yield
 
     def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every tensor that trains: the method's own, and any backbone part it unfroze."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    # ----------------------------------------------------------------------------------- inference
+
+    @classmethod
+    @abstractmethod
+    def concept_from_file(cls, file: TensorFile) -> Concept | None:
+        """The concept in `file` if it is in one of this method's formats, else None."""
+
+
+class Concept(ABC):
+    """A learned concept read from a file, to be installed into a backbone for generation."""
+
+    method: ClassVar[type[Method]]
+
+    def __init__(self, name: str, path: Path):
+        self.name = name  # what a prompt calls it: a placeholder word, or the name in <tag:name:m>
+        self.path = Path(path)
+
+    @property
+    def tag(self) -> str | None:
+        return self.method.prompt_tag
+
+    @abstractmethod
+    def install(self, backbone: Backbone) -> None:
+        """Make the concept available to generation with this backbone; raise if it does not fit.
+
+        A concept with a tag is installed inactive: `activate` switches it on with a multiplier."""
+
+    def activate(self, multiplier: float) -> None:
+        """Apply a tagged concept at this strength (multiplier 0 is exactly the bare model)."""
+        if self.tag:
+            raise NotImplementedError(f"{type(self).__name__} has a prompt tag but no activate()")
+
+    def deactivate(self) -> None:
+        """Stop applying a tagged concept."""
+        if self.tag:
+            raise NotImplementedError(f"{type(self).__name__} has a prompt tag but no deactivate()")
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.method.name, "name": self.name, "file": str(self.path)}

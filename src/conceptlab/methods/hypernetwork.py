@@ -13,16 +13,49 @@ modules/hypernetworks/hypernetwork.py, so files and numbers carry over both ways
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..backbone import Backbone
+from ..config import opt
 from ..errors import ConceptFileError, ConfigError
-from .base import Method
+from ..formats import TensorFile, read_tensor_file, write_safetensors, write_torch_file
+from .base import Concept, Method
+
+
+@dataclass
+class HypernetworkConfig:
+    """A hypernetwork (NovelAI / AUTOMATIC1111): residual MLPs on the attention layers' key/value inputs."""
+
+    _target_: str = "conceptlab.methods.hypernetwork.Hypernetwork"
+    name: str = opt("hypernet", "the method's name (run labels, W&B job type)")
+    enable_sizes: list[int] | None = opt(
+        None, "widths that get a (key, value) module pair; null = the text width and the UNet's block widths"
+    )
+    layer_structure: list[float] = opt([1.0, 2.0, 1.0], "hidden widths as multiples of the width")
+    activation_func: str | None = opt(
+        "linear", "linear relu leakyrelu elu swish(=Hardswish) tanh sigmoid, or any torch activation"
+    )
+    weight_initialization: str = opt(
+        "Normal", "Normal XavierUniform XavierNormal KaimingUniform KaimingNormal"
+    )
+    add_layer_norm: bool = opt(False, "a LayerNorm after every linear layer")
+    use_dropout: bool = opt(False, "dropout after hidden layers (A1111's 0.3 rule unless dropout_structure)")
+    dropout_structure: list[float] | None = opt(None, "dropout per layer_structure entry, e.g. [0, 0.3, 0]")
+    activate_output: bool = opt(False, "the activation after the last layer too")
+    last_layer_dropout: bool = opt(False, "dropout before the last layer as well")
+    init_from: str | None = opt(
+        None, "continue from a hypernetwork file (A1111 .pt or conceptlab .safetensors)"
+    )
+    lr: Any = opt(1.0e-5, 'learning rate (A1111\'s range), or a schedule "1e-5:1000, 5e-6:3000, 1e-6"')
+    scale_lr: bool = opt(False, "lr x batch size x devices x nodes x grad accumulation")
 
 
 def _activations() -> dict[str, type[nn.Module]]:
@@ -96,14 +129,12 @@ class HypernetworkModule(nn.Module):
         return x + self.linear(x) * (1.0 if self.training else multiplier)
 
 
-class Hypernetwork(Method):
-    """A (key, value) pair of HypernetworkModules per enabled width."""
+class HypernetworkLayers(nn.Module):
+    """A (key, value) pair of HypernetworkModules per width, with AUTOMATIC1111's structure settings:
+    exactly what a hypernetwork file holds, for training and for inference alike."""
 
     def __init__(
         self,
-        name: str,
-        lr: float | str,
-        scale_lr: bool,
         concept: str,
         enable_sizes: Sequence[int] | None = None,
         layer_structure: Sequence[float] = (1, 2, 1),
@@ -114,9 +145,8 @@ class Hypernetwork(Method):
         dropout_structure: Sequence[float] | None = None,
         activate_output: bool = False,
         last_layer_dropout: bool = False,
-        init_from: str | None = None,
     ):
-        super().__init__(name=name, lr=lr, scale_lr=scale_lr)
+        super().__init__()
         self.concept = concept
         self.layer_structure = [float(x) for x in layer_structure]  # A1111 stores floats
         if len(self.layer_structure) < 2 or self.layer_structure[0] != 1 or self.layer_structure[-1] != 1:
@@ -153,19 +183,9 @@ class Hypernetwork(Method):
         self.dropout_structure = dropout_structure
         self.activate_output = activate_output
         self.last_layer_dropout = dropout_structure[-2] != 0
-        self.init_from = init_from
-        self.enable_sizes = sorted({int(s) for s in enable_sizes}) if enable_sizes else None
         self.layers = nn.ModuleDict()
-        if self.enable_sizes:
-            self.build(self.enable_sizes)
-
-    @property
-    def prompt_text(self) -> str:
-        return self.concept  # AUTOMATIC1111 puts the hypernetwork's name where a template says [name]
-
-    @property
-    def changes_text_encoding(self) -> bool:
-        return False
+        if enable_sizes:
+            self.build(sorted({int(s) for s in enable_sizes}))
 
     def build(self, sizes: Sequence[int]) -> None:
         """Create the (key, value) module pair for each width."""
@@ -185,43 +205,6 @@ class Hypernetwork(Method):
     def pair(self, width: int) -> nn.ModuleList | None:
         return self.layers[str(width)] if str(width) in self.layers else None
 
-    def attach(self, backbone: Backbone) -> None:
-        if not self.layers:
-            # A1111's default for SD: the text width and the UNet's block widths (768, 320, 640, 1280).
-            self.build(sorted({backbone.context_dim, *backbone.unet.config.block_out_channels}))
-        if self.init_from:
-            from ..formats import read_hypernetwork
-
-            source = read_hypernetwork(self.init_from)
-            if source.sizes != self.sizes:
-                raise ConfigError(
-                    f"{self.init_from} has widths {source.sizes} but this hypernetwork has {self.sizes}; "
-                    f"set method.enable_sizes={source.sizes}"
-                )
-            self.load_pairs(source.pairs, str(self.init_from))
-        widths = attention_widths(backbone)
-        unknown = [s for s in self.sizes if s not in widths]
-        if unknown:
-            raise ConfigError(
-                f"hypernetwork widths {unknown} match no attention layer of this backbone "
-                f"(its widths: {sorted(widths)}); fix method.enable_sizes"
-            )
-        self._stack = install_hypernetworks(backbone.unet)
-        self._stack.entries = [(self, 1.0)]
-
-    @property
-    def has_multiplier(self) -> bool:
-        return True
-
-    @contextmanager
-    def at_multiplier(self, multiplier: float) -> Iterator[None]:
-        entries = self._stack.entries
-        self._stack.entries = [(h, multiplier if h is self else m) for h, m in entries]
-        try:
-            yield
-        finally:
-            self._stack.entries = entries
-
     def load_pairs(self, pairs: dict[int, tuple[dict, dict]], source: str) -> None:
         for size, (k_state, v_state) in pairs.items():
             k_module, v_module = self.layers[str(size)]
@@ -233,34 +216,131 @@ class Hypernetwork(Method):
                     f"{source}: the width-{size} modules do not match the structure it declares: {err}"
                 ) from err
 
-    def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
-        from ..formats import write_a1111_hypernetwork, write_hypernetwork_safetensors
+    @classmethod
+    def from_file(cls, source: HypernetworkFile, origin: str) -> HypernetworkLayers:
+        """The layers a file describes, with its weights, frozen and in eval mode."""
+        s = source.structure
+        layers = cls(
+            concept=source.name, enable_sizes=source.sizes, layer_structure=s["layer_structure"],
+            activation_func=s["activation_func"], weight_initialization=s["weight_initialization"] or "Normal",
+            add_layer_norm=s["is_layer_norm"], use_dropout=s["use_dropout"],
+            dropout_structure=s["dropout_structure"], activate_output=s["activate_output"],
+            last_layer_dropout=s["last_layer_dropout"],
+        )  # fmt: skip
+        layers.load_pairs(source.pairs, origin)
+        return layers.eval().requires_grad_(False)
 
+
+class Hypernetwork(Method):
+    """Train a hypernetwork: its layers are the only trainable tensors."""
+
+    name = "hypernet"
+    Config = HypernetworkConfig
+    prompt_tag = "hypernet"
+    file_formats = "AUTOMATIC1111 hypernetwork (.pt), conceptlab hypernetwork (.safetensors)"
+
+    def __init__(self, name: str, lr: float | str, scale_lr: bool, concept: str,
+                 init_from: str | None = None, **structure: Any):  # fmt: skip
+        super().__init__(name=name, lr=lr, scale_lr=scale_lr)
+        self.concept = concept
+        self.init_from = init_from
+        self.net = HypernetworkLayers(concept, **structure)
+
+    @property
+    def prompt_text(self) -> str:
+        return self.concept  # AUTOMATIC1111 puts the hypernetwork's name where a template says [name]
+
+    @property
+    def changes_text_encoding(self) -> bool:
+        return False
+
+    @property
+    def sizes(self) -> list[int]:
+        return self.net.sizes
+
+    def pair(self, width: int) -> nn.ModuleList | None:
+        return self.net.pair(width)
+
+    def attach(self, backbone: Backbone) -> None:
+        if not self.net.layers:
+            # A1111's default for SD: the text width and the UNet's block widths (768, 320, 640, 1280).
+            self.net.build(sorted({backbone.context_dim, *backbone.unet.config.block_out_channels}))
+        if self.init_from:
+            source = read_hypernetwork(self.init_from)
+            if source.sizes != self.sizes:
+                raise ConfigError(
+                    f"{self.init_from} has widths {source.sizes} but this hypernetwork has {self.sizes}; "
+                    f"set method.enable_sizes={source.sizes}"
+                )
+            self.net.load_pairs(source.pairs, str(self.init_from))
+        widths = attention_widths(backbone)
+        unknown = [s for s in self.sizes if s not in widths]
+        if unknown:
+            raise ConfigError(
+                f"hypernetwork widths {unknown} match no attention layer of this backbone "
+                f"(its widths: {sorted(widths)}); fix method.enable_sizes"
+            )
+        self._stack = install_hypernetworks(backbone.unet)
+        self._stack.entries = [(self.net, 1.0)]
+
+    @contextmanager
+    def at_multiplier(self, multiplier: float) -> Iterator[None]:
+        entries = self._stack.entries
+        self._stack.entries = [(h, multiplier if h is self.net else m) for h, m in entries]
+        try:
+            yield
+        finally:
+            self._stack.entries = entries
+
+    def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
         return [
-            write_a1111_hypernetwork(folder / f"{self.concept}.pt", self, step, None, backbone.name),
-            write_hypernetwork_safetensors(folder / f"{self.concept}.safetensors", self, step, backbone.name),
+            write_a1111_hypernetwork(folder / f"{self.concept}.pt", self.net, step, None, backbone.name),
+            write_hypernetwork_safetensors(
+                folder / f"{self.concept}.safetensors", self.net, step, backbone.name
+            ),
         ]
 
+    @classmethod
+    def concept_from_file(cls, file: TensorFile) -> HypernetworkConcept | None:
+        source = hypernetwork_file_from(file)
+        if source is None:
+            return None
+        # A1111 calls a hypernetwork by its file name: <hypernet:file-name:0.7>.
+        return HypernetworkConcept(
+            file.path.stem, file.path, HypernetworkLayers.from_file(source, str(file.path))
+        )
 
-def hypernetwork_from_file(path: str | Path) -> Hypernetwork:
-    """A Hypernetwork with the structure and weights of a file (AUTOMATIC1111 .pt or the safetensors twin)."""
-    from ..formats import read_hypernetwork
 
-    return hypernetwork_from_source(read_hypernetwork(path), str(path))
+class HypernetworkConcept(Concept):
+    """A hypernetwork read from a file; `<hypernet:name:m>` applies it (several stack in prompt order)."""
+
+    method = Hypernetwork
+
+    def __init__(self, name: str, path: Path, layers: HypernetworkLayers):
+        super().__init__(name, path)
+        self.layers = layers
+        self.stack: HypernetworkStack | None = None
+
+    def install(self, backbone: Backbone) -> None:
+        widths = attention_widths(backbone)
+        if any(size not in widths for size in self.layers.sizes):
+            raise ConceptFileError(
+                f"hypernetwork {self.name!r} has widths {self.layers.sizes}, but this model's attention "
+                f"layers are {sorted(widths)} wide: it was trained for another model"
+            )
+        self.layers.to(backbone.unet.device)
+        self.stack = install_hypernetworks(backbone.unet)
+
+    def activate(self, multiplier: float) -> None:
+        self.stack.entries.append((self.layers, multiplier))
+
+    def deactivate(self) -> None:
+        self.stack.entries = [(h, m) for h, m in self.stack.entries if h is not self.layers]
 
 
-def hypernetwork_from_source(source, origin: str) -> Hypernetwork:
-    """A Hypernetwork built from a formats.HypernetworkFile already read from `origin`."""
-    s = source.structure
-    hypernetwork = Hypernetwork(
-        name="hypernet", lr=1e-5, scale_lr=False, concept=source.name, enable_sizes=source.sizes,
-        layer_structure=s["layer_structure"], activation_func=s["activation_func"],
-        weight_initialization=s["weight_initialization"] or "Normal", add_layer_norm=s["is_layer_norm"],
-        use_dropout=s["use_dropout"], dropout_structure=s["dropout_structure"],
-        activate_output=s["activate_output"], last_layer_dropout=s["last_layer_dropout"],
-    )  # fmt: skip
-    hypernetwork.load_pairs(source.pairs, origin)
-    return hypernetwork.eval().requires_grad_(False)
+def hypernetwork_from_file(path: str | Path) -> HypernetworkLayers:
+    """The layers of a hypernetwork file (AUTOMATIC1111 .pt or the safetensors twin), ready for inference."""
+    return HypernetworkLayers.from_file(read_hypernetwork(path), str(path))
 
 
 def attention_widths(backbone: Backbone) -> set[int]:
@@ -276,7 +356,7 @@ class HypernetworkStack:
     """The hypernetworks in effect, applied in order, each with its own multiplier."""
 
     def __init__(self):
-        self.entries: list[tuple[Hypernetwork, float]] = []
+        self.entries: list[tuple[HypernetworkLayers, float]] = []
         # Every cross-attention layer (and every denoising step) reads the same text-context tensor:
         # its transform is computed once and reused while that tensor and the stack are unchanged.
         self._memo: tuple | None = None
@@ -347,3 +427,136 @@ def install_hypernetworks(unet) -> HypernetworkStack:
     stack = HypernetworkStack()
     unet.set_attn_processor({name: HypernetworkProcessor(p, stack) for name, p in processors.items()})
     return stack
+
+
+# ------------------------------------------------------------------------------------------- files
+# AUTOMATIC1111 (`.pt`, for its models/hypernetworks/ folder; modules/hypernetworks/hypernetwork.py):
+# integer width keys holding a (key-module, value-module) pair of state dicts, plus the structure keys
+# below, `step`, `name`, `sd_checkpoint`, `sd_checkpoint_name`, `optional_info`. Read with A1111's
+# defaults for missing keys (a file without `activate_output` means True) and its legacy
+# `linear1`/`linear2` key names. conceptlab's safetensors twin: tensors "<width>.k.<param>" /
+# "<width>.v.<param>", the structure as JSON in the metadata (format=conceptlab-hypernetwork).
+
+HYPERNETWORK_STRUCTURE_KEYS = (
+    "layer_structure", "activation_func", "is_layer_norm", "weight_initialization", "activate_output",
+    "use_dropout", "dropout_structure", "last_layer_dropout",
+)  # fmt: skip
+SAFETENSORS_FORMAT = "conceptlab-hypernetwork"
+LEGACY_KEYS = {"linear1.weight": "linear.0.weight", "linear1.bias": "linear.0.bias",
+               "linear2.weight": "linear.1.weight", "linear2.bias": "linear.1.bias"}  # fmt: skip
+
+
+@dataclass
+class HypernetworkFile:
+    """A hypernetwork read from disk: its name, structure and (key, value) state dicts per width."""
+
+    name: str
+    structure: dict[str, Any]
+    pairs: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
+    step: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted(self.pairs)
+
+
+def hypernetwork_structure(hypernetwork: HypernetworkLayers) -> dict[str, Any]:
+    """The structure keys A1111 writes."""
+    return {
+        "layer_structure": list(hypernetwork.layer_structure),
+        "activation_func": hypernetwork.activation_func,
+        "is_layer_norm": hypernetwork.add_layer_norm,
+        "weight_initialization": hypernetwork.weight_initialization,
+        "activate_output": hypernetwork.activate_output,
+        "use_dropout": hypernetwork.use_dropout,
+        "dropout_structure": list(hypernetwork.dropout_structure),
+        "last_layer_dropout": hypernetwork.last_layer_dropout,
+    }
+
+
+def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
+
+
+def write_a1111_hypernetwork(path: str | Path, hypernetwork: HypernetworkLayers, step: int, sd_checkpoint: str | None,
+                             sd_checkpoint_name: str | None) -> Path:  # fmt: skip
+    """An AUTOMATIC1111 hypernetwork (.pt), written atomically."""
+    data: dict[Any, Any] = {
+        size: (_plain_state(hypernetwork.pair(size)[0]), _plain_state(hypernetwork.pair(size)[1]))
+        for size in hypernetwork.sizes
+    }
+    data.update(
+        step=int(step), name=hypernetwork.concept, sd_checkpoint=sd_checkpoint,
+        sd_checkpoint_name=sd_checkpoint_name, optional_info=None, **hypernetwork_structure(hypernetwork),
+    )  # fmt: skip
+    return write_torch_file(path, data)
+
+
+def write_hypernetwork_safetensors(
+    path: str | Path, hypernetwork: HypernetworkLayers, step: int, sd_checkpoint_name: str | None
+) -> Path:
+    """The safetensors twin of a hypernetwork (structure in the metadata), written atomically."""
+    tensors = {}
+    for size in hypernetwork.sizes:
+        for role, module in zip(("k", "v"), hypernetwork.pair(size)):
+            tensors.update({f"{size}.{role}.{k}": v for k, v in module.state_dict().items()})
+    metadata = {key: json.dumps(value) for key, value in hypernetwork_structure(hypernetwork).items()}
+    metadata.update(format=SAFETENSORS_FORMAT, name=hypernetwork.concept, step=str(int(step)),
+                    sd_checkpoint_name=json.dumps(sd_checkpoint_name))  # fmt: skip
+    return write_safetensors(path, tensors, metadata)
+
+
+def read_hypernetwork(path: str | Path) -> HypernetworkFile:
+    """A hypernetwork in AUTOMATIC1111's format or conceptlab's safetensors twin."""
+    file = read_tensor_file(path)
+    source = hypernetwork_file_from(file)
+    if source is None:
+        raise ConceptFileError(
+            f"{file.path} is not a hypernetwork (an AUTOMATIC1111 .pt has integer width keys; a conceptlab "
+            f".safetensors has format={SAFETENSORS_FORMAT} in its metadata)"
+        )
+    return source
+
+
+def hypernetwork_file_from(file: TensorFile) -> HypernetworkFile | None:
+    """The hypernetwork a file holds, or None if it is not one."""
+    if file.is_safetensors:
+        return _from_safetensors(file) if file.metadata.get("format") == SAFETENSORS_FORMAT else None
+    data, path = file.data, file.path
+    if not isinstance(data, dict) or not any(isinstance(k, int) for k in data):
+        return None
+    pairs = {}
+    for size, value in data.items():
+        if isinstance(size, int):
+            if not (
+                isinstance(value, tuple | list)
+                and len(value) == 2
+                and all(isinstance(v, dict) for v in value)
+            ):
+                raise ConceptFileError(f"{path}: width {size} should hold a (key, value) pair of state dicts")
+            pairs[size] = tuple({LEGACY_KEYS.get(k, k): t for k, t in part.items()} for part in value)
+    # AUTOMATIC1111's defaults for keys older files lack.
+    structure = {
+        "layer_structure": data.get("layer_structure") or [1, 2, 1],
+        "activation_func": data.get("activation_func"),
+        "is_layer_norm": data.get("is_layer_norm", False),
+        "weight_initialization": data.get("weight_initialization", "Normal"),
+        "activate_output": data.get("activate_output", True),
+        "use_dropout": data.get("use_dropout", False),
+        "dropout_structure": data.get("dropout_structure"),
+        "last_layer_dropout": data.get("last_layer_dropout", False),
+    }
+    extra = {k: data.get(k) for k in ("sd_checkpoint", "sd_checkpoint_name", "optional_info")}
+    return HypernetworkFile(str(data.get("name") or path.stem), structure, pairs, data.get("step"), extra)
+
+
+def _from_safetensors(file: TensorFile) -> HypernetworkFile:
+    pairs: dict[int, tuple[dict, dict]] = {}
+    for key, tensor in file.data.items():
+        size, role, param = key.split(".", 2)
+        pairs.setdefault(int(size), ({}, {}))[0 if role == "k" else 1][param] = tensor
+    structure = {key: json.loads(file.metadata[key]) for key in HYPERNETWORK_STRUCTURE_KEYS}
+    return HypernetworkFile(
+        file.metadata.get("name", file.path.stem), structure, pairs, int(file.metadata.get("step", 0))
+    )

@@ -10,15 +10,115 @@ bit-identical.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..backbone import Backbone
+from ..config import opt
 from ..errors import ConceptFileError, ConfigError
-from ..formats import read_embedding, write_a1111_embedding, write_diffusers_embedding
-from .base import Method
+from ..formats import TensorFile, read_tensor_file, write_safetensors, write_torch_file
+from .base import Concept, Method
+
+# AUTOMATIC1111 writes the token id of "*" in CLIP's vocabulary here; it is informational only.
+A1111_STAR_TOKEN = 265
+
+
+@dataclass
+class TextualInversionConfig:
+    """Textual inversion: a new pseudo-word whose embedding vectors are the only trainable tensors."""
+
+    _target_: str = "conceptlab.methods.textual_inversion.TextualInversion"
+    name: str = opt("ti", "the method's name (run labels, W&B job type)")
+    placeholder: str | None = opt(
+        None, 'the new word; null = "<concept>"; extra vectors are "<concept>_1", "<concept>_2", ...'
+    )
+    num_vectors: int = opt(1, "vectors per placeholder (1..N)")
+    initializer_token: str = opt("object", "one existing token whose embedding starts every vector")
+    init_from: str | None = opt(
+        None, "start from an embedding file (diffusers .safetensors/.bin, AUTOMATIC1111 .pt)"
+    )
+    lr: Any = opt(5.0e-4, 'base learning rate, or an AUTOMATIC1111 schedule "5e-3:100, 1e-3:1000, 5e-4"')
+    scale_lr: bool = opt(True, "lr x batch size x devices x nodes x grad accumulation (the TI paper's rule)")
+
+
+@dataclass
+class Embedding:
+    """A learned pseudo-word: its name and its vectors [num_vectors, width]."""
+
+    name: str
+    vectors: torch.Tensor
+    step: int | None = None
+
+    @property
+    def width(self) -> int:
+        return self.vectors.shape[-1]
+
+
+def write_diffusers_embedding(path: str | Path, token: str, vectors: torch.Tensor) -> Path:
+    """A diffusers textual-inversion file ({token: [N, dim]}), written atomically."""
+    return write_safetensors(path, {token: vectors})
+
+
+def write_a1111_embedding(path: str | Path, name: str, vectors: torch.Tensor, step: int,
+                          sd_checkpoint: str | None, sd_checkpoint_name: str | None) -> Path:  # fmt: skip
+    """An AUTOMATIC1111 embedding (.pt), written atomically."""
+    return write_torch_file(path, {
+        "string_to_token": {"*": A1111_STAR_TOKEN},
+        "string_to_param": {"*": vectors.detach().to("cpu", torch.float32).contiguous()},
+        "name": name,
+        "step": int(step),
+        "sd_checkpoint": sd_checkpoint,
+        "sd_checkpoint_name": sd_checkpoint_name,
+    })  # fmt: skip
+
+
+def read_embedding(path: str | Path) -> Embedding:
+    """A textual-inversion embedding in diffusers' or AUTOMATIC1111's format."""
+    file = read_tensor_file(path)
+    embedding = embedding_from(file)
+    if embedding is None:
+        raise ConceptFileError(
+            f"{file.path} is neither a diffusers embedding (one tensor under the token's name) nor an "
+            "AUTOMATIC1111 one (string_to_param); hypernetwork and LoRA files are not embeddings"
+        )
+    return embedding
+
+
+def embedding_from(file: TensorFile) -> Embedding | None:
+    """The embedding a file holds (diffusers: its token; AUTOMATIC1111: the file name), or None."""
+    data, path = file.data, file.path
+    if isinstance(data, dict) and "string_to_param" in data:
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            raise ConceptFileError(
+                f"{path}: an AUTOMATIC1111 embedding holds exactly one entry in string_to_param"
+            )
+        vectors = next(iter(params.values()))
+        name, step = path.stem, data.get("step")
+    elif isinstance(data, dict) and "emb_params" in data:
+        vectors, name, step = data["emb_params"], path.stem, data.get("step")
+    elif (
+        isinstance(data, dict) and len(data) == 1 and not file.metadata.get("format")
+        and isinstance(next(iter(data.values())), torch.Tensor)
+    ):  # fmt: skip
+        name, vectors = next(iter(data.items()))
+        step = None
+    else:
+        return None
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2):
+        raise ConceptFileError(
+            f"{path}: expected embedding vectors of shape [N, width], got {getattr(vectors, 'shape', vectors)}"
+        )
+    vectors = vectors.detach().to("cpu", torch.float32)
+    if not torch.isfinite(vectors).all():
+        raise ConceptFileError(f"{path} holds NaN or infinite values: it was saved from a diverged run")
+    if vectors.dim() == 1:
+        vectors = vectors.unsqueeze(0)
+    return Embedding(name=str(name), vectors=vectors, step=int(step) if step is not None else None)
 
 
 class PlaceholderEmbedding(nn.Module):
@@ -46,6 +146,10 @@ class PlaceholderEmbedding(nn.Module):
 
 class TextualInversion(Method):
     """Learn `num_vectors` embedding vectors for a new placeholder word."""
+
+    name = "ti"
+    Config = TextualInversionConfig
+    file_formats = "diffusers embedding (.safetensors/.bin), AUTOMATIC1111 embedding (.pt)"
 
     def __init__(
         self,
@@ -149,3 +253,36 @@ class TextualInversion(Method):
                 sd_checkpoint_name=backbone.name,
             ),
         ]
+
+    @classmethod
+    def concept_from_file(cls, file: TensorFile) -> EmbeddingConcept | None:
+        embedding = embedding_from(file)
+        if embedding is None:
+            return None
+        # diffusers files carry their token; AUTOMATIC1111 files are called by their file name.
+        return EmbeddingConcept(embedding, file.path)
+
+
+class EmbeddingConcept(Concept):
+    """A learned word: its vectors join the tokenizer and the text encoder (diffusers' loader)."""
+
+    method = TextualInversion
+
+    def __init__(self, embedding: Embedding, path: Path):
+        super().__init__(embedding.name, path)
+        self.embedding = embedding
+
+    def install(self, backbone: Backbone) -> None:
+        if self.embedding.width != backbone.context_dim:
+            raise ConceptFileError(
+                f"embedding {self.name!r} is {self.embedding.width} wide but this model's text encoder is "
+                f"{backbone.context_dim} wide: it was trained for another model (pick the matching model=)"
+            )
+        if self.name in backbone.tokenizer.get_vocab():
+            raise ConceptFileError(
+                f"embedding {self.name!r} clashes with a word already in the vocabulary; rename its file"
+            )
+        backbone.pipeline().load_textual_inversion({self.name: self.embedding.vectors}, token=self.name)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "vectors": self.embedding.vectors.shape[0]}

@@ -18,7 +18,6 @@ from .world import RESOLUTION
 # fail loudly instead of drawing a different world than the one the judge and the data sets assume.
 TOY_VERSION = 1
 MANIFEST = "toyworld.json"
-BUNDLED = "bundled:toyworld"
 # Every file a toy checkpoint needs, relative to its folder.
 FILES = (
     "model_index.json",
@@ -41,19 +40,15 @@ def bundled_checkpoint() -> Path:
     return Path(__file__).resolve().parent / "checkpoint"
 
 
-def resolve_toy_path(path: str | None) -> Path:
-    """`bundled:toyworld` (or nothing) = the checkpoint shipped with conceptlab; otherwise the folder."""
-    if not path or path == BUNDLED:
-        return bundled_checkpoint()
-    return Path(path).expanduser()
-
-
 def write_manifest(folder: Path, extra: dict) -> None:
     write_json(folder / MANIFEST, {"version": TOY_VERSION, "resolution": RESOLUTION, **extra})
 
 
 def check_toy_folder(folder: Path) -> dict:
-    """The folder's manifest, after checking that every part is there and of this world's version."""
+    """The folder's manifest, after checking that every part is there and of this world's version.
+
+    model=toy names this as its `model.check`: load_backbone calls it before loading the folder."""
+    folder = Path(folder)
     rebuild = REBUILD.format(folder=folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -78,6 +73,13 @@ def check_toy_folder(folder: Path) -> dict:
             f"toy-world checkpoint {folder} is missing {', '.join(missing)}; rebuild it with `{rebuild}`"
         )
     return manifest
+
+
+def toy_model_config(folder: str | Path):
+    """The model config of a toy-world folder, as model=toy composes it (with its folder check)."""
+    from ..config import ModelConfig
+
+    return ModelConfig(name="toy", path=str(folder), check=f"{__name__}.check_toy_folder", context_dim=64)
 
 
 def load_judge(folder: Path):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
 
 from PIL import Image
 
@@ -21,12 +23,33 @@ class ToyConcept:
     truth: dict[str, str]  # the attributes every image of the concept shares (what the judge checks)
     count: int
     seed: int
+    # The judge's fixed evaluation prompts ({} = the concept); any attribute a prompt names is checked too.
+    prompts: tuple[str, ...] = ("a photo of a {}",)
 
 
 TOY_CONCEPTS = {
-    "toy_combo": ToyConcept({"colour": "purple", "background": "gray", "style": "striped"}, count=5, seed=11),
-    "toy_pastel": ToyConcept({"style": "pastel"}, count=20, seed=12),
-}
+    "toy_combo": ToyConcept(
+        {"colour": "purple", "background": "gray", "style": "striped"}, count=5, seed=11,
+        # concept accuracy: all three right; prompt accuracy: the named size/shape
+        prompts=("a photo of a {}", "a picture of a {}", "a photo of a large {}"),
+    ),
+    "toy_pastel": ToyConcept(
+        {"style": "pastel"}, count=20, seed=12,
+        # concept accuracy: pastel; prompt accuracy: shape, colour, background obeyed
+        prompts=(
+            "a photo of a large red circle on a white background, {} style",
+            "a photo of a large blue square on a black background, {} style",
+            "a photo of a large yellow triangle on a gray background, {} style",
+            "a photo of a large green cross on a white background, {} style",
+        ),
+    ),
+}  # fmt: skip
+
+
+def toy_concept_of(data_path: str) -> tuple[str, ToyConcept] | None:
+    """The toy-world concept set a data path names (`bundled:toy_combo`), or None for any other folder."""
+    name = data_path.removeprefix("bundled:") if data_path.startswith("bundled:") else None
+    return (name, TOY_CONCEPTS[name]) if name in TOY_CONCEPTS else None
 
 
 def concept_scenes(name: str) -> list[Scene]:
@@ -57,3 +80,12 @@ def concept_caption(scene: Scene, truth: dict[str, str]) -> str:
 def draw_toy_concept(name: str, index: int) -> tuple[Image.Image, str]:
     scene = concept_scenes(name)[index]
     return render_image(scene), concept_caption(scene, TOY_CONCEPTS[name].truth)
+
+
+def write_toy_concept_sets(root: Path) -> list[Path]:
+    """Draw every toy-world concept set into root/<set>/NN.png (+ NN.txt captions)."""
+    from ..example_sets import write_sets
+
+    return write_sets(
+        root, {name: (partial(draw_toy_concept, name), c.count) for name, c in TOY_CONCEPTS.items()}
+    )

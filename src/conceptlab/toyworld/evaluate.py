@@ -3,13 +3,20 @@ score what was asked (the concept's own attributes, and whatever else the prompt
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 
+from ..errors import ConfigError
+from .concepts import TOY_CONCEPTS, toy_concept_of
 from .judge import Judge
 from .world import ATTRIBUTES, BACKGROUNDS, COLOURS, NAMED_SHAPES, NAMED_STYLES, SIZES
+
+log = logging.getLogger(__name__)
 
 
 def named_attributes(prompt: str) -> dict[str, str]:
@@ -131,3 +138,68 @@ def evaluate_concept(
     finally:
         method.train(was_training)
     return metrics
+
+
+class JudgeEvaluation(pl.Callback):
+    """The judge scores the run's concept: fixed prompts at fixed seeds, at step 0, every N steps and
+    at the end (the `evaluators` group's toy.yaml, which model=toy selects).
+
+    It scores only the toy world's own concept sets, whose truth it knows; on any other image folder
+    the run trains without a concept score, and says so once. A method with a strength is scored at
+    every multiplier at step 0 and at the end, at 1.0 in between. Metrics go to every logger
+    (metrics.csv, W&B) and the last ones to the run record (summary.json's `metrics`).
+    """
+
+    def __init__(self, settings, data, record=None):
+        from .world import RESOLUTION
+
+        if data.resolution not in (None, RESOLUTION):
+            raise ConfigError(
+                f"data.resolution={data.resolution}: the toy world is drawn at {RESOLUTION}x{RESOLUTION} and "
+                f"its judge reads only that size; use data.resolution=null (or evaluators=none)"
+            )
+        self.cfg, self.record = settings, record
+        found = toy_concept_of(data.path)
+        if found is None:
+            log.warning(
+                "data.path=%s is not one of the toy world's concept sets (%s): the judge has no truth for it, "
+                "so this run trains without a concept score",
+                data.path, ", ".join(f"bundled:{n}" for n in TOY_CONCEPTS),
+            )  # fmt: skip
+        self.concept = found[1] if found else None
+        self.judge = None
+        self.done: tuple[int, bool] | None = None  # (step, all multipliers) of the last evaluation
+
+    def setup(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
+        if self.concept is not None and self.judge is None:
+            from .checkpoint import load_judge
+
+            self.judge = load_judge(Path(module.backbone.path))
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.cfg.every_n_steps > 0:
+            self.evaluate(trainer, module, full=trainer.global_step == 0)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.cfg.every_n_steps > 0 and step % self.cfg.every_n_steps == 0 and step < trainer.max_steps:
+            self.evaluate(trainer, module, full=False)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.evaluate(trainer, module, full=True)
+
+    @torch.no_grad()
+    def evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, full: bool) -> None:
+        step = trainer.global_step
+        if self.judge is None or not trainer.is_global_zero or self.done in ((step, True), (step, full)):
+            return
+        self.done = (step, full)
+        self.judge.to(module.device)
+        metrics = evaluate_concept(
+            module.backbone, module.method, self.judge, list(self.concept.prompts), dict(self.concept.truth),
+            self.cfg, all_multipliers=full,
+        )  # fmt: skip
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if self.record is not None:
+            self.record.report(trainer, metrics={"step": step, **metrics})

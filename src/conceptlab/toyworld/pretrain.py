@@ -383,12 +383,11 @@ def _recipe(cfg: PretrainConfig) -> dict:
 def caption_following(folder: Path, cfg: PretrainConfig) -> dict:
     """How well the exported model draws what fully named captions ask for, read by its judge."""
     from ..backbone import load_backbone
-    from ..config import ModelConfig
-    from .checkpoint import load_judge
+    from .checkpoint import load_judge, toy_model_config
     from .evaluate import named_attributes, sample_pairs
 
     start = time.time()
-    backbone = load_backbone(ModelConfig(name="toy", path=str(folder), toyworld=True)).to(torch.float32)
+    backbone = load_backbone(toy_model_config(folder)).to(torch.float32)
     judge = load_judge(folder)
     rng = random.Random(cfg.seed + 7)
     named = WorldMix(p_large=0.5, shapes=SHAPES[:6], styles=STYLES[:4])
