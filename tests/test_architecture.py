@@ -33,8 +33,8 @@ def test_core_modules_import_neither_a_method_nor_the_toy_world():
 
 def test_methods_are_discovered_with_their_configs_and_prompt_tags():
     methods = registered_methods()
-    assert {"ti", "hypernet"} <= set(methods)
-    assert {m.prompt_tag for m in methods.values()} >= {None, "hypernet"}
+    assert {"ti", "hypernet", "lora"} <= set(methods)
+    assert {m.prompt_tag for m in methods.values()} >= {None, "hypernet", "lora"}
     for name, method in methods.items():
         assert (ROOT / "conf" / "method" / f"{name}.yaml").is_file(), name
         assert method.Config().name == name and method.file_formats
@@ -54,7 +54,7 @@ def test_every_key_has_help_and_help_lists_every_group_and_method_key():
     for group in ("model", "method", "data", "trainer", "logger", "evaluators", "+experiment="):
         assert f"  {group}" in proc.stdout, group
     assert "schema" not in proc.stdout
-    for key, _, text in key_help(TrainConfig) + key_help(registered_methods()["hypernet"].Config, "method."):
+    for key, _, text in key_help(TrainConfig) + key_help(registered_methods()["lora"].Config, "method."):
         if key not in ("model", "method", "data"):  # groups: listed with their options
             assert f"  {key} = " in proc.stdout and text in proc.stdout, key
 

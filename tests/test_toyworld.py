@@ -360,6 +360,18 @@ def test_hypernetwork_learns_the_unseen_style_and_is_the_bare_model_at_zero(tmp_
     assert "judge/prompt_shape" in judge and "judge/prompt_colour" in judge  # the cost, reported
 
 
+@pytest.mark.slow
+def test_lora_learns_the_attribute_combination_and_is_the_bare_model_at_zero(tmp_path):
+    """`method=lora` on the toy world's object set (its recipe: lr 1e-3), budgeted by steps."""
+    proc, [run_dir] = train_subprocess(
+        tmp_path, "method=lora", "data=toy_combo", "logger=csv", "trainer.enable_progress_bar=false",
+        "trainer.max_steps=150", "evaluate.every_n_steps=0", "samples.every_n_steps=0", fast=False, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_summary(run_dir)["metrics"]
+    assert metrics["judge/concept"] >= 0.5 and metrics["judge_m0/concept"] <= 0.1
+
+
 def _judge_rows(run_dir: Path) -> list[dict]:
     import csv
 
