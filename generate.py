@@ -6,12 +6,12 @@ import hydra
 from omegaconf import DictConfig
 
 import conceptlab.generate
-from conceptlab.config import register_configs
+from conceptlab.config import CONFIG_PATH, register_configs
 
 register_configs()
 
 
-@hydra.main(config_path="conf", config_name="generate", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="generate", version_base="1.3")
 def generate(cfg: DictConfig) -> None:
     conceptlab.generate.main(cfg)
 

@@ -4,12 +4,12 @@ import hydra
 from omegaconf import DictConfig
 
 import conceptlab.train
-from conceptlab.config import register_configs
+from conceptlab.config import CONFIG_PATH, register_configs
 
 register_configs()
 
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> None:
     conceptlab.train.main(cfg)
 

@@ -72,12 +72,12 @@ def backbone(tiny_dir):
 def compose(overrides: list[str], with_hydra: bool = False, config: str = "train"):
     """The config exactly as `python train.py <overrides>` (or generate.py) composes it."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
 
     from conceptlab.config import register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_module(config_module="conceptlab.conf", version_base="1.3"):
         return hydra_compose(config, overrides=overrides, return_hydra_config=with_hydra)
 
 

@@ -17,6 +17,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+# Where Hydra finds conceptlab's own configs: inside the installed package, from any folder.
+CONFIG_PATH = "pkg://conceptlab.conf"
+
 
 def opt(default: Any = MISSING, help: str = "") -> Any:  # noqa: A002 - the name --help shows
     """A config field with its one-line help (lists and nested configs get a fresh default each time)."""

@@ -187,6 +187,17 @@ def quote_text_overrides(argv: list[str]) -> list[str]:
     return quoted
 
 
+def cli() -> None:
+    """Console script `conceptlab-generate` (and `conceptlab generate`): `python generate.py` from any folder."""
+    import hydra
+
+    from .config import CONFIG_PATH, register_configs
+
+    register_configs()
+    sys.argv[1:] = quote_text_overrides(sys.argv[1:])
+    hydra.main(config_path=CONFIG_PATH, config_name="generate", version_base="1.3")(main)()
+
+
 def main(cfg: DictConfig) -> dict[str, Any]:
     """The Hydra task of generate.py: a user's mistake is one line on stderr and exit status 2."""
     from hydra.core.hydra_config import HydraConfig

@@ -1,4 +1,5 @@
-"""Compare the runs of a sweep: runs.csv, plots, side-by-side sample grids and one report.html.
+"""Compare the runs of a sweep: runs.csv, plots, side-by-side sample grids and one report.html
+(`conceptlab-report <folder>`, `python scripts/report.py <folder>`).
 
 Reads the run records every job leaves (summary.json, metrics.csv, samples/, .hydra/), so it works
 offline on a multirun folder; `runs_from_wandb` builds the same table from a W&B group instead.
@@ -6,10 +7,12 @@ offline on a multirun folder; `runs_from_wandb` builds the same table from a W&B
 
 from __future__ import annotations
 
+import argparse
 import html
 import json
 import math
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import pandas as pd
 import yaml
 
 from .atomic import atomic_path
-from .errors import ConfigError
+from .errors import ConceptLabError, ConfigError
 
 METRICS = ["final_loss", "mean_loss", "steps", "steps_per_s", "wall_time_s", "train_time_s", "lr"]
 # A study's metric that the run record keeps under another name.
@@ -455,3 +458,45 @@ def runs_from_wandb(group: str, project: str, entity: str | None) -> Sweep:
             "seed": config.get("seed"), **tags, **{m: run.summary.get(m) for m in METRICS},
         })  # fmt: skip
     return Sweep(root=Path("."), runs=pd.DataFrame(rows), axes=axes, study={"name": group})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The report's command line: a folder (or a W&B group) in, report/ out; 2 on a user's error."""
+    parser = argparse.ArgumentParser(
+        prog="conceptlab-report",
+        description="Compare the runs of a sweep: report.html (opens offline), runs.csv, plots/, samples/.",
+    )
+    parser.add_argument("folder", nargs="?", help="a multirun folder, a run, or a folder of runs")
+    parser.add_argument("--out", help="report folder (default: <folder>/report)")
+    parser.add_argument("--wandb-group", help="read the runs of this W&B group instead of a folder")
+    parser.add_argument("--wandb-project", default="conceptlab")
+    parser.add_argument("--wandb-entity", default=None)
+    args = parser.parse_args(argv)
+    if not args.folder and not args.wandb_group:
+        parser.error("give a folder, or --wandb-group")
+    try:
+        if args.wandb_group:
+            sweep = runs_from_wandb(args.wandb_group, args.wandb_project, args.wandb_entity)
+            out = Path(args.out or f"report-{args.wandb_group}")
+        else:
+            sweep = collect(args.folder)
+            out = Path(args.out or Path(args.folder) / "report")
+        page = write_report(sweep, out)
+    except ConceptLabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    counts = sweep.runs["status"].value_counts().to_dict()
+    print(f"{page}  ({len(sweep.runs)} runs: {', '.join(f'{n} {s}' for s, n in counts.items())})")
+    answer = headline(sweep)
+    if answer is not None:
+        top = answer.table.iloc[0]
+        setting = ", ".join(
+            f"{c}={top[c]}" for c in answer.table.columns if c not in ("mean", "std", "count")
+        )
+        print(f"best by {answer.metric}: {setting} ({top['mean']:.4g} over {int(top['count'])} run(s))")
+    return 0
+
+
+def cli() -> None:
+    """Console script `conceptlab-report`."""
+    sys.exit(main())

@@ -17,7 +17,6 @@ from .errors import ConceptLabError, ConfigError
 from .records import RunRecord
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Keys that say how (long) to run, not what to run: `resume=true` continues an earlier run whose
 # command differed only in these (so a run can be resumed with a larger step budget).
 RESUME_KEYS = ("resume", "ckpt_path", "trainer.max_steps")
@@ -328,11 +327,10 @@ def same_run_key(overrides: list[str]) -> list[str]:
 
 
 def cli() -> None:
-    """Console script `conceptlab-train`: the same as `python train.py` in a checkout."""
+    """Console script `conceptlab-train` (and `conceptlab train`): `python train.py` from any folder."""
     import hydra
 
-    from .config import register_configs
+    from .config import CONFIG_PATH, register_configs
 
     register_configs()
-    # Hydra finds a relative config_path beside the task function's module; ours lives in the repo.
-    hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(main)()
+    hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")(main)()
