@@ -98,6 +98,12 @@ def sweep(tmp_path, *args):
 def test_four_job_sweep_then_the_report(tmp_path):
     proc, folder = sweep(tmp_path, "method=ti,hypernet", "seed=0,1")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # One line per finished job, then the table of all jobs and the report command.
+    finished = [
+        line for line in proc.stdout.splitlines() if re.match(r"\[\d_\w+\] \S+-seed\d: completed", line)
+    ]
+    assert len(finished) == 4, proc.stdout
+    assert "sweep: 4 jobs in" in proc.stdout and f"report: conceptlab-report {folder}" in proc.stdout
     summaries = [json.loads(p.read_text()) for p in sorted(folder.glob("*/summary.json"))]
     assert [s["status"] for s in summaries] == ["completed"] * 4
     assert sorted(s["run_name"] for s in summaries) == [

@@ -88,13 +88,25 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def sample(
         self, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float,
-        negative_prompt: str = "", batch_size: int = 64,
+        negative_prompt: str = "", batch_size: int = 64, progress: str | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """One DDIM sample of prompts[i] at seeds[i] each, in batches: [len(prompts), 3, H, W] in [0, 1]."""
+        """One DDIM sample of prompts[i] at seeds[i] each, in batches: [len(prompts), 3, H, W] in [0, 1].
+
+        `progress`: a description for a transient progress bar over the denoising steps."""
+        from tqdm.auto import tqdm
+
         pipe = self.pipeline("DDIMScheduler")
         size = self.native_resolution
         out = []
-        for start in range(0, len(prompts), batch_size):
+        chunks = range(0, len(prompts), batch_size)
+        bar = tqdm(total=len(chunks) * num_inference_steps, desc=progress, unit="step", leave=False,
+                   disable=progress is None, dynamic_ncols=True)  # fmt: skip
+
+        def advance(pipe, step, timestep, kwargs):
+            bar.update(1)
+            return kwargs
+
+        for start in chunks:
             chunk = prompts[start : start + batch_size]
             # Encoded here (not by the pipeline) so a multi-vector placeholder reads exactly as in training.
             images = pipe(
@@ -108,8 +120,10 @@ class Backbone(nn.Module):
                 height=size,
                 width=size,
                 output_type="pt",
+                callback_on_step_end=advance,
             ).images
             out.append(images.float().cpu())
+        bar.close()
         return torch.cat(out)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

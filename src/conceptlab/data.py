@@ -345,18 +345,25 @@ class ConceptDataModule(pl.LightningDataModule):
 @torch.no_grad()
 def encode_latents(backbone: Backbone, images: list[Image.Image], flips: bool, device: torch.device):
     """Latent distribution (mean, std) of each image, and of its mirror image: [images, flips, C, h, w]."""
+    from tqdm.auto import tqdm
+
     vae = backbone.vae.to(device)
     pixels = torch.stack([image_to_tensor(im) for im in images])
     views = [pixels, pixels.flip(-1)] if flips else [pixels]
     means, stds = [], []
+    # Seconds for a handful of images; a progress bar for a large folder on a large VAE.
+    bar = tqdm(total=len(views) * len(images), desc="caching latents", unit="image", leave=False,
+               disable=len(images) < 32, dynamic_ncols=True)  # fmt: skip
     for view in views:
         mean, std = [], []
         for chunk in view.split(8):
             dist = vae.encode(chunk.to(device, vae.dtype)).latent_dist
             mean.append(dist.mean.float().cpu())
             std.append(dist.std.float().cpu())
+            bar.update(len(chunk))
         means.append(torch.cat(mean))
         stds.append(torch.cat(std))
+    bar.close()
     return torch.stack(means, 1), torch.stack(stds, 1)
 
 

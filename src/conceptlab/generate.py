@@ -202,8 +202,16 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     """The Hydra task of generate.py: a user's mistake is one line on stderr and exit status 2."""
     from hydra.core.hydra_config import HydraConfig
 
+    from .console import is_verbose, quiet_third_party, say
+
+    quiet_third_party(verbose=is_verbose())
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        record = run(cfg, out_dir)
+        say(
+            f"conceptlab: {len(record['images'])} images in {out_dir / 'images'}\n  grid: {out_dir / record['grid']}"
+        )
+        return record
     except ConceptLabError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

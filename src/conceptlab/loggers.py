@@ -84,6 +84,9 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
             config=flatten(config),
             settings=wandb.Settings(init_timeout=cfg.init_timeout, silent=True),
         )
+        # Lightning always passes W&B's deprecated `anonymous` setting (None), which makes W&B warn on
+        # every run; the setting does nothing, so it is not passed (console.py lists what is hidden).
+        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
         logger.experiment  # noqa: B018 - start the run now, where a failure can still be handled
         from pytorch_lightning.utilities import rank_zero_only
 

@@ -82,8 +82,12 @@ class RunSummary:
     steps_per_s: float | None = None
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
     time_to_first_step_s: float | None = None
-    # evaluation: the evaluators' last scores ("judge/concept", ...) and the step they are from
+    # evaluation: the evaluators' last scores ("judge/concept", ...) and the step they are from, the
+    # first scores of this process (usually step 0: "before"), and the keys worth a headline
     metrics: dict[str, float] = field(default_factory=dict)
+    metrics_at_start: dict[str, float] = field(default_factory=dict)
+    headline: list[str] = field(default_factory=list)
+    example_prompt: str | None = None  # a prompt that uses the learned concept (generate.py)
     # the end
     files: dict[str, Any] = field(default_factory=dict)
     wall_time_s: float | None = None
@@ -118,6 +122,8 @@ class RunRecord(pl.Callback):
 
     def report(self, trainer: pl.Trainer, **fields: Any) -> None:
         """Fields from inside training; they reach the record in whichever process writes it."""
+        if "metrics" in fields and not self.summary.metrics_at_start:
+            fields["metrics_at_start"] = fields["metrics"]
         self.update(**fields)
         trainer.callback_metrics.setdefault(REPORT_KEY, {}).update(fields)
 

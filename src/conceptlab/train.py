@@ -27,9 +27,13 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from .console import is_verbose, quiet_third_party, say
+
+    quiet_third_party(verbose=is_verbose())
     try:
         return run(cfg)
     except ConceptLabError as err:
+        say(f"run record: {Path(HydraConfig.get().runtime.output_dir) / 'summary.json'} (failed)")
         print(f"error: {err}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra runs the sweep's other jobs, then fails with this error
@@ -39,15 +43,71 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one concept with one method; returns the summary (also written to summary.json)."""
     record = start_record(cfg)
+    from .console import say
+
     try:
         fit(cfg, record)
     except BaseException as err:
         record.finish("interrupted" if isinstance(err, KeyboardInterrupt | SystemExit) else "failed", err)
         if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
             sys.modules["wandb"].finish(exit_code=1)  # the next job of a sweep gets a run of its own
+        if record.summary.sweep_dir:
+            say(job_line(record))
         raise
     record.finish("completed")
+    say(job_line(record) if record.summary.sweep_dir else end_summary(record))
     return record.data
+
+
+def scores_line(record: RunRecord, before: bool = True) -> str:
+    """The headline scores, `before -> after` where the run evaluated more than once."""
+    summary = record.summary
+    parts = []
+    for key in summary.headline:
+        after, first = summary.metrics.get(key), summary.metrics_at_start.get(key)
+        if isinstance(after, float | int):
+            shown = (
+                f"{first:.2f} -> {after:.2f}" if before and isinstance(first, float | int) else f"{after:.2f}"
+            )
+            parts.append(f"{key} {shown}")
+    return " · ".join(parts)
+
+
+def job_line(record: RunRecord) -> str:
+    """One line per finished job of a sweep: its name, status and headline."""
+    s = record.summary
+    headline = scores_line(record, before=False) or (f"loss {s.final_loss:.4f}" if s.final_loss else "")
+    status = s.status if s.status == "completed" else f"{s.status}: {s.error}"
+    return f"[{Path(s.run_dir).name}] {s.run_name or s.method}: {status}" + (
+        f" · {headline}" if headline else ""
+    )
+
+
+def end_summary(record: RunRecord) -> str:
+    """What a finished run did and where its results are, with the command that uses them."""
+    s = record.summary
+    run_dir = Path(s.run_dir)
+    lines = [
+        f"conceptlab: {s.status} in {s.wall_time_s:.0f} s · {s.steps} steps · final loss {s.final_loss:.4f}"
+    ]
+    if scores_line(record):
+        lines.append(f"  {scores_line(record)}")
+    concept_files = [run_dir / f for f in s.files.get("concepts", [])]
+    lines.append(f"  run: {run_dir}")
+    if concept_files:
+        lines.append(f"  concept files: {', '.join(str(f) for f in concept_files)}")
+        entry = "conceptlab-generate"
+        if Path(sys.argv[0]).name == "train.py":  # a checkout: the script beside the one that ran
+            entry = f"python {Path(sys.argv[0]).with_name('generate.py')}"
+        # The run's own model overrides, so the command generates with the backbone that trained.
+        model = [o for o in s.overrides if o.lstrip("+~").split("=")[0].split(".")[0] == "model"]
+        prompt = (s.example_prompt or "").replace("'", "")
+        args = " ".join(f"'{a}'" for a in [f"prompt={prompt}", f"concepts=[{run_dir}]", *model])
+        lines.append(f"  use them: {entry} {args}")
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    if offline:
+        lines.append(f"  W&B (offline): wandb sync {offline[-1]}")
+    return "\n".join(lines)
 
 
 def fit(cfg: DictConfig, record: RunRecord) -> None:
@@ -55,6 +115,7 @@ def fit(cfg: DictConfig, record: RunRecord) -> None:
     import pytorch_lightning as pl
 
     from .backbone import load_backbone
+    from .console import say
     from .data import ConceptDataModule, read_concept_images
 
     run_dir, concept = record.run_dir, record.summary.concept
@@ -71,8 +132,16 @@ def fit(cfg: DictConfig, record: RunRecord) -> None:
         cfg.data, images, backbone, method.prompt_text, cfg.seed, resolution,
         cache_context=not method.changes_text_encoding,
     )  # fmt: skip
+    record.update(
+        headline=[key for e in evaluators for key in getattr(e, "headline", ())],
+        example_prompt=method.usage(list(cfg.data.sample_prompts)[0]),
+    )
     trainer = make_trainer(cfg, record, run_callbacks(cfg, record, method) + evaluators)
     module = make_module(cfg, trainer, backbone, method, record)
+    say(
+        f"conceptlab: {cfg.method.name} on {concept} · model={cfg.model.name} · {cfg.trainer.max_steps} steps · "
+        f"{trainer.strategy.root_device.type} · {trainer.precision} -> {run_dir}"
+    )
     record.update(
         num_images=len(images), images=[str(im.path) for im in images], resolution=resolution,
         resumed_from=str(ckpt_path) if ckpt_path else None,
@@ -165,6 +234,7 @@ def instantiate_checked(spec, **kwargs):
 def run_callbacks(cfg: DictConfig, record: RunRecord, method) -> list:
     """Checkpoints, preemption, sample grids, the concept files, speed figures and the record itself."""
     from .callbacks import ConceptExport, LastCheckpoint, PreemptionCheckpoint, RunStats, SampleGrid
+    from .console import StepProgress
 
     run_dir = record.run_dir
     last = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", cfg.checkpoint.every_n_steps)
@@ -175,6 +245,7 @@ def run_callbacks(cfg: DictConfig, record: RunRecord, method) -> list:
         ConceptExport(run_dir / "concepts"),
         RunStats(record, job_started=record.started),
         record,
+        *([StepProgress(record)] if cfg.trainer.enable_progress_bar else []),
     ]
 
 

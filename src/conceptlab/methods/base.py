@@ -44,6 +44,7 @@ class Method(nn.Module, ABC):
     def __init__(self, name: str, lr: float | str, scale_lr: bool):
         super().__init__()
         self.name = name
+        self.concept = ""  # the concept's name; subclasses set it (it names their files)
         parse_lr_schedule(lr)  # a malformed schedule fails here, before anything loads
         self.lr = lr  # a rate, or an AUTOMATIC1111 schedule "1e-5:1000, 5e-6:3000, 1e-6"
         self.scale_lr = scale_lr
@@ -78,6 +79,11 @@ class Method(nn.Module, ABC):
     def at_multiplier(self, multiplier: float) -> Iterator[None]:
         """Apply the method at this inference strength for the duration (a no-op without one)."""
         yield
+
+    def usage(self, prompt: str) -> str:
+        """`prompt` ({} = the concept) as generation writes it with this method's concept file."""
+        text = prompt.replace("{}", self.prompt_text)
+        return f"{text} <{self.prompt_tag}:{self.concept}:1>" if self.prompt_tag else text
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every tensor that trains: the method's own, and any backbone part it unfroze."""

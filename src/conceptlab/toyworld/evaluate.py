@@ -37,20 +37,23 @@ def named_attributes(prompt: str) -> dict[str, str]:
 
 
 def sample_images(
-    backbone, prompts: list[str], seeds: list[int], num_inference_steps: int = 25, guidance_scale: float = 4.0
-) -> torch.Tensor:
+    backbone, prompts: list[str], seeds: list[int], num_inference_steps: int = 25, guidance_scale: float = 4.0,
+    progress: str | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Every prompt at every seed (prompt-major), as [len(prompts) * len(seeds), 3, H, W] in [-1, 1]."""
     pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
     return sample_pairs(
-        backbone, [p for p, _ in pairs], [s for _, s in pairs], num_inference_steps, guidance_scale
+        backbone, [p for p, _ in pairs], [s for _, s in pairs], num_inference_steps, guidance_scale, progress
     )
 
 
 def sample_pairs(
-    backbone, prompts: list[str], seeds: list[int], num_inference_steps: int = 25, guidance_scale: float = 4.0
-) -> torch.Tensor:
+    backbone, prompts: list[str], seeds: list[int], num_inference_steps: int = 25, guidance_scale: float = 4.0,
+    progress: str | None = None,
+) -> torch.Tensor:  # fmt: skip
     """One sample of prompts[i] at seeds[i] each, in [-1, 1] (what the judge reads)."""
-    return backbone.sample(prompts, seeds, num_inference_steps, guidance_scale) * 2 - 1
+    images = backbone.sample(prompts, seeds, num_inference_steps, guidance_scale, progress=progress)
+    return images * 2 - 1
 
 
 @dataclass
@@ -116,6 +119,7 @@ def evaluate_concept(
     truth: dict[str, str],
     cfg,
     all_multipliers: bool = True,
+    progress: str | None = None,
 ) -> dict[str, float]:
     """Judge metrics of the backbone with `method` installed, at each of cfg.multipliers for a method
     that has a strength (judge/* at 1.0, judge_m<m>/* at the others), else once (judge/*).
@@ -132,7 +136,10 @@ def evaluate_concept(
     try:
         for multiplier in multipliers:
             with method.at_multiplier(multiplier):
-                images = sample_images(backbone, texts, seeds, cfg.num_inference_steps, cfg.guidance_scale)
+                images = sample_images(
+                    backbone, texts, seeds, cfg.num_inference_steps, cfg.guidance_scale,
+                    progress=f"{progress} (x{multiplier:g})" if progress else None,
+                )  # fmt: skip
             prefix = "judge/" if multiplier == 1.0 else f"judge_m{multiplier:g}/"
             metrics.update(score(judge, images, prompts, truth).metrics(prefix))
     finally:
@@ -149,6 +156,8 @@ class JudgeEvaluation(pl.Callback):
     every multiplier at step 0 and at the end, at 1.0 in between. Metrics go to every logger
     (metrics.csv, W&B) and the last ones to the run record (summary.json's `metrics`).
     """
+
+    headline = ("judge/concept", "judge/prompt")  # what the progress bar and the end summary show
 
     def __init__(self, settings, data, record=None):
         from .world import RESOLUTION
@@ -197,7 +206,7 @@ class JudgeEvaluation(pl.Callback):
         self.judge.to(module.device)
         metrics = evaluate_concept(
             module.backbone, module.method, self.judge, list(self.concept.prompts), dict(self.concept.truth),
-            self.cfg, all_multipliers=full,
+            self.cfg, all_multipliers=full, progress=f"judging step {step}",
         )  # fmt: skip
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

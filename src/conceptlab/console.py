@@ -1,0 +1,167 @@
+"""What a person reads on the console: other libraries' noise filtered at its source, a progress bar in
+steps, and short lines at the start and the end of a run.
+
+NOISE is the one list of messages from other libraries that are hidden, each with the reason it is
+safe to hide: they ask nothing of the user. Everything else - real warnings, and all of conceptlab's
+own - still shows, and `hydra.verbose=true` brings everything back. (W&B's warning about the
+`anonymous` setting is not filtered: loggers.py stops passing that dead setting.)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ProgressBar
+
+
+@dataclass(frozen=True)
+class Noise:
+    source: str  # "warning" (Python warnings, matched with the module) or "log" (a logger's records)
+    where: str  # the warning's module regex, or the logger's name
+    message: str  # regex the message starts with
+    reason: str  # why hiding it is safe
+
+
+NOISE = (
+    Noise("log", "pytorch_lightning.utilities.rank_zero", r"(GPU|TPU|HPU) available",
+          "Lightning's hardware inventory; the start line names the device and precision conceptlab uses"),
+    Noise("log", "pytorch_lightning.utilities.rank_zero", r"💡 Tip",
+          "an advertisement for another logging product"),
+    Noise("log", "pytorch_lightning.utilities.rank_zero", r"`Trainer.fit` stopped: `max_steps=",
+          "every run stops at trainer.max_steps by design; the end summary says how it ended"),
+    Noise("log", "pytorch_lightning.utilities.rank_zero", r"The `srun` command is available on your system",
+          "SLURM is present but the run was started directly: deliberate (local runs, the one-machine cluster)"),
+    Noise("log", "pytorch_lightning.utilities.rank_zero", r"LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES",
+          "device bookkeeping Lightning prints per rank"),
+    Noise("log", "pytorch_lightning.accelerators.cuda", r"LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES",
+          "device bookkeeping Lightning prints per rank"),
+    Noise("warning", r"pytorch_lightning\.utilities\._pytree", r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+          "a deprecation inside Lightning's own code, not in conceptlab's calls"),
+    Noise("log", "transformers", r"`\w+ImageProcessor` requires torchvision",
+          "image processors conceptlab never uses fall back to PIL; nothing to install"),
+    Noise("log", "transformers", r"The new embeddings will be initialized from a multivariate normal",
+          "textual inversion overwrites the new rows with its own vectors right after resizing"),
+)  # fmt: skip
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, patterns: list[re.Pattern]):
+        super().__init__()
+        self.patterns = patterns
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.match(message) for p in self.patterns)
+
+
+_installed: list[tuple[Any, logging.Filter]] = []
+
+
+def quiet_third_party(verbose: bool = False) -> None:
+    """Hide the NOISE messages (once per process); with `verbose`, hide nothing."""
+    if verbose or _installed:
+        return
+    try:  # progress bars of loading weights: no question for the user, and they interleave with ours
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+        transformers_logging.get_logger("transformers")  # sets up its handler, which gets a filter below
+    except ImportError:
+        pass
+    for noise in NOISE:
+        if noise.source == "warning":
+            warnings.filterwarnings("ignore", message=noise.message, module=noise.where)
+    by_logger: dict[str, list[re.Pattern]] = {}
+    for noise in NOISE:
+        if noise.source == "log":
+            by_logger.setdefault(noise.where, []).append(re.compile(noise.message))
+    for name, patterns in by_logger.items():
+        logger = logging.getLogger(name)
+        drop = _DropNoise(patterns)
+        # A logger's own filters see its own records; its handlers' filters see its children's too
+        # (transformers logs through module loggers into the handler of "transformers").
+        for target in [logger, *logger.handlers]:
+            target.addFilter(drop)
+            _installed.append((target, drop))
+
+
+def is_verbose() -> bool:
+    """Hydra's `hydra.verbose` (true or a list of loggers) asks for everything."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and bool(HydraConfig.get().verbose)
+
+
+def say(line: str) -> None:
+    """A conceptlab line on the console (stdout), from rank zero only."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(line, flush=True)
+
+
+class StepProgress(ProgressBar):
+    """One bar in optimizer steps of trainer.max_steps: rate, ETA, the loss and the last evaluation's
+    headline scores (read from the run record)."""
+
+    def __init__(self, record=None, headline: tuple[str, ...] = ()):
+        super().__init__()
+        self.record, self.headline = record, headline
+        self._enabled = True
+        self.bar = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        from tqdm.auto import tqdm
+
+        if self.is_enabled and trainer.is_global_zero:
+            self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="training", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)  # fmt: skip
+            self._postfix(trainer)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(trainer.global_step - self.bar.n)
+        # The loss is read back from the device only when the bar redraws anyway.
+        if self.bar.n == self.bar.total or self.bar.n - getattr(self, "_shown", -10) >= 10:
+            self._postfix(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.bar is not None:
+            self._postfix(trainer)
+            self.bar.close()
+            self.bar = None
+
+    def on_exception(self, trainer, module, exception) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _postfix(self, trainer: pl.Trainer) -> None:
+        self._shown = self.bar.n
+        parts = []
+        loss = trainer.progress_bar_metrics.get("train/loss")
+        if loss is not None:
+            parts.append(f"loss {float(loss):.4f}")
+        scores = self.record.summary.metrics if self.record is not None else {}
+        headline = self.headline or (self.record.summary.headline if self.record is not None else ())
+        parts += [f"{k} {scores[k]:.2f}" for k in headline if isinstance(scores.get(k), float | int)]
+        self.bar.set_postfix_str(" · ".join(parts), refresh=False)
