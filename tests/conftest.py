@@ -69,6 +69,36 @@ def backbone(tiny_dir):
     return load_backbone(ModelConfig(path=str(tiny_dir)))
 
 
+def fit_a_few_steps(backbone, method, data_path: str, lr: float, templates: str = "object", steps: int = 3):
+    """Train `method` (attached) a few real optimizer steps on a bundled set, as train.py's module does;
+    returns the ConceptModule and the data module."""
+    import pytorch_lightning as pl
+
+    from conceptlab.config import DataConfig, OptimConfig
+    from conceptlab.data import ConceptDataModule, read_concept_images
+    from conceptlab.module import ConceptModule
+
+    cfg = DataConfig(path=data_path, templates=templates, batch_size=2, repeats=1)
+    data = ConceptDataModule(cfg, read_concept_images(cfg), backbone, method.prompt_text, 0, 64,
+                             cache_context=not method.changes_text_encoding)  # fmt: skip
+    module = ConceptModule(backbone, method, OptimConfig(), lr_schedule=[(lr, None)], max_steps=steps)
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", use_distributed_sampler=False)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    return module, data
+
+
+def unet_output(backbone, seed: int = 0):
+    """The UNet's prediction for fixed random latents, timesteps and text context."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 4, 8, 8, generator=gen)
+    context = torch.randn(2, 77, backbone.context_dim, generator=gen)
+    with torch.no_grad():
+        return backbone.unet(latents, torch.tensor([10, 500]), context).sample
+
+
 def compose(overrides: list[str], with_hydra: bool = False, config: str = "train"):
     """The config exactly as `python train.py <overrides>` (or generate.py) composes it."""
     from hydra import compose as hydra_compose

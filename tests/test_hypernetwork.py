@@ -1,12 +1,10 @@
 """Hypernetworks: AUTOMATIC1111's architecture and files, applied through attention processors."""
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from conftest import fit_a_few_steps, unet_output
 from torch import nn
 
-from conceptlab.config import DataConfig, OptimConfig
-from conceptlab.data import ConceptDataModule, read_concept_images
 from conceptlab.errors import ConfigError
 from conceptlab.methods.hypernetwork import (
     Hypernetwork,
@@ -18,7 +16,6 @@ from conceptlab.methods.hypernetwork import (
     write_a1111_hypernetwork,
     write_hypernetwork_safetensors,
 )
-from conceptlab.module import ConceptModule
 from conceptlab.schedules import parse_lr_schedule, rate_at
 
 A1111_META = {
@@ -39,14 +36,6 @@ def randomize(hypernetwork: Hypernetwork, scale: float = 0.5) -> Hypernetwork:
         for p in hypernetwork.parameters():
             p.normal_(0, scale)
     return hypernetwork
-
-
-def unet_output(backbone, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(2, 4, 8, 8, generator=gen)
-    context = torch.randn(2, 77, backbone.context_dim, generator=gen)
-    with torch.no_grad():
-        return backbone.unet(latents, torch.tensor([10, 500]), context).sample
 
 
 def test_default_widths_are_the_text_width_and_the_block_widths(backbone):
@@ -229,14 +218,7 @@ def test_training_changes_only_the_mlps(backbone):
     hn = make_hn()
     hn.attach(backbone)
     start = [p.detach().clone() for p in hn.parameters()]
-    cfg = DataConfig(path="bundled:ink", templates="style", batch_size=2, repeats=1)
-    data = ConceptDataModule(
-        cfg, read_concept_images(cfg), backbone, hn.prompt_text, 0, 64, cache_context=True
-    )
-    module = ConceptModule(backbone, hn, OptimConfig(), lr_schedule=[(1e-3, None)], max_steps=3)
-    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", use_distributed_sampler=False)  # fmt: skip
-    trainer.fit(module, datamodule=data)
+    _, data = fit_a_few_steps(backbone, hn, "bundled:ink", lr=1e-3, templates="style")
     assert all(not torch.equal(a, b) for a, b in zip(start, hn.parameters()))
     for name, tensor in backbone.state_dict().items():
         assert torch.equal(tensor, frozen[name]), name

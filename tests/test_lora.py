@@ -4,19 +4,15 @@ import re
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
-from conftest import compose, read_summary, run_train, train_subprocess
+from conftest import compose, fit_a_few_steps, read_summary, run_train, train_subprocess, unet_output
 from PIL import Image
 from safetensors import safe_open
 
-from conceptlab.config import DataConfig, OptimConfig
-from conceptlab.data import ConceptDataModule, read_concept_images
 from conceptlab.errors import ConfigError
 from conceptlab.generate import quote_text_overrides
 from conceptlab.generate import run as generate_run
 from conceptlab.methods.lora import ADAPTER, LoRA, lora_layers
-from conceptlab.module import ConceptModule
 
 # The kohya / AUTOMATIC1111 layout for SD-1.x UNet attention: module path with '_', then the part.
 KOHYA_KEY = re.compile(
@@ -27,14 +23,6 @@ KOHYA_KEY = re.compile(
 
 def make_lora(**kwargs) -> LoRA:
     return LoRA(**({"name": "lora", "lr": 1e-3, "scale_lr": False, "concept": "robot"} | kwargs))
-
-
-def unet_output(backbone, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(2, 4, 8, 8, generator=gen)
-    context = torch.randn(2, 77, backbone.context_dim, generator=gen)
-    with torch.no_grad():
-        return backbone.unet(latents, torch.tensor([10, 500]), context).sample
 
 
 def randomize(lora: LoRA) -> LoRA:
@@ -54,14 +42,7 @@ def test_only_the_adapters_train(backbone):
         p.numel() for p in backbone.parameters() if p.requires_grad
     )
     start = [p.detach().clone() for p in trainable]
-    cfg = DataConfig(path="bundled:robot", batch_size=2, repeats=1)
-    data = ConceptDataModule(
-        cfg, read_concept_images(cfg), backbone, lora.prompt_text, 0, 64, cache_context=True
-    )
-    module = ConceptModule(backbone, lora, OptimConfig(), lr_schedule=[(1e-2, None)], max_steps=3)
-    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", use_distributed_sampler=False)  # fmt: skip
-    trainer.fit(module, datamodule=data)
+    module, _ = fit_a_few_steps(backbone, lora, "bundled:robot", lr=1e-2)
     assert any(not torch.equal(a, b) for a, b in zip(start, trainable))
     assert all(torch.equal(p, before) and p.grad is None for p, before in frozen)
     # The checkpoint holds the adapters alone.

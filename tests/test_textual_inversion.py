@@ -1,14 +1,11 @@
 """Textual inversion: only the new vectors train; the vocabulary and table stay what they were."""
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from conftest import fit_a_few_steps
 
-from conceptlab.config import DataConfig, OptimConfig
-from conceptlab.data import ConceptDataModule, read_concept_images
 from conceptlab.errors import ConceptFileError, ConfigError
 from conceptlab.methods.textual_inversion import TextualInversion, write_a1111_embedding
-from conceptlab.module import ConceptModule
 
 
 def make_ti(**kwargs) -> TextualInversion:
@@ -50,12 +47,7 @@ def test_training_changes_only_the_new_vectors(backbone):
     ti.attach(backbone)
     table_after_attach = backbone.text_encoder.get_input_embeddings().weight.clone()
     start = ti.vectors.detach().clone()
-    data_cfg = DataConfig(path="bundled:robot", batch_size=2, repeats=1)
-    data = ConceptDataModule(data_cfg, read_concept_images(data_cfg), backbone, ti.prompt_text, 0, 64)
-    module = ConceptModule(backbone, ti, OptimConfig(), lr_schedule=[(5e-3, None)], max_steps=3)
-    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", use_distributed_sampler=False)  # fmt: skip
-    trainer.fit(module, datamodule=data)
+    module, _ = fit_a_few_steps(backbone, ti, "bundled:robot", lr=5e-3)
 
     assert not torch.equal(ti.vectors, start)
     table = backbone.text_encoder.get_input_embeddings().weight
@@ -65,7 +57,7 @@ def test_training_changes_only_the_new_vectors(backbone):
         if name in frozen and "token_embedding" not in name:
             assert torch.equal(tensor, frozen[name]), name
     assert all(p.grad is None for p in backbone.parameters())
-    [optimizer] = trainer.optimizers
+    [optimizer] = module.trainer.optimizers
     assert [p for group in optimizer.param_groups for p in group["params"]] == [ti.vectors]
     assert sum(s["exp_avg"].numel() for s in optimizer.state.values()) == 2 * backbone.context_dim
 
