@@ -133,7 +133,9 @@ def test_bad_prompts_name_the_problem(tmp_path, concepts, prompt, concept, error
 
 def test_concept_files_for_another_model_are_refused(tmp_path):
     wide = write_diffusers_embedding(tmp_path / "sd15.safetensors", "<sd15>", torch.zeros(1, 768))
-    with pytest.raises(ConceptFileError, match="is 768 wide but this model's text encoder is 32 wide"):
+    with pytest.raises(
+        ConceptFileError, match="holds 768-wide vectors but this model.s text encoder is 32 wide"
+    ):
         generate(tmp_path, "prompt=a <sd15>", f"concepts=[{wide}]")
     hn = hypernetwork_file(tmp_path / "h.pt", "h", sizes=(768, 320))
     with pytest.raises(ConceptFileError, match="trained for another model"):

@@ -82,7 +82,7 @@ def test_num_vectors_below_one_is_refused():
 
 def test_init_from_a_file_of_the_wrong_width_is_refused(backbone, tmp_path):
     path = write_a1111_embedding(tmp_path / "sd15.pt", "sd15", torch.zeros(1, 768), 1, None, "sd15")
-    with pytest.raises(ConceptFileError, match="768-wide vectors but this text encoder is 32 wide"):
+    with pytest.raises(ConceptFileError, match="768-wide vectors but this model.s text encoder is 32 wide"):
         make_ti(init_from=str(path)).attach(backbone)
 
 

@@ -1,5 +1,6 @@
 """`python train.py` end to end on the tiny backbone: the run record, resume, and bad input."""
 
+import hashlib
 import json
 import shutil
 import signal
@@ -211,7 +212,7 @@ BAD_INPUT = {
         lambda t, m: (
             f"method.init_from={write_a1111_embedding(t / 'e.pt', 'e', torch.zeros(1, 768), 1, None, 'x')}"
         ),
-        "768-wide vectors but this text encoder is 32 wide",
+        "768-wide vectors but this model.s text encoder is 32 wide",
     ),
 }
 
@@ -335,4 +336,8 @@ def test_a_model_folder_given_as_model_path_trains(tmp_path):
     summary = read_summary(run_dir)
     assert summary["status"] == "completed" and summary["model"] == "my-sd"
     assert read_embedding(run_dir / "concepts" / "robot.pt").step == 4
-    assert torch.load(run_dir / "concepts" / "robot.pt", weights_only=True)["sd_checkpoint_name"] == "my-sd"
+    # As the webui describes a checkpoint: the folder's name and a short hash of its UNet's weights.
+    a1111 = torch.load(run_dir / "concepts" / "robot.pt", weights_only=True)
+    assert a1111["sd_checkpoint_name"] == "tiny-sd"
+    unet = (folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert a1111["sd_checkpoint"] == hashlib.sha256(unet).hexdigest()[:10]

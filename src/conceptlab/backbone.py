@@ -3,7 +3,9 @@ embedded tiny backbone (built once from code, saved with save_pretrained, then l
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import inspect
 import logging
 import os
@@ -33,7 +35,8 @@ class Backbone(nn.Module):
     requires_grad, and their train/eval mode in its own `train()`, which runs after this one's.
     """
 
-    def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, name: str, path: str):
+    def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, name: str, path: str,
+                 checkpoint_name: str | None = None):  # fmt: skip
         super().__init__()
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -42,12 +45,29 @@ class Backbone(nn.Module):
         self.scheduler = scheduler
         self.name = name
         self.path = path
+        # What the webui calls the checkpoint in the files it writes (sd_checkpoint_name).
+        self.checkpoint_name = checkpoint_name or name
         self.requires_grad_(False)
         self.eval()
 
     def train(self, mode: bool = True) -> Backbone:
         # The frozen parts never train (no dropout), whatever Lightning asks of the module holding us.
         return super().train(False)
+
+    @functools.cached_property
+    def checkpoint_hash(self) -> str | None:
+        """The webui's short hash of a checkpoint (sha256, 10 hex digits), of the UNet's weights file
+        here: identifies the backbone a concept was trained on (sd_checkpoint). None for hub ids."""
+        files = sorted((Path(self.path) / "unet").glob("diffusion_pytorch_model*.safetensors"))
+        files = files or sorted((Path(self.path) / "unet").glob("diffusion_pytorch_model*.bin"))
+        if not files:
+            return None
+        digest = hashlib.sha256()
+        for file in files:
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:10]
 
     @property
     def context_dim(self) -> int:
@@ -202,7 +222,11 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
     # transformers keeps a checkpoint's own dtype (fp16 files load as fp16), diffusers loads float32:
     # one dtype for every part until training or generation picks theirs.
     text_encoder.to(unet.dtype)
-    backbone = Backbone(tokenizer, text_encoder, vae, unet, scheduler, name=cfg.name, path=source)
+    # A user's folder or hub id names the checkpoint; the shipped ones (pkg://, the tiny default) go by
+    # their model config's name.
+    named = cfg.path and not cfg.path.startswith("pkg://")
+    backbone = Backbone(tokenizer, text_encoder, vae, unet, scheduler, name=cfg.name, path=source,
+                        checkpoint_name=Path(source).name if named else cfg.name)  # fmt: skip
     if cfg.context_dim is not None and backbone.context_dim != cfg.context_dim:
         raise BackboneError(
             f"{source} has a {backbone.context_dim}-wide text context, but model={cfg.name} expects "

@@ -14,7 +14,6 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ProgressBar
@@ -35,7 +34,7 @@ NOISE = (
           "an advertisement for another logging product"),
     Noise("log", "pytorch_lightning.utilities.rank_zero", r"`Trainer.fit` stopped: `max_steps=",
           "every run stops at trainer.max_steps by design; the end summary says how it ended"),
-    Noise("log", "pytorch_lightning.utilities.rank_zero", r"The `srun` command is available on your system",
+    Noise("warning", r"lightning_fabric\.plugins\.environments\.slurm", r"The `srun` command is available on your system",
           "SLURM is present but the run was started directly: deliberate (local runs, the one-machine cluster)"),
     Noise("log", "pytorch_lightning.utilities.rank_zero", r"LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES",
           "device bookkeeping Lightning prints per rank"),
@@ -51,21 +50,27 @@ NOISE = (
 
 
 class _DropNoise(logging.Filter):
-    def __init__(self, patterns: list[re.Pattern]):
+    """Drops a record whose logger is (below) a NOISE logger and whose message matches its pattern."""
+
+    def __init__(self, patterns: list[tuple[str, re.Pattern]]):
         super().__init__()
         self.patterns = patterns
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(p.match(message) for p in self.patterns)
+        return not any(
+            (record.name == name or record.name.startswith(name + ".")) and pattern.match(message)
+            for name, pattern in self.patterns
+        )
 
 
-_installed: list[tuple[Any, logging.Filter]] = []
+_DROP = _DropNoise([(n.where, re.compile(n.message)) for n in NOISE if n.source == "log"])
 
 
 def quiet_third_party(verbose: bool = False) -> None:
-    """Hide the NOISE messages (once per process); with `verbose`, hide nothing."""
-    if verbose or _installed:
+    """Hide the NOISE messages; with `verbose`, hide nothing. Called at the start of every job (Hydra
+    sets up the root logger's handlers anew for each)."""
+    if verbose:
         return
     try:  # progress bars of loading weights: no question for the user, and they interleave with ours
         from diffusers.utils import logging as diffusers_logging
@@ -79,18 +84,14 @@ def quiet_third_party(verbose: bool = False) -> None:
     for noise in NOISE:
         if noise.source == "warning":
             warnings.filterwarnings("ignore", message=noise.message, module=noise.where)
-    by_logger: dict[str, list[re.Pattern]] = {}
-    for noise in NOISE:
-        if noise.source == "log":
-            by_logger.setdefault(noise.where, []).append(re.compile(noise.message))
-    for name, patterns in by_logger.items():
-        logger = logging.getLogger(name)
-        drop = _DropNoise(patterns)
-        # A logger's own filters see its own records; its handlers' filters see its children's too
-        # (transformers logs through module loggers into the handler of "transformers").
-        for target in [logger, *logger.handlers]:
-            target.addFilter(drop)
-            _installed.append((target, drop))
+    # A logger's own filters see only its own records; handlers' filters see the records of every
+    # logger below too: the NOISE loggers' own handlers (transformers logs through module loggers
+    # into the handler of "transformers") and the root's (where records propagate, e.g. under CI=true).
+    targets = [logging.getLogger(n.where) for n in NOISE if n.source == "log"]
+    targets += [h for logger in [*targets, logging.getLogger()] for h in logger.handlers]
+    for target in dict.fromkeys(targets):
+        if _DROP not in target.filters:
+            target.addFilter(_DROP)
 
 
 def is_verbose() -> bool:

@@ -9,7 +9,9 @@ whether a file is one of its concepts. Each method's module holds its own reader
 
 from __future__ import annotations
 
+import io
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,10 +44,12 @@ class TensorFile:
 
 
 def read_tensor_file(path: str | Path) -> TensorFile:
-    """Read a safetensors or torch file without running any code it might carry."""
+    """Read a safetensors or torch file (or a webui embedding PNG) without running any code it might carry."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConceptFileError(f"concept file {path} does not exist")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return TensorFile(path, read_webui_image_embedding(path))
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -55,7 +59,10 @@ def read_tensor_file(path: str | Path) -> TensorFile:
             raise ConceptFileError(f"{path} is not a readable safetensors file: {err}") from err
         return TensorFile(path, data, metadata)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        # ParameterDict: the original textual-inversion code's embeddings hold one (the webui and
+        # ComfyUI read them); a torch container of tensors, nothing that runs code of the file's choosing.
+        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
         raise ConceptFileError(
             f"{path} could not be read as a tensor file (only tensors and plain containers are "
@@ -64,12 +71,73 @@ def read_tensor_file(path: str | Path) -> TensorFile:
     return TensorFile(path, data)
 
 
+# Entries torch >= 2.x adds to its zip that AUTOMATIC1111's pickle check (on by default, for every
+# torch.load in the webui) does not allow: it refuses the whole file ("bad file inside ...").
+# torch reads files without them as before (they are optional records).
+WEBUI_UNKNOWN_ENTRIES = (".format_version", ".storage_alignment")
+
+
+IMAGE_SUFFIXES = (".png", ".webp")
+WEBUI_IMAGE_CHUNK = "sd-ti-embedding"
+
+
+def read_webui_image_embedding(path: Path) -> dict[str, Any]:
+    """The embedding the webui's "save embedding as image" puts in a PNG's `sd-ti-embedding` text
+    chunk: base64 of JSON whose tensors are {"TORCHTENSOR": nested lists}. JSON only: nothing runs."""
+    import base64
+    import binascii
+    import json
+
+    from PIL import Image, UnidentifiedImageError
+
+    def tensors(value: Any) -> Any:
+        if isinstance(value, dict) and set(value) == {"TORCHTENSOR"}:
+            return torch.tensor(value["TORCHTENSOR"], dtype=torch.float32)
+        if isinstance(value, dict):
+            return {k: tensors(v) for k, v in value.items()}
+        return value
+
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}) or image.info
+            chunk = text.get(WEBUI_IMAGE_CHUNK)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ConceptFileError(f"{path} is not a readable image: {err}") from err
+    if not chunk:
+        raise ConceptFileError(
+            f"{path} has no {WEBUI_IMAGE_CHUNK!r} text chunk: conceptlab reads the webui's embedding images "
+            "that carry it (embeddings hidden in the pixels are not read)"
+        )
+    try:
+        data = json.loads(base64.b64decode(chunk))
+        return tensors(data)
+    except (binascii.Error, ValueError, TypeError) as err:
+        raise ConceptFileError(
+            f"{path}: its {WEBUI_IMAGE_CHUNK!r} chunk is not a webui embedding: {err}"
+        ) from err
+
+
 def write_torch_file(path: str | Path, data: Any) -> Path:
-    """torch.save `data` (tensors and plain containers) atomically."""
+    """torch.save `data` (tensors and plain containers) atomically, as a zip that AUTOMATIC1111's
+    default safety check accepts: only `<dir>/data.pkl`, `version`, `byteorder`, `data/<n>` and
+    `.data/serialization_id` entries (and, inside data.pkl, only tensors, OrderedDict and builtins)."""
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(data, tmp)
+    with zipfile.ZipFile(buffer) as saved, atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as out:
+            for entry in saved.infolist():
+                rest = entry.filename.partition("/")[2]
+                if rest.rsplit("/", 1)[-1] not in WEBUI_UNKNOWN_ENTRIES:
+                    # The archive's folder is named after the file, as torch.save(path) names it.
+                    out.writestr(_renamed(entry, f"{path.stem}/{rest}"), saved.read(entry))
     return path
+
+
+def _renamed(entry: zipfile.ZipInfo, name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=entry.date_time)
+    info.compress_type = zipfile.ZIP_STORED
+    return info
 
 
 def write_safetensors(
@@ -104,7 +172,7 @@ def concept_files(path: str | Path) -> list[Path]:
     """
     path = Path(path).expanduser()
     if path.is_file():
-        return [path]
+        return [path]  # any concept file, a webui embedding image too
     if not path.is_dir():
         raise ConceptFileError(f"concept {path} does not exist (give a concept file or a run directory)")
     folder = path / "concepts" if (path / "concepts").is_dir() else path

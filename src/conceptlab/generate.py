@@ -54,6 +54,8 @@ def resolve_prompt(prompt: str, concepts: list[Concept], tokenizer) -> tuple[str
 
     tags = {m.prompt_tag for m in registered_methods().values() if m.prompt_tag}
     text, uses = parse_prompt(prompt, tags)
+    for concept in concepts:
+        text = concept.rewrite_prompt(text)
     for use in uses:
         if not any(c.tag == use.tag and c.name == use.name for c in concepts):
             loaded = ", ".join(sorted(c.name for c in concepts if c.tag == use.tag)) or "none"

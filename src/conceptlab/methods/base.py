@@ -126,5 +126,9 @@ class Concept(ABC):
         if self.tag:
             raise NotImplementedError(f"{type(self).__name__} has a prompt tag but no deactivate()")
 
+    def rewrite_prompt(self, text: str) -> str:
+        """The prompt as the backbone must read it for this concept (a word bound to a new token)."""
+        return text
+
     def describe(self) -> dict[str, Any]:
         return {"method": self.method.name, "name": self.name, "file": str(self.path)}

@@ -244,6 +244,9 @@ class Hypernetwork(Method):
         super().__init__(name=name, lr=lr, scale_lr=scale_lr)
         self.concept = concept
         self.init_from = init_from
+        self._source = read_hypernetwork(init_from) if init_from else None
+        if self._source is not None:  # the file's structure, unless the config contradicts it
+            structure = structure_from_file(self._source, structure, str(init_from))
         self.net = HypernetworkLayers(concept, **structure)
 
     @property
@@ -265,8 +268,8 @@ class Hypernetwork(Method):
         if not self.net.layers:
             # A1111's default for SD: the text width and the UNet's block widths (768, 320, 640, 1280).
             self.net.build(sorted({backbone.context_dim, *backbone.unet.config.block_out_channels}))
-        if self.init_from:
-            source = read_hypernetwork(self.init_from)
+        if self._source is not None:
+            source = self._source
             if source.sizes != self.sizes:
                 raise ConfigError(
                     f"{self.init_from} has widths {source.sizes} but this hypernetwork has {self.sizes}; "
@@ -294,9 +297,15 @@ class Hypernetwork(Method):
 
     def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
         return [
-            write_a1111_hypernetwork(folder / f"{self.concept}.pt", self.net, step, None, backbone.name),
+            write_a1111_hypernetwork(
+                folder / f"{self.concept}.pt",
+                self.net,
+                step,
+                backbone.checkpoint_hash,
+                backbone.checkpoint_name,
+            ),
             write_hypernetwork_safetensors(
-                folder / f"{self.concept}.safetensors", self.net, step, backbone.name
+                folder / f"{self.concept}.safetensors", self.net, step, backbone.checkpoint_name
             ),
         ]
 
@@ -336,6 +345,43 @@ class HypernetworkConcept(Concept):
 
     def deactivate(self) -> None:
         self.stack.entries = [(h, m) for h, m in self.stack.entries if h is not self.layers]
+
+
+# Config key -> the key AUTOMATIC1111's files use for it.
+FILE_KEYS = {"layer_structure": "layer_structure", "activation_func": "activation_func",
+             "weight_initialization": "weight_initialization", "add_layer_norm": "is_layer_norm",
+             "activate_output": "activate_output", "use_dropout": "use_dropout",
+             "dropout_structure": "dropout_structure", "last_layer_dropout": "last_layer_dropout"}  # fmt: skip
+
+
+def structure_from_file(source: HypernetworkFile, given: dict[str, Any], origin: str) -> dict[str, Any]:
+    """The structure to continue a file with: the file's, where the config keeps its default; a config
+    value that contradicts the file is an error naming both."""
+
+    def same(key: str, a: Any, b: Any) -> bool:
+        if key == "activation_func":
+            return (a or "linear") == (b or "linear")
+        if key in ("layer_structure", "dropout_structure") and a is not None and b is not None:
+            return [float(x) for x in a] == [float(x) for x in b]
+        return a == b
+
+    defaults = HypernetworkConfig()
+    structure = dict(given)
+    for key, file_key in FILE_KEYS.items():
+        in_file = source.structure.get(file_key)
+        if in_file is None and key == "dropout_structure":
+            continue
+        value = given.get(key, getattr(defaults, key))
+        if not same(key, value, getattr(defaults, key)) and not same(key, value, in_file):
+            raise ConfigError(
+                f"method.{key}={value} but {origin} was trained with {file_key}={in_file}; "
+                f"continuing it keeps the file's structure: drop method.{key} (or set it to {in_file})"
+            )
+        structure[key] = in_file if key != "activation_func" else (in_file or "linear")
+    structure["weight_initialization"] = structure.get("weight_initialization") or "Normal"
+    if not given.get("enable_sizes"):
+        structure["enable_sizes"] = source.sizes
+    return structure
 
 
 def hypernetwork_from_file(path: str | Path) -> HypernetworkLayers:

@@ -214,7 +214,7 @@ def write_kohya_lora(path: Path, backbone: Backbone, adapter: str, name: str, st
         tensors[f"{key}.alpha"] = torch.tensor(alpha)
     metadata = {  # the keys kohya's trainer writes that the webui shows
         "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
-        "ss_output_name": name, "ss_steps": str(int(step)), "ss_sd_model_name": backbone.name,
+        "ss_output_name": name, "ss_steps": str(int(step)), "ss_sd_model_name": backbone.checkpoint_name,
     }  # fmt: skip
     return write_safetensors(path, tensors, metadata)
 

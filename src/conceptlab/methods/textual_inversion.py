@@ -10,6 +10,7 @@ bit-identical.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from torch import nn
 from ..backbone import Backbone
 from ..config import opt
 from ..errors import ConceptFileError, ConfigError
-from ..formats import TensorFile, read_tensor_file, write_safetensors, write_torch_file
+from ..formats import IMAGE_SUFFIXES, TensorFile, read_tensor_file, write_safetensors, write_torch_file
 from .base import Concept, Method
 
 # AUTOMATIC1111 writes the token id of "*" in CLIP's vocabulary here; it is informational only.
@@ -52,10 +53,27 @@ class Embedding:
     name: str
     vectors: torch.Tensor
     step: int | None = None
+    # AUTOMATIC1111's files are called by their file name (the trigger word); diffusers files by their token.
+    named_by_file: bool = False
+    # An SDXL embedding's second part (clip_g); `vectors` then holds its clip_l part.
+    sdxl_clip_g: torch.Tensor | None = None
 
     @property
     def width(self) -> int:
         return self.vectors.shape[-1]
+
+    def check_fits(self, width: int, source: str) -> None:
+        """Raise unless these vectors fit a text encoder `width` wide."""
+        if self.sdxl_clip_g is not None:
+            raise ConceptFileError(
+                f"{source} is an SDXL embedding (clip_l {self.width} + clip_g {self.sdxl_clip_g.shape[-1]} wide); "
+                f"this backbone is Stable Diffusion 1.x/2.x ({width}-wide text encoder): use an embedding trained for it"
+            )
+        if self.width != width:
+            raise ConceptFileError(
+                f"{source} holds {self.width}-wide vectors but this model's text encoder is {width} wide: "
+                "it was trained for another model family (SD 1.x: 768, SD 2.x: 1024)"
+            )
 
 
 def write_diffusers_embedding(path: str | Path, token: str, vectors: torch.Tensor) -> Path:
@@ -91,16 +109,23 @@ def read_embedding(path: str | Path) -> Embedding:
 def embedding_from(file: TensorFile) -> Embedding | None:
     """The embedding a file holds (diffusers: its token; AUTOMATIC1111: the file name), or None."""
     data, path = file.data, file.path
+    clip_g = None
     if isinstance(data, dict) and "string_to_param" in data:
         params = data["string_to_param"]
+        if isinstance(params, torch.nn.ParameterDict):  # the original textual-inversion code's files
+            params = dict(params.items())
         if not isinstance(params, dict) or len(params) != 1:
             raise ConceptFileError(
                 f"{path}: an AUTOMATIC1111 embedding holds exactly one entry in string_to_param"
             )
         vectors = next(iter(params.values()))
         name, step = path.stem, data.get("step")
-    elif isinstance(data, dict) and "emb_params" in data:
+        if path.suffix.lower() in IMAGE_SUFFIXES and isinstance(data.get("name"), str):
+            name = data["name"]  # the webui calls an embedding image by the name stored in it
+    elif isinstance(data, dict) and "emb_params" in data:  # kohya's sd-scripts
         vectors, name, step = data["emb_params"], path.stem, data.get("step")
+    elif isinstance(data, dict) and {"clip_l", "clip_g"} <= set(data):  # SDXL (kohya, the webui)
+        vectors, clip_g, name, step = data["clip_l"], data["clip_g"], path.stem, None
     elif (
         isinstance(data, dict) and len(data) == 1 and not file.metadata.get("format")
         and isinstance(next(iter(data.values())), torch.Tensor)
@@ -118,7 +143,11 @@ def embedding_from(file: TensorFile) -> Embedding | None:
         raise ConceptFileError(f"{path} holds NaN or infinite values: it was saved from a diverged run")
     if vectors.dim() == 1:
         vectors = vectors.unsqueeze(0)
-    return Embedding(name=str(name), vectors=vectors, step=int(step) if step is not None else None)
+    return Embedding(
+        name=str(name), vectors=vectors, step=int(step) if step is not None else None,
+        named_by_file=not (isinstance(data, dict) and str(name) in data),
+        sdxl_clip_g=clip_g.detach().float() if isinstance(clip_g, torch.Tensor) else None,
+    )  # fmt: skip
 
 
 class PlaceholderEmbedding(nn.Module):
@@ -149,7 +178,10 @@ class TextualInversion(Method):
 
     name = "ti"
     Config = TextualInversionConfig
-    file_formats = "diffusers embedding (.safetensors/.bin), AUTOMATIC1111 embedding (.pt)"
+    file_formats = (
+        "diffusers embedding (.safetensors/.bin), AUTOMATIC1111 embedding (.pt, or a .png from its "
+        "'save embedding as image'), the original textual-inversion code's .pt, kohya's emb_params, SDXL clip_l/clip_g"
+    )
 
     def __init__(
         self,
@@ -221,11 +253,7 @@ class TextualInversion(Method):
     def _initial_vectors(self, tokenizer, table: torch.Tensor, width: int) -> torch.Tensor:
         if self.init_from:
             embedding = read_embedding(self.init_from)
-            if embedding.width != width:
-                raise ConceptFileError(
-                    f"{self.init_from} holds {embedding.width}-wide vectors but this text encoder is "
-                    f"{width} wide: the embedding was trained for another model family"
-                )
+            embedding.check_fits(width, str(self.init_from))
             if embedding.vectors.shape[0] != self.num_vectors:
                 raise ConceptFileError(
                     f"{self.init_from} holds {embedding.vectors.shape[0]} vectors; set "
@@ -249,8 +277,8 @@ class TextualInversion(Method):
                 name=self.concept,
                 vectors=vectors,
                 step=step,
-                sd_checkpoint=None,
-                sd_checkpoint_name=backbone.name,
+                sd_checkpoint=backbone.checkpoint_hash,
+                sd_checkpoint_name=backbone.checkpoint_name,
             ),
         ]
 
@@ -264,25 +292,46 @@ class TextualInversion(Method):
 
 
 class EmbeddingConcept(Concept):
-    """A learned word: its vectors join the tokenizer and the text encoder (diffusers' loader)."""
+    """A learned word: its vectors join the tokenizer and the text encoder (diffusers' loader).
+
+    As in the webui, an AUTOMATIC1111 file is triggered by its file name; where that name is already
+    a word of the vocabulary ("robot"), the word is bound to a new token `<robot>` and the prompt's
+    whole-word uses of it are rewritten to that token."""
 
     method = TextualInversion
 
     def __init__(self, embedding: Embedding, path: Path):
         super().__init__(embedding.name, path)
         self.embedding = embedding
+        self.token = embedding.name
 
     def install(self, backbone: Backbone) -> None:
-        if self.embedding.width != backbone.context_dim:
-            raise ConceptFileError(
-                f"embedding {self.name!r} is {self.embedding.width} wide but this model's text encoder is "
-                f"{backbone.context_dim} wide: it was trained for another model (pick the matching model=)"
-            )
-        if self.name in backbone.tokenizer.get_vocab():
-            raise ConceptFileError(
-                f"embedding {self.name!r} clashes with a word already in the vocabulary; rename its file"
-            )
-        backbone.pipeline().load_textual_inversion({self.name: self.embedding.vectors}, token=self.name)
+        self.embedding.check_fits(backbone.context_dim, f"embedding {self.name!r} ({self.path})")
+        if _is_a_word(backbone.tokenizer, self.name):
+            if not self.embedding.named_by_file:
+                raise ConceptFileError(
+                    f"embedding {self.name!r} ({self.path}) uses a token that is already a word of the vocabulary; "
+                    "it cannot be told apart from that word"
+                )
+            self.token = f"<{self.name}>"
+            if _is_a_word(backbone.tokenizer, self.token):
+                raise ConceptFileError(
+                    f"embedding {self.name!r} ({self.path}): both {self.name!r} and {self.token!r} are taken; rename the file"
+                )
+        backbone.pipeline().load_textual_inversion({self.token: self.embedding.vectors}, token=self.token)
+
+    def rewrite_prompt(self, text: str) -> str:
+        if self.token == self.name:
+            return text
+        return re.sub(rf"(?<![\w<-]){re.escape(self.name)}(?![\w>-])", self.token, text)
 
     def describe(self) -> dict:
-        return {**super().describe(), "vectors": self.embedding.vectors.shape[0]}
+        described = {**super().describe(), "vectors": self.embedding.vectors.shape[0], "trigger": self.name}
+        if self.token != self.name:
+            described["token"] = self.token
+        return described
+
+
+def _is_a_word(tokenizer, text: str) -> bool:
+    """Whether `text` is already in the vocabulary, or one existing token."""
+    return text in tokenizer.get_vocab() or len(tokenizer(text, add_special_tokens=False).input_ids) == 1
