@@ -347,7 +347,7 @@ def test_textual_inversion_learns_the_attribute_combination(tmp_path):
 def test_hypernetwork_learns_the_unseen_style_and_is_the_bare_model_at_zero(tmp_path):
     proc, [run_dir] = train_subprocess(
         tmp_path, "method=hypernet", "data=toy_pastel", "logger=csv", "trainer.enable_progress_bar=false",
-        fast=False, timeout=600,
+        "evaluate.every_n_steps=400", fast=False, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     judge = read_summary(run_dir)["metrics"]
@@ -365,7 +365,8 @@ def test_lora_learns_the_attribute_combination_and_is_the_bare_model_at_zero(tmp
     """`method=lora` on the toy world's object set (its recipe: lr 1e-3), budgeted by steps."""
     proc, [run_dir] = train_subprocess(
         tmp_path, "method=lora", "data=toy_combo", "logger=csv", "trainer.enable_progress_bar=false",
-        "trainer.max_steps=150", "evaluate.every_n_steps=0", "samples.every_n_steps=0", fast=False, timeout=600,
+        "trainer.max_steps=150", "evaluate.every_n_steps=0", "evaluate.num_samples=8", "samples.every_n_steps=0",
+        fast=False, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_summary(run_dir)["metrics"]
