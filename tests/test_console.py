@@ -83,3 +83,15 @@ def test_noise_is_filtered_by_message_at_its_source_and_verbose_brings_it_back(v
 
 def test_every_hidden_message_says_why():
     assert NOISE and all(n.reason and n.where and n.source in ("warning", "log") for n in NOISE)
+
+
+def test_the_end_summary_reads_even_without_training_statistics(tmp_path):
+    """What another rank's record (or a run that never reported) holds: no loss, no scores."""
+    from conceptlab.records import RunRecord
+    from conceptlab.train import end_summary, job_line
+
+    record = RunRecord(tmp_path, method="ti", concept="robot", run_name="ti-robot-seed0")
+    record.finish("completed")
+    assert end_summary(record).splitlines()[0].startswith("conceptlab: completed in ")
+    assert "final loss" not in end_summary(record)
+    assert job_line(record) == f"[{tmp_path.name}] ti-robot-seed0: completed"

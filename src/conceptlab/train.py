@@ -42,20 +42,23 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one concept with one method; returns the summary (also written to summary.json)."""
-    record = start_record(cfg)
+    from pytorch_lightning.utilities import rank_zero_only
+
     from .console import say
 
+    record = start_record(cfg)
     try:
         fit(cfg, record)
     except BaseException as err:
         record.finish("interrupted" if isinstance(err, KeyboardInterrupt | SystemExit) else "failed", err)
         if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
             sys.modules["wandb"].finish(exit_code=1)  # the next job of a sweep gets a run of its own
-        if record.summary.sweep_dir:
+        if record.summary.sweep_dir and rank_zero_only.rank == 0:
             say(job_line(record))
         raise
     record.finish("completed")
-    say(job_line(record) if record.summary.sweep_dir else end_summary(record))
+    if rank_zero_only.rank == 0:  # the other ranks' records hold no training statistics
+        say(job_line(record) if record.summary.sweep_dir else end_summary(record))
     return record.data
 
 
@@ -76,7 +79,9 @@ def scores_line(record: RunRecord, before: bool = True) -> str:
 def job_line(record: RunRecord) -> str:
     """One line per finished job of a sweep: its name, status and headline."""
     s = record.summary
-    headline = scores_line(record, before=False) or (f"loss {s.final_loss:.4f}" if s.final_loss else "")
+    headline = scores_line(record, before=False) or (
+        f"loss {s.final_loss:.4f}" if s.final_loss is not None else ""
+    )
     status = s.status if s.status == "completed" else f"{s.status}: {s.error}"
     return f"[{Path(s.run_dir).name}] {s.run_name or s.method}: {status}" + (
         f" · {headline}" if headline else ""
@@ -87,9 +92,8 @@ def end_summary(record: RunRecord) -> str:
     """What a finished run did and where its results are, with the command that uses them."""
     s = record.summary
     run_dir = Path(s.run_dir)
-    lines = [
-        f"conceptlab: {s.status} in {s.wall_time_s:.0f} s · {s.steps} steps · final loss {s.final_loss:.4f}"
-    ]
+    loss = f" · final loss {s.final_loss:.4f}" if s.final_loss is not None else ""
+    lines = [f"conceptlab: {s.status} in {s.wall_time_s:.0f} s · {s.steps} steps{loss}"]
     if scores_line(record):
         lines.append(f"  {scores_line(record)}")
     concept_files = [run_dir / f for f in s.files.get("concepts", [])]
