@@ -26,7 +26,7 @@ def test_default_run_is_ti_on_the_toy_worlds_object_with_the_shipped_toy_backbon
     assert cfg.model.name == "toy" and cfg.model.path == "pkg://conceptlab.toyworld/checkpoint"
     assert list(cfg.evaluators) == ["judge"]  # model=toy selects the toy world's evaluator
     assert cfg.data.path == "bundled:toy_combo"
-    assert cfg.data.templates == "toy_object"
+    assert cfg.data.templates == "pkg://conceptlab.toyworld/templates/toy_object.txt"
     assert cfg.method.lr == 1.25e-3 and cfg.trainer.max_steps == 200  # conf/recipe/toy_ti.yaml
     tiny = compose(["model=tiny"])
     assert tiny.model.path is None and tiny.data.path == "bundled:robot" and tiny.method.lr == 5e-4

@@ -117,9 +117,7 @@ def test_template_file(tmp_path):
     bad.write_text("{} ok\nno placeholder here\n")
     with pytest.raises(ConceptDataError, match="template 2 'no placeholder here' has no"):
         load_templates(str(bad))
-    with pytest.raises(
-        ConfigError, match="neither object, style, filewords, bare, toy_object, toy_style nor a template file"
-    ):
+    with pytest.raises(ConfigError, match="neither object, style, filewords, bare nor a template file"):
         load_templates("objcet")
 
 

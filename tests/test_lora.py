@@ -217,3 +217,22 @@ def test_a_lora_for_another_model_is_refused(tmp_path):
                f"{key}.alpha": torch.tensor(4.0)}, tmp_path / "sd15.safetensors")  # fmt: skip
     with pytest.raises(ConceptFileError, match="'sd15'"):
         generate(tmp_path, "prompt=a <lora:sd15:1>", f"concepts=[{tmp_path / 'sd15.safetensors'}]")
+
+
+@pytest.mark.slow
+def test_init_from_continues_a_kohya_file_through_train_py(tmp_path):
+    from safetensors.torch import load_file
+
+    from conceptlab.errors import ConceptFileError
+
+    run_train(tmp_path / "first", "method=lora", "samples.every_n_steps=0")
+    source = tmp_path / "first" / "concepts" / "robot.safetensors"
+    # A learning rate too small to move anything: after one step the adapters are the file's.
+    run_train(tmp_path / "again", "method=lora", f"method.init_from={source}", "method.lr=1e-30",
+              "trainer.max_steps=1", "samples.every_n_steps=0")  # fmt: skip
+    before, after = load_file(source), load_file(tmp_path / "again" / "concepts" / "robot.safetensors")
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-12)
+    with pytest.raises(ConceptFileError, match="has rank 4 .* set method.rank=4"):
+        run_train(tmp_path / "wrong", "method=lora", f"method.init_from={source}", "method.rank=2")

@@ -108,10 +108,16 @@ def test_toy_templates_speak_the_worlds_grammar():
     from conceptlab.data import fill_template, load_templates
 
     caption_text = (EXAMPLES / "toy_pastel" / "00.txt").read_text().strip()
-    styles = [fill_template(t, "<toy_pastel>", caption_text) for t in load_templates("toy_style")]
+    styles = [
+        fill_template(t, "<toy_pastel>", caption_text)
+        for t in load_templates("pkg://conceptlab.toyworld/templates/toy_style.txt")
+    ]
     assert f"a photo of {caption_text}, <toy_pastel> style" in styles
     assert f"{caption_text}, <toy_pastel> style" in styles
-    objects = [fill_template(t, "<toy_combo>", "") for t in load_templates("toy_object")]
+    objects = [
+        fill_template(t, "<toy_combo>", "")
+        for t in load_templates("pkg://conceptlab.toyworld/templates/toy_object.txt")
+    ]
     assert "a photo of a <toy_combo>" in objects and "a <toy_combo>" in objects
     assert {w for t in objects for w in t.split()} <= set(" ".join(world.PREFIXES).split()) | {
         "a",

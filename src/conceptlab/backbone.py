@@ -178,7 +178,7 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    source = str(resolve_model_path(cfg.path)) if cfg.path else str(ensure_tiny_backbone(cfg))
+    source = str(resolve_path(cfg.path)) if cfg.path else str(ensure_tiny_backbone(cfg))
     if cfg.check:
         from hydra.utils import get_method
 
@@ -235,14 +235,14 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
     return backbone
 
 
-def resolve_model_path(path: str) -> Path | str:
-    """A folder, `pkg://package/sub/folder` (a folder inside an installed Python package), or a hub id."""
+def resolve_path(path: str) -> Path:
+    """A path, or `pkg://package/sub/path` (inside an installed Python package); `~` expanded."""
     if path.startswith("pkg://"):
         package, _, inside = path.removeprefix("pkg://").partition("/")
         try:
             return Path(str(resources.files(package))) / inside
         except ModuleNotFoundError as err:
-            raise BackboneError(f"model.path={path}: no installed package {package!r}") from err
+            raise ConfigError(f"{path}: no installed package {package!r}") from err
     return Path(path).expanduser()
 
 

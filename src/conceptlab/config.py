@@ -69,7 +69,7 @@ class DataConfig:
     )
     templates: str = opt(
         "object",
-        "object | style | filewords | bare | toy_object | toy_style | a template file ({} or [name])",
+        "object | style | filewords | bare | a template file ({} or [name]; pkg://package/file too)",
     )
     num_images: int | None = opt(None, "a seeded subset of this many images; null = all")
     subset_seed: int = opt(0, "the subset is nested: the first k of one fixed shuffle")

@@ -38,8 +38,6 @@ NOISE = (
           "SLURM is present but the run was started directly: deliberate (local runs, the one-machine cluster)"),
     Noise("log", "pytorch_lightning.utilities.rank_zero", r"LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES",
           "device bookkeeping Lightning prints per rank"),
-    Noise("log", "pytorch_lightning.accelerators.cuda", r"LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES",
-          "device bookkeeping Lightning prints per rank"),
     Noise("warning", r"pytorch_lightning\.utilities\._pytree", r"`isinstance\(treespec, LeafSpec\)` is deprecated",
           "a deprecation inside Lightning's own code, not in conceptlab's calls"),
     Noise("log", "transformers", r"`\w+ImageProcessor` requires torchvision",
@@ -113,9 +111,9 @@ class StepProgress(ProgressBar):
     """One bar in optimizer steps of trainer.max_steps: rate, ETA, the loss and the last evaluation's
     headline scores (read from the run record)."""
 
-    def __init__(self, record=None, headline: tuple[str, ...] = ()):
+    def __init__(self, record=None):
         super().__init__()
-        self.record, self.headline = record, headline
+        self.record = record
         self._enabled = True
         self.bar = None
 
@@ -163,6 +161,6 @@ class StepProgress(ProgressBar):
         if loss is not None:
             parts.append(f"loss {float(loss):.4f}")
         scores = self.record.summary.metrics if self.record is not None else {}
-        headline = self.headline or (self.record.summary.headline if self.record is not None else ())
+        headline = self.record.summary.headline if self.record is not None else ()
         parts += [f"{k} {scores[k]:.2f}" for k in headline if isinstance(scores.get(k), float | int)]
         self.bar.set_postfix_str(" · ".join(parts), refresh=False)

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .backbone import Backbone
+from .backbone import Backbone, resolve_path
 from .config import DataConfig
 from .errors import ConceptDataError, ConfigError
 
@@ -61,17 +61,11 @@ FILEWORDS_TEMPLATES = [
 ]  # fmt: skip
 # The placeholder alone: a control for how much the neutral wording matters.
 BARE_TEMPLATES = ["{}"]
-# The toy world's own caption grammar (its text encoder knows no other words).
-TOY_PREFIXES = ["a photo of", "a picture of", "an image of", "a drawing of", "a rendering of", ""]
-TOY_OBJECT_TEMPLATES = [f"{prefix} a {{}}".strip() for prefix in TOY_PREFIXES]
-TOY_STYLE_TEMPLATES = [f"{prefix} [filewords], {{}} style".strip() for prefix in TOY_PREFIXES]
 BUILTIN_TEMPLATES = {
     "object": OBJECT_TEMPLATES,
     "style": STYLE_TEMPLATES,
     "filewords": FILEWORDS_TEMPLATES,
     "bare": BARE_TEMPLATES,
-    "toy_object": TOY_OBJECT_TEMPLATES,
-    "toy_style": TOY_STYLE_TEMPLATES,
 }
 
 
@@ -174,10 +168,11 @@ def filewords(path: Path) -> str:
 
 
 def load_templates(templates: str) -> list[str]:
-    """Caption templates: a built-in set's name or a file with one template per line ({} or [name])."""
+    """Caption templates: a built-in set's name or a file with one template per line ({} or [name]),
+    also `pkg://package/file` (the toy world ships its grammar so)."""
     if templates in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[templates]
-    path = Path(templates).expanduser()
+    path = Path(resolve_path(templates))
     if not path.is_file():
         raise ConfigError(
             f"data.templates={templates!r} is neither {', '.join(BUILTIN_TEMPLATES)} nor a template file"

@@ -151,6 +151,15 @@ def write_safetensors(
     return path
 
 
+def read_as(path: str | Path, parse, what: str):
+    """`parse(file)` of a tensor file, which must be `what` (parse returns None for other files)."""
+    file = read_tensor_file(path)
+    found = parse(file)
+    if found is None:
+        raise ConceptFileError(f"{file.path} is not {what}")
+    return found
+
+
 def read_concept(path: str | Path) -> Concept:
     """The learned concept in a file, recognised by the method whose format it is."""
     from .methods import registered_methods

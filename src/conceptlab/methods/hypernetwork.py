@@ -26,7 +26,7 @@ from torch import nn
 from ..backbone import Backbone
 from ..config import opt
 from ..errors import ConceptFileError, ConfigError
-from ..formats import TensorFile, read_tensor_file, write_safetensors, write_torch_file
+from ..formats import TensorFile, read_as, write_safetensors, write_torch_file
 from .base import Concept, Method
 
 
@@ -555,14 +555,11 @@ def write_hypernetwork_safetensors(
 
 def read_hypernetwork(path: str | Path) -> HypernetworkFile:
     """A hypernetwork in AUTOMATIC1111's format or conceptlab's safetensors twin."""
-    file = read_tensor_file(path)
-    source = hypernetwork_file_from(file)
-    if source is None:
-        raise ConceptFileError(
-            f"{file.path} is not a hypernetwork (an AUTOMATIC1111 .pt has integer width keys; a conceptlab "
-            f".safetensors has format={SAFETENSORS_FORMAT} in its metadata)"
-        )
-    return source
+    return read_as(
+        path, hypernetwork_file_from,
+        f"a hypernetwork (an AUTOMATIC1111 .pt has integer width keys; a conceptlab .safetensors has "
+        f"format={SAFETENSORS_FORMAT} in its metadata)",
+    )  # fmt: skip
 
 
 def hypernetwork_file_from(file: TensorFile) -> HypernetworkFile | None:

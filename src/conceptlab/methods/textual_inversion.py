@@ -21,7 +21,13 @@ from torch import nn
 from ..backbone import Backbone
 from ..config import opt
 from ..errors import ConceptFileError, ConfigError
-from ..formats import IMAGE_SUFFIXES, TensorFile, read_tensor_file, write_safetensors, write_torch_file
+from ..formats import (
+    IMAGE_SUFFIXES,
+    TensorFile,
+    read_as,
+    write_safetensors,
+    write_torch_file,
+)
 from .base import Concept, Method
 
 # AUTOMATIC1111 writes the token id of "*" in CLIP's vocabulary here; it is informational only.
@@ -96,14 +102,11 @@ def write_a1111_embedding(path: str | Path, name: str, vectors: torch.Tensor, st
 
 def read_embedding(path: str | Path) -> Embedding:
     """A textual-inversion embedding in diffusers' or AUTOMATIC1111's format."""
-    file = read_tensor_file(path)
-    embedding = embedding_from(file)
-    if embedding is None:
-        raise ConceptFileError(
-            f"{file.path} is neither a diffusers embedding (one tensor under the token's name) nor an "
-            "AUTOMATIC1111 one (string_to_param); hypernetwork and LoRA files are not embeddings"
-        )
-    return embedding
+    return read_as(
+        path, embedding_from,
+        "an embedding: neither a diffusers embedding (one tensor under the token's name) nor an "
+        "AUTOMATIC1111 one (string_to_param); hypernetwork and LoRA files are not embeddings",
+    )  # fmt: skip
 
 
 def embedding_from(file: TensorFile) -> Embedding | None:
