@@ -56,7 +56,9 @@ def test_missing_component_is_named(tiny_dir, tmp_path):
 
 
 def test_nonexistent_local_path_is_not_sent_to_the_hub(tmp_path):
-    with pytest.raises(BackboneError, match="neither a diffusers model folder nor a hub id"):
+    with pytest.raises(
+        BackboneError, match="neither a diffusers model folder, a single-file checkpoint nor a hub id"
+    ):
         load_backbone(ModelConfig(path=str(tmp_path / "nowhere")))
 
 

@@ -39,6 +39,8 @@ def installed(tmp_path_factory) -> Path:
                      "conceptlab/conf/experiment/ti_vs_hypernet.yaml", "conceptlab/conf/hydra/launcher/slurm.yaml",
                      "conceptlab/toyworld/checkpoint/unet/diffusion_pytorch_model.safetensors",
                      "conceptlab/toyworld/checkpoint/judge/config.json", "conceptlab/examples/robot/00.png",
+                     "conceptlab/single_file_configs/sd15/unet/config.json",
+                     "conceptlab/single_file_configs/sd21/tokenizer/tokenizer_config.json",
                      "conceptlab/examples/toy_combo/00.png"):  # fmt: skip
         assert packaged in names, f"{packaged} is not in the wheel"
     env = tmp / "env"

@@ -7,6 +7,7 @@ import functools
 import gzip
 import hashlib
 import inspect
+import json
 import logging
 import os
 import shutil
@@ -56,10 +57,13 @@ class Backbone(nn.Module):
 
     @functools.cached_property
     def checkpoint_hash(self) -> str | None:
-        """The webui's short hash of a checkpoint (sha256, 10 hex digits), of the UNet's weights file
-        here: identifies the backbone a concept was trained on (sd_checkpoint). None for hub ids."""
-        files = sorted((Path(self.path) / "unet").glob("diffusion_pytorch_model*.safetensors"))
-        files = files or sorted((Path(self.path) / "unet").glob("diffusion_pytorch_model*.bin"))
+        """The webui's short hash of a checkpoint (sha256, 10 hex digits): of the file itself for a
+        single-file checkpoint (exactly the webui's), of the UNet's weights for a diffusers folder.
+        Identifies the backbone a concept was trained on (sd_checkpoint). None for hub ids."""
+        path = Path(self.path)
+        unet = path / "unet"
+        files = [path] if path.is_file() else sorted(unet.glob("diffusion_pytorch_model*.safetensors"))
+        files = files or sorted(unet.glob("diffusion_pytorch_model*.bin"))
         if not files:
             return None
         digest = hashlib.sha256()
@@ -174,15 +178,47 @@ def resolve_dtype(name: str, device: torch.device, precision: str) -> torch.dtyp
 
 
 def load_backbone(cfg: ModelConfig) -> Backbone:
-    """Load the frozen backbone a model config names (a folder, a hub id, or the tiny default)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+    """Load the frozen backbone a model config names: a diffusers folder, a hub id, a single-file
+    checkpoint (.safetensors/.ckpt, what webui users have), or the tiny default."""
     source = str(resolve_path(cfg.path)) if cfg.path else str(ensure_tiny_backbone(cfg))
     if cfg.check:
         from hydra.utils import get_method
 
         get_method(cfg.check)(Path(source))  # e.g. the toy world's manifest and version check
+    if Path(source).is_file():
+        tokenizer, text_encoder, vae, unet, scheduler = _load_single_file(Path(source), cfg)
+    else:
+        tokenizer, text_encoder, vae, unet, scheduler = _load_pretrained(source, cfg)
+    if cfg.prediction_type:
+        if cfg.prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(
+                f"model.prediction_type={cfg.prediction_type!r}: use epsilon, v_prediction or null"
+            )
+        scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    # transformers keeps a checkpoint's own dtype (fp16 files load as fp16), diffusers loads float32:
+    # one dtype for every part until training or generation picks theirs.
+    text_encoder.to(unet.dtype)
+    # A user's folder or hub id names the checkpoint; the shipped ones (pkg://, the tiny default) go by
+    # their model config's name.
+    # The webui names a single-file checkpoint by its file name without the extension.
+    named = cfg.path and not cfg.path.startswith("pkg://")
+    checkpoint_name = Path(source).name if Path(source).is_dir() else Path(source).stem
+    checkpoint_name = checkpoint_name if named else cfg.name
+    backbone = Backbone(tokenizer, text_encoder, vae, unet, scheduler, name=cfg.name, path=source,
+                        checkpoint_name=checkpoint_name)  # fmt: skip
+    if cfg.context_dim is not None and backbone.context_dim != cfg.context_dim:
+        raise BackboneError(
+            f"{source} has a {backbone.context_dim}-wide text context, but model={cfg.name} expects "
+            f"{cfg.context_dim}; pick the model config that matches the folder (sd15: 768, sd21: 1024)"
+        )
+    return backbone
+
+
+def _load_pretrained(source: str, cfg: ModelConfig) -> tuple:
+    """The parts of a diffusers folder or hub id."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     local = Path(source).is_dir()
     if local:
         missing = [c for c in COMPONENTS if not (Path(source) / c).is_dir()]
@@ -190,12 +226,13 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
             raise BackboneError(
                 f"model folder {source} has no {', '.join(m + '/' for m in missing)}: a diffusers Stable "
                 f"Diffusion folder holds {', '.join(c + '/' for c in COMPONENTS)}; point model.path at a "
-                "complete folder (single-file .ckpt/.safetensors checkpoints must be converted to one first)"
+                "complete folder or at a single-file .safetensors/.ckpt checkpoint"
             )
     elif Path(source).exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise BackboneError(
-            f"model.path={cfg.path!r} is neither a diffusers model folder nor a hub id (owner/name); "
-            "point it at a folder holding tokenizer/, text_encoder/, vae/, unet/ and scheduler/"
+            f"model.path={cfg.path!r} is neither a diffusers model folder, a single-file checkpoint nor a hub "
+            "id (owner/name); point it at a folder holding tokenizer/, text_encoder/, vae/, unet/ and "
+            "scheduler/, or at a .safetensors/.ckpt checkpoint file"
         )
     kwargs = {} if local else {"revision": cfg.revision}
     try:
@@ -213,26 +250,75 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
             else f"hub id {source!r} (is it downloaded, and is the hub reachable?)"
         )
         raise BackboneError(f"could not load the Stable Diffusion backbone from {where}: {err}") from err
-    if cfg.prediction_type:
-        if cfg.prediction_type not in ("epsilon", "v_prediction"):
-            raise ConfigError(
-                f"model.prediction_type={cfg.prediction_type!r}: use epsilon, v_prediction or null"
-            )
-        scheduler.register_to_config(prediction_type=cfg.prediction_type)
-    # transformers keeps a checkpoint's own dtype (fp16 files load as fp16), diffusers loads float32:
-    # one dtype for every part until training or generation picks theirs.
-    text_encoder.to(unet.dtype)
-    # A user's folder or hub id names the checkpoint; the shipped ones (pkg://, the tiny default) go by
-    # their model config's name.
-    named = cfg.path and not cfg.path.startswith("pkg://")
-    backbone = Backbone(tokenizer, text_encoder, vae, unet, scheduler, name=cfg.name, path=source,
-                        checkpoint_name=Path(source).name if named else cfg.name)  # fmt: skip
-    if cfg.context_dim is not None and backbone.context_dim != cfg.context_dim:
+    return tokenizer, text_encoder, vae, unet, scheduler
+
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+class _TrainingState:
+    """Stands in, when a .ckpt is read, for the training code's objects pickled beside the weights (a
+    Lightning checkpoint callback): never constructed from the file's code, and then dropped."""
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+# What original training code leaves in a .ckpt besides tensors; admitted as inert stand-ins (the
+# webui's checker allows the same), so such files load with weights_only=True and nothing else runs.
+CKPT_EXTRAS = [(_TrainingState, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+
+
+def _load_single_file(file: Path, cfg: ModelConfig) -> tuple:
+    """The parts of a single-file SD 1.x/2.x checkpoint, through diffusers' from_single_file with local
+    component configs (model.single_file_config): nothing is fetched from a hub."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    if file.suffix not in SINGLE_FILE_SUFFIXES:
         raise BackboneError(
-            f"{source} has a {backbone.context_dim}-wide text context, but model={cfg.name} expects "
-            f"{cfg.context_dim}; pick the model config that matches the folder (sd15: 768, sd21: 1024)"
+            f"model.path={cfg.path!r} is a {file.suffix or 'suffix-less'} file: a single-file checkpoint is "
+            f"{' or '.join(SINGLE_FILE_SUFFIXES)}; otherwise point model.path at a diffusers folder"
         )
-    return backbone
+    if not cfg.single_file_config:
+        raise BackboneError(
+            f"model.path={cfg.path!r} is a single-file checkpoint, and model={cfg.name} does not say how its "
+            "parts are shaped: pick its family (model=sd15 for SD 1.x, model=sd21 for SD 2.x) or set "
+            "model.single_file_config= a diffusers folder whose configs describe it"
+        )
+    config = resolve_path(cfg.single_file_config)
+    if not (config / "model_index.json").is_file():
+        raise BackboneError(
+            f"model.single_file_config={cfg.single_file_config!r}: {config} holds no model_index.json; give a "
+            "diffusers SD folder (its config files suffice)"
+        )
+    if file.suffix == ".ckpt":
+        with torch.serialization.safe_globals(CKPT_EXTRAS):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+        if unsafe:
+            raise BackboneError(
+                f"{file} holds Python objects that are not weights ({', '.join(unsafe[:3])}); conceptlab "
+                "never runs code from a file: convert it to .safetensors with a tool you trust"
+            )
+    # A config folder without a vocabulary (the shipped ones) gets CLIP's, with the folder's special tokens.
+    tokenizer_folder = config / "tokenizer"
+    extra = {}
+    if not any((tokenizer_folder / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+        settings = json.loads((tokenizer_folder / "tokenizer_config.json").read_text())
+        extra["tokenizer"] = clip_tokenizer(pad_token=settings.get("pad_token", "<|endoftext|>"))
+    try:
+        with torch.serialization.safe_globals(CKPT_EXTRAS):
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(file), config=str(config), local_files_only=True, safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False, **extra,
+            )  # fmt: skip
+    except Exception as err:  # diffusers raises several kinds for a file that is not what the configs say
+        raise BackboneError(
+            f"could not load the single-file checkpoint {file} with the configs in {config}: "
+            f"{str(err).splitlines()[0]}. Is it an SD 1.x (model=sd15) or SD 2.x (model=sd21) checkpoint, "
+            "or does model.single_file_config describe it?"
+        ) from err
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler
 
 
 def resolve_path(path: str) -> Path:
@@ -240,9 +326,11 @@ def resolve_path(path: str) -> Path:
     if path.startswith("pkg://"):
         package, _, inside = path.removeprefix("pkg://").partition("/")
         try:
-            return Path(str(resources.files(package))) / inside
+            root = resources.files(package)
         except ModuleNotFoundError as err:
             raise ConfigError(f"{path}: no installed package {package!r}") from err
+        # joinpath: a data folder without __init__.py is a namespace package, whose root is a MultiplexedPath
+        return Path(str(root.joinpath(inside) if inside else root))
     return Path(path).expanduser()
 
 
@@ -354,8 +442,9 @@ def save_sd_folder(folder: str | os.PathLike, text_encoder, vae, unet) -> Path:
     return Path(folder)
 
 
-def clip_tokenizer():
-    """OpenAI's CLIP tokenizer (49,408 tokens), built from the BPE file the openai-clip package ships."""
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """OpenAI's CLIP tokenizer (49,408 tokens), built from the BPE file the openai-clip package ships.
+    SD 2.x pads with "!" where SD 1.x pads with the end-of-text token."""
     from transformers import CLIPTokenizer
 
     try:
@@ -371,7 +460,8 @@ def clip_tokenizer():
     symbols = _byte_symbols()
     words = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     words += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={w: i for i, w in enumerate(words)}, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab={w: i for i, w in enumerate(words)}, merges=merges, model_max_length=77,
+                         pad_token=pad_token)  # fmt: skip
 
 
 def _byte_symbols() -> list[str]:

@@ -37,8 +37,14 @@ class ModelConfig:
     name: str = opt("tiny", "label used in run names and in exported files' sd_checkpoint_name")
     path: str | None = opt(
         None,
-        "a local diffusers SD folder, a hub id, or pkg://package/folder inside an installed package; "
+        "a local diffusers SD folder, a single-file SD checkpoint (.safetensors/.ckpt), a hub id, or "
+        "pkg://package/folder inside an installed package; "
         "null = the embedded tiny backbone",
+    )
+    single_file_config: str | None = opt(
+        None,
+        "for model.path= a single-file .safetensors/.ckpt checkpoint: a diffusers folder whose configs describe "
+        "its parts (pkg:// too); sd15 and sd21 name the shipped configs of their family",
     )
     revision: str | None = opt(None, "hub revision (ignored for local folders)")
     variant: str | None = opt(None, "weight variant to load, e.g. fp16")
