@@ -7,7 +7,12 @@ import zipfile
 import pytest
 import torch
 
-from conceptlab.methods.hypernetwork import HypernetworkLayers, read_hypernetwork, write_a1111_hypernetwork
+from conceptlab.methods.hypernetwork import (
+    HypernetworkLayers,
+    read_hypernetwork,
+    write_a1111_hypernetwork,
+    write_hypernetwork_safetensors,
+)
 from conceptlab.methods.textual_inversion import read_embedding, write_a1111_embedding
 
 # AUTOMATIC1111 webui v1.10, modules/safe.py (on by default for every torch.load), as its rules read:
@@ -199,3 +204,111 @@ def test_webui_embedding_images_are_read_from_their_text_chunk(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     with pytest.raises(ConceptFileError, match="has no 'sd-ti-embedding' text chunk"):
         read_embedding(tmp_path / "plain.png")
+
+
+# ComfyUI's HypernetworkLoader (comfy_extras/nodes_hypernetwork.py), as its rules read: the file is read
+# with weights_only; activation_func, is_layer_norm, use_dropout, activate_output, last_layer_dropout come
+# from the file's own keys; every key that int() accepts is a width holding [key-side, value-side] state
+# dicts, whose ".weight" entries, in order, are the layers: a Linear, then its activation unless
+# activation_func is linear or (it is the last entry and not activate_output), then (is_layer_norm) the
+# next entry is a LayerNorm, then (use_dropout) Dropout(0.3) unless last or (penultimate and not
+# last_layer_dropout). The patch adds mlp(x) * strength to key and value inputs of that width.
+COMFY_ACTIVATIONS = {"linear": torch.nn.Identity, "relu": torch.nn.ReLU, "leakyrelu": torch.nn.LeakyReLU,
+                     "elu": torch.nn.ELU, "swish": torch.nn.Hardswish, "tanh": torch.nn.Tanh,
+                     "sigmoid": torch.nn.Sigmoid, "softsign": torch.nn.Softsign, "mish": torch.nn.Mish}  # fmt: skip
+
+
+def comfyui_hypernetwork(path) -> dict[int, list[torch.nn.Sequential]] | None:
+    from safetensors.torch import load_file
+
+    data = torch.load(path, weights_only=True) if str(path).endswith(".pt") else load_file(path)
+    activation = data.get("activation_func", "linear")
+    if activation not in COMFY_ACTIVATIONS:
+        return None  # ComfyUI logs "Unsupported Hypernetwork format" and applies nothing
+    out = {}
+    for key in data:
+        try:
+            width = int(key)
+        except ValueError:
+            continue
+        sides = []
+        for state in data[width][:2]:
+            names = [k.removesuffix(".weight") for k in state if k.endswith(".weight")]
+            layers, i = [], 0
+            while i < len(names):
+                last, penultimate = i == len(names) - 1, i == len(names) - 2
+                weight, bias = state[f"{names[i]}.weight"], state[f"{names[i]}.bias"]
+                linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+                linear.load_state_dict({"weight": weight, "bias": bias})
+                layers.append(linear)
+                if activation != "linear" and (not last or data.get("activate_output", False)):
+                    layers.append(COMFY_ACTIVATIONS[activation]())
+                if data.get("is_layer_norm", False):
+                    i += 1
+                    norm = torch.nn.LayerNorm(state[f"{names[i]}.weight"].shape[0])
+                    norm.load_state_dict(
+                        {"weight": state[f"{names[i]}.weight"], "bias": state[f"{names[i]}.bias"]}
+                    )
+                    layers.append(norm)
+                if (
+                    data.get("use_dropout", False)
+                    and not last
+                    and (not penultimate or data.get("last_layer_dropout"))
+                ):
+                    layers.append(torch.nn.Dropout(p=0.3))
+                i += 1
+            sides.append(torch.nn.Sequential(*layers))
+        out[width] = sides
+    return out
+
+
+@pytest.mark.parametrize(
+    ("structure", "same_in_comfyui"),
+    [
+        ({"activation_func": "relu"}, True),
+        ({"activation_func": "linear", "add_layer_norm": True}, True),
+        ({"activation_func": "swish", "activate_output": True, "layer_structure": [1, 2, 2, 1]}, True),
+        # ComfyUI counts a LayerNorm as a layer when it looks for the last one: it activates the output.
+        ({"activation_func": "relu", "add_layer_norm": True}, False),
+    ],
+)
+def test_comfyui_reads_our_hypernetwork_pt_as_its_loader_rules_say(tmp_path, structure, same_in_comfyui):
+    torch.manual_seed(0)
+    layers = HypernetworkLayers("style", enable_sizes=[32, 64], **structure)
+    with torch.no_grad():
+        for p in layers.parameters():
+            p.normal_(0, 0.5)
+    path = write_a1111_hypernetwork(tmp_path / "style.pt", layers, 5, None, "tiny")
+    layers.eval()  # at inference: the multiplier applies
+    comfy = comfyui_hypernetwork(path)
+    assert sorted(comfy) == [32, 64]
+    x = torch.randn(2, 7, 64)
+    for side in (0, 1):
+        theirs = x + comfy[64][side](x) * 0.7
+        ours = layers.pair(64)[side](x, 0.7)
+        assert torch.allclose(ours, theirs, atol=1e-5) == same_in_comfyui
+    # conceptlab's .safetensors twin is listed by ComfyUI but holds no width it reads: it does nothing.
+    twin = write_hypernetwork_safetensors(tmp_path / "style.safetensors", layers, 5, "tiny")
+    assert comfyui_hypernetwork(twin) == {}
+
+
+def comfyui_embedding(path, embed_key: str = "clip_l") -> torch.Tensor:
+    """ComfyUI's embedding reader (comfy/sd1_clip.py load_embed), as its rules read: safetensors or a
+    weights_only torch.load; then the first value of string_to_param, else the `clip_l` entry, else the
+    first value of the file."""
+    from safetensors.torch import load_file
+
+    data = load_file(path) if str(path).endswith(".safetensors") else torch.load(path, weights_only=True)
+    if "string_to_param" in data:
+        return next(iter(data["string_to_param"].values()))
+    return data[embed_key] if embed_key in data else next(iter(data.values()))
+
+
+def test_comfyui_reads_our_embeddings_as_its_loader_rules_say(tmp_path):
+    from conceptlab.methods.textual_inversion import write_diffusers_embedding
+
+    vectors = torch.randn(3, 32)
+    pt = write_a1111_embedding(tmp_path / "my-cat.pt", "my-cat", vectors, 10, None, "tiny")
+    twin = write_diffusers_embedding(tmp_path / "my-cat.safetensors", "<my-cat>", vectors)
+    for path in (pt, twin):
+        assert torch.equal(comfyui_embedding(path).reshape(-1, 32), vectors), path.name
