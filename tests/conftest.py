@@ -147,7 +147,8 @@ def train_subprocess(
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
+        # env: extra variables; a None value removes one
+        env={k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None},
     )
     after = set((cwd / "outputs").glob("runs/*")) if (cwd / "outputs").exists() else set()
     return proc, sorted(after - before)

@@ -69,7 +69,7 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
     id_file = run_dir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
 
-    def start(mode: str) -> WandbLogger:
+    def start(mode: str, run_id: str) -> WandbLogger:
         logger = WandbLogger(
             id=run_id,
             resume="allow",
@@ -96,12 +96,19 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
 
     if mode == "online":
         try:
-            return start(mode)
+            return start(mode, run_id)
         # W&B raises many kinds of errors for an unreachable or refusing server; any of them means
         # "log offline instead", never "fail the run".
         except Exception as err:  # noqa: BLE001
-            log.warning(
-                "W&B: could not reach the server (%s); logging offline, sync later with `wandb sync`", err
-            )
-            return start("offline")
-    return start(mode)
+            reason = str(err).splitlines()[0]
+            # The failed start still holds its run id in W&B's service (a second start with it is refused
+            # as "in use"): the offline run gets a fresh id, recorded for requeues and `wandb sync`.
+            fresh = uuid.uuid4().hex[:8]
+            log.warning("W&B: could not reach the server (%s); logging offline as run %s, sync later with "
+                        "`wandb sync %s`", reason, fresh, run_dir / "wandb")  # fmt: skip
+            if id_file.is_file():
+                id_file.unlink()
+            # Stop W&B's service, which would otherwise keep retrying the dead server until the process exits.
+            wandb.teardown()
+            return start("offline", fresh)
+    return start(mode, run_id)
