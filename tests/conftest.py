@@ -156,3 +156,18 @@ def train_subprocess(
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def check_resume(tmp_path, *overrides, file="robot.safetensors", data="data=objects"):
+    """Stopped after 3 steps and resumed to 6 (resume=true) gives exactly the 6-step run's concept file."""
+    import torch
+    from safetensors.torch import load_file as load
+
+    args = [data, *overrides]
+    run_train(tmp_path / "a" / "straight", *args, "trainer.max_steps=6")
+    run_train(tmp_path / "b" / "first", *args, "trainer.max_steps=3")
+    resumed = run_train(tmp_path / "b" / "resumed", *args, "trainer.max_steps=6", "resume=true")
+    assert resumed["steps"] == 6 and resumed["steps_this_process"] == 3
+    ours = load(tmp_path / "b" / "resumed" / "concepts" / file)
+    reference = load(tmp_path / "a" / "straight" / "concepts" / file)
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)

@@ -109,8 +109,15 @@ class Backbone(nn.Module):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def sample(self, *args, **kwargs) -> torch.Tensor:
+        """`_sample` (below), leaving the global random state as it found it: samples and evaluations
+        in the middle of training never shift the stream training draws dropout masks from."""
+        devices = [self.unet.device] if self.unet.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._sample(*args, **kwargs)
+
     @torch.no_grad()
-    def sample(
+    def _sample(
         self, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float,
         negative_prompt: str = "", batch_size: int = 64, progress: str | None = None,
     ) -> torch.Tensor:  # fmt: skip
@@ -361,9 +368,14 @@ def ensure_tiny_backbone(cfg: ModelConfig) -> Path:
 
 def save_tiny_backbone(folder: str | os.PathLike, seed: int = 0) -> Path:
     """Build the tiny SD-1.x-shaped pipeline (random weights, fixed seed) and save it as a diffusers folder."""
+    with torch.random.fork_rng(devices=[]):  # seeded here, without resetting the caller's random state
+        torch.manual_seed(seed)
+        return _save_tiny_backbone(folder)
+
+
+def _save_tiny_backbone(folder: str | os.PathLike) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    torch.manual_seed(seed)
     text_encoder = clip_text_encoder(width=32, intermediate=64, layers=2, heads=4)
     # Factor-8 VAE (4 blocks) like SD's, so a 64-px image gives an 8x8x4 latent.
     vae = AutoencoderKL(

@@ -34,6 +34,7 @@ class ConceptModule(pl.LightningModule):
         self.run_info = run_info or {}
         # Checkpoints hold what trains only; the frozen backbone comes from its own folder.
         self.strict_loading = False
+        self._resume_rng: dict[str, Any] | None = None  # a checkpoint's random state, until the first step
 
     def trained_state_keys(self) -> set[str]:
         """State-dict keys a checkpoint holds: the method's state and every parameter that trains."""
@@ -88,8 +89,23 @@ class ConceptModule(pl.LightningModule):
         keep = self.trained_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["conceptlab"] = self.run_info
+        # The random state the next step draws from (dropout masks): a resumed run is the run it resumes.
+        # The data stream needs none: every sample is a function of (seed, position).
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        rng, self._resume_rng = self._resume_rng, None
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Applied just before the first resumed step: what Lightning does in between (starting the data
+        # loader draws a seed) would otherwise shift the stream.
+        self._resume_rng = checkpoint.get("rng")
         ours = self.trained_state_keys()
         theirs = set(checkpoint.get("state_dict", {}))
         if ours != theirs:

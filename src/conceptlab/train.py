@@ -161,7 +161,10 @@ def fit(cfg: DictConfig, record: RunRecord) -> None:
         )
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training")
         warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty")
-        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        # weights_only explicitly: a checkpoint never runs code, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
+        trainer.fit(
+            module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
+        )
     record.collect(trainer)
     record.update(files=run_files(record))
     if cfg.logger.wandb:
