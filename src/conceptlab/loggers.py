@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.loggers import Logger
 
 from .atomic import write_text
 from .config import LoggerConfig
@@ -21,8 +21,10 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 def make_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any],
                  group: str | None = None, job_type: str | None = None, tags: list[str] | None = None) -> list[Logger]:  # fmt: skip
-    """metrics.csv in the run directory, plus a WandbLogger if `cfg.wandb`."""
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name=None, version="")]
+    """metrics.csv in the run directory (keeping earlier runs' rows), plus a WandbLogger if `cfg.wandb`."""
+    from .runfolder import HistoryCSVLogger
+
+    loggers: list[Logger] = [HistoryCSVLogger(run_dir)]
     if cfg.wandb:
         loggers.append(make_wandb_logger(cfg, run_dir, run_name, config, group, job_type, tags or []))
     return loggers

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -33,15 +34,39 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     try:
         return run(cfg)
     except ConceptLabError as err:
-        say(f"run record: {Path(HydraConfig.get().runtime.output_dir) / 'summary.json'} (failed)")
+        from .runfolder import RunFolderInUse
+
+        if not isinstance(err, RunFolderInUse):  # that folder's record belongs to the run holding it
+            say(f"run record: {Path(HydraConfig.get().runtime.output_dir) / 'summary.json'} (failed)")
         print(f"error: {err}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra runs the sweep's other jobs, then fails with this error
         sys.exit(2)
+    except SystemExit as stop:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(stop, SIGTERMException):  # Lightning stops at the next step with a bare SystemExit
+            say(f"run record: {Path(HydraConfig.get().runtime.output_dir) / 'summary.json'} (interrupted)")
+            sys.exit(128 + signal.SIGTERM)  # what a process ended by SIGTERM reports, never success
+        raise
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one concept with one method; returns the summary (also written to summary.json)."""
+    from hydra.core.hydra_config import HydraConfig
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from .runfolder import remove_stray_temporaries, run_folder_lock
+
+    if rank_zero_only.rank != 0:  # DDP ranks started by re-running the command: rank zero holds the folder
+        return run_in_folder(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with run_folder_lock(run_dir):
+        remove_stray_temporaries(run_dir)
+        return run_in_folder(cfg)
+
+
+def run_in_folder(cfg: DictConfig) -> dict[str, Any]:
     from pytorch_lightning.utilities import rank_zero_only
 
     from .console import say
@@ -373,9 +398,13 @@ def finish_wandb(summary: dict[str, Any]) -> None:
 def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path | None:
     """This run directory's own last.ckpt (a requeued job), `ckpt_path`, or with `resume=true` the
     newest last.ckpt of an earlier run of the same command."""
+    from .runfolder import check_same_configuration
+
     own = run_dir / "checkpoints" / "last.ckpt"
     if own.is_file():
-        # This very job ran before: requeued on SLURM, or a rerun into a fixed hydra.run.dir.
+        # This very job ran before: requeued on SLURM, or a rerun into a fixed hydra.run.dir; it must
+        # be the same configuration (another seed or rate would silently continue the old run).
+        check_same_configuration(own, OmegaConf.to_container(cfg, resolve=True), run_dir)
         log.info("continuing this run from %s", own)
         return own
     if cfg.ckpt_path:

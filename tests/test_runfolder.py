@@ -1,0 +1,86 @@
+"""A run folder across the runs that use it: one at a time, one configuration, a history that grows."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, read_summary, run_train, train_subprocess
+
+from conceptlab.errors import ConfigError
+
+
+def metric_rows(run_dir) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_rerun_appends_to_metrics_csv_replacing_only_rows_from_the_resumed_step_on(tmp_path):
+    run_dir = tmp_path / "job"
+    run_train(run_dir, "trainer.max_steps=2", "samples.every_n_steps=0")
+    first = metric_rows(run_dir)
+    first_losses = {int(r["step"]): r["train/loss"] for r in first if r["train/loss"]}
+    assert sorted(first_losses) == [0, 1]
+    # Rows a killed run logged after its last checkpoint: the rerun logs those steps again.
+    with open(run_dir / "metrics.csv", "a", newline="") as f:
+        f.write("2," + ",".join(["123.0"] * (len(first[0]) - 1)) + "\n")
+    run_train(run_dir, "trainer.max_steps=4", "samples.every_n_steps=0")
+    rows = metric_rows(run_dir)
+    losses = {int(r["step"]): r["train/loss"] for r in rows if r.get("train/loss")}
+    assert sorted(losses) == [0, 1, 2, 3]
+    assert losses[0] == first_losses[0] and losses[1] == first_losses[1]  # the first run's rows, kept
+        float(first[0]["train/loss"])
+    )
+    assert "123.0" not in losses.values()
+    assert not (run_dir / "metrics.csv.previous").exists()
+
+
+def test_a_fixed_folder_with_another_configurations_checkpoint_is_refused(tmp_path):
+    run_dir = tmp_path / "job"
+    run_train(run_dir, "trainer.max_steps=2", "samples.every_n_steps=0")
+    with pytest.raises(ConfigError, match=r"holds the checkpoint of another configuration \(seed: 0 -> 1\)"):
+        run_train(run_dir, "trainer.max_steps=4", "samples.every_n_steps=0", "seed=1")
+    # A longer budget is the same configuration: it continues.
+    assert run_train(run_dir, "trainer.max_steps=3", "samples.every_n_steps=0")["steps_this_process"] == 1
+
+
+def test_stray_temporary_files_are_cleaned_at_start(tmp_path):
+    run_dir = tmp_path / "job"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    stray = run_dir / "checkpoints" / ".last.ckpt.0123456789ab.tmp"
+    stray.write_bytes(b"half a checkpoint")
+    kept = run_dir / ".notes.tmp"  # not one of ours
+    kept.write_text("mine")
+    run_train(run_dir, "samples.every_n_steps=0")
+    assert not stray.exists() and kept.exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_a_running_run_holds_its_folder_and_a_signal_records_interrupted(tmp_path, signum):
+    args = [sys.executable, str(ROOT / "train.py"), "trainer.max_steps=100000", "checkpoint.every_n_steps=0",
+            "samples.every_n_steps=0", "logger=csv", "trainer.enable_progress_bar=false", f"output_root={tmp_path}"]  # fmt: skip
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
+    try:
+        for _ in range(240):
+            time.sleep(0.5)
+            metrics = list(tmp_path.glob("runs/*/metrics.csv"))
+            if metrics and len(metrics[0].read_text().splitlines()) > 5:
+                break
+        [run_dir] = list(tmp_path.glob("runs/*"))
+        second, _ = train_subprocess(tmp_path / "second", f"hydra.run.dir={run_dir}", "trainer.max_steps=2")
+        assert second.returncode == 2
+        [line] = second.stderr.strip().splitlines()[-1:]
+        assert line.startswith(f"error: run folder {run_dir} is in use by pid {proc.pid} on ")
+        assert read_summary(run_dir)["status"] == "running"  # the holder's record is untouched
+        proc.send_signal(signum)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        proc.kill()
+    summary = read_summary(run_dir)
+    assert summary["status"] == "interrupted"
