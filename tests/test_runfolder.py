@@ -27,7 +27,7 @@ def test_a_rerun_appends_to_metrics_csv_replacing_only_rows_from_the_resumed_ste
     assert sorted(first_losses) == [0, 1]
     # Rows a killed run logged after its last checkpoint: the rerun logs those steps again.
     with open(run_dir / "metrics.csv", "a", newline="") as f:
-        f.write("2," + ",".join(["123.0"] * (len(first[0]) - 1)) + "\n")
+        csv.DictWriter(f, fieldnames=list(first[0])).writerow({**first[0], "step": 2, "train/loss": 123.0})
     run_train(run_dir, "trainer.max_steps=4", "samples.every_n_steps=0")
     rows = metric_rows(run_dir)
     losses = {int(r["step"]): r["train/loss"] for r in rows if r.get("train/loss")}
