@@ -202,7 +202,10 @@ BAD_INPUT = {
         lambda t, m: "method.initializer_token=teddy bear",
         "exactly one existing token",
     ),
-    "no vectors": (lambda t, m: "method.num_vectors=0", "at least 1 vector"),
+    "no vectors": (
+        lambda t, m: "method.num_vectors=0",
+        r"method.num_vectors=0: must be a finite number in \[1, 75\]",
+    ),
     "model folder missing a part": (broken_model, "has no vae/"),
     "embedding of the wrong width": (
         lambda t, m: (

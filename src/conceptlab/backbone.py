@@ -329,7 +329,7 @@ def _load_single_file(file: Path, cfg: ModelConfig) -> tuple:
 
 
 def resolve_path(path: str) -> Path:
-    """A path, or `pkg://package/sub/path` (inside an installed Python package); `~` expanded."""
+    """A path, or `pkg://package/sub/path` (inside an installed Python package); `~` and $VARIABLES expanded."""
     if path.startswith("pkg://"):
         package, _, inside = path.removeprefix("pkg://").partition("/")
         try:
@@ -338,7 +338,7 @@ def resolve_path(path: str) -> Path:
             raise ConfigError(f"{path}: no installed package {package!r}") from err
         # joinpath: a data folder without __init__.py is a namespace package, whose root is a MultiplexedPath
         return Path(str(root.joinpath(inside) if inside else root))
-    return Path(path).expanduser()
+    return Path(os.path.expandvars(path)).expanduser()
 
 
 def tiny_backbone_dir(cfg: ModelConfig) -> Path:

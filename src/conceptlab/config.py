@@ -11,23 +11,81 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, ListConfig
 
 # Where Hydra finds conceptlab's own configs: inside the installed package, from any folder.
 CONFIG_PATH = "pkg://conceptlab.conf"
 
 
-def opt(default: Any = MISSING, help: str = "") -> Any:  # noqa: A002 - the name --help shows
-    """A config field with its one-line help (lists and nested configs get a fresh default each time)."""
+def opt(default: Any = MISSING, help: str = "", valid: str | None = None, nonempty: bool = False) -> Any:  # noqa: A002
+    """A config field with its one-line help (lists and nested configs get a fresh default each time).
+
+    `valid`: the interval a number (or each number of a list) must lie in, e.g. "(0, inf)" or "[0, 1)";
+    always finite. `nonempty`: a list that must hold at least one entry. Checked by `validate` before
+    anything loads; `--help` shows them."""
+    meta = {"help": help, "valid": valid, "nonempty": nonempty}
     if isinstance(default, type):
-        return field(default_factory=default, metadata={"help": help})
+        return field(default_factory=default, metadata=meta)
     if isinstance(default, list | dict):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether a finite number lies in an interval written "(low, high]" (inf allowed as a bound)."""
+    low, high = (float(b) for b in interval[1:-1].split(","))
+    above = value > low if interval[0] == "(" else value >= low
+    below = value < high if interval[-1] == ")" else value <= high
+    return math.isfinite(value) and above and below
+
+
+def validate(cfg: Any, schema: type, prefix: str = "") -> list[str]:
+    """Every value of `cfg` outside its schema's declared range, as `key=value: what is valid`."""
+    problems = []
+    for f in dataclasses.fields(schema):
+        if f.name not in cfg:
+            continue
+        value, key = cfg[f.name], f"{prefix}{f.name}"
+        factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+            problems += validate(value, factory, f"{key}.")
+            continue
+        if value is None:
+            continue
+        values = list(value) if isinstance(value, list | tuple | ListConfig) else [value]
+        shown = (
+            f"[{', '.join(str(v) for v in values)}]"
+            if isinstance(value, list | tuple | ListConfig)
+            else value
+        )
+        if f.metadata.get("nonempty") and not values:
+            problems.append(f"{key}=[]: give at least one")
+        interval = f.metadata.get("valid")
+        if interval:
+            bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int | float)
+                   or not in_interval(float(v), interval)]  # fmt: skip
+            if bad:
+                what = "each must be" if isinstance(value, list | tuple | ListConfig) else "must be"
+                problems.append(f"{key}={shown}: {what} a finite number in {interval}")
+    return problems
+
+
+def check_config(cfg: Any, schemas: list[tuple[str, type]]) -> None:
+    """Stop with one line listing every value outside its range (the value as given, what is valid)."""
+    from .errors import ConfigError
+
+    problems = []
+    for prefix, schema in schemas:
+        node = cfg[prefix.rstrip(".")] if prefix else cfg
+        if node is not None:
+            problems += validate(node, schema, prefix)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 @dataclass
@@ -77,15 +135,25 @@ class DataConfig:
         "object",
         "object | style | filewords | bare | a template file ({} or [name]; pkg://package/file too)",
     )
-    num_images: int | None = opt(None, "a seeded subset of this many images; null = all")
+    num_images: int | None = opt(None, "a seeded subset of this many images; null = all", valid="[1, inf)")
     subset_seed: int = opt(0, "the subset is nested: the first k of one fixed shuffle")
-    resolution: int | None = opt(None, "training size in pixels; null = the backbone's native size")
+    resolution: int | None = opt(
+        None,
+        "training size in pixels (a multiple of what the backbone needs); null = the backbone's native size",
+        valid="[8, inf)",
+    )
     center_crop: bool = opt(True, "crop the central square (false: squash the whole image to a square)")
-    flip_p: float = opt(0.5, "probability of a horizontal flip (both flips' latents are cached)")
-    repeats: int = opt(100, "an epoch shows every image this many times")
-    batch_size: int = opt(4, "images per step and device")
-    num_workers: int = opt(0, "data-loader workers (latents are cached in memory, so workers rarely help)")
-    sample_prompts: list[str] = opt(["a photo of {}"], "prompts of the sample grids; {} = the concept")
+    flip_p: float = opt(
+        0.5, "probability of a horizontal flip (both flips' latents are cached)", valid="[0, 1]"
+    )
+    repeats: int = opt(100, "an epoch shows every image this many times", valid="[1, inf)")
+    batch_size: int = opt(4, "images per step and device", valid="[1, inf)")
+    num_workers: int = opt(
+        0, "data-loader workers (latents are cached in memory, so workers rarely help)", valid="[0, inf)"
+    )
+    sample_prompts: list[str] = opt(
+        ["a photo of {}"], "prompts of the sample grids; {} = the concept", nonempty=True
+    )
     initializer_token: str = opt(
         "object", "the existing word textual inversion starts from (method.initializer_token)"
     )
@@ -95,13 +163,13 @@ class DataConfig:
 class OptimConfig:
     """AdamW and the learning-rate scheduler."""
 
-    weight_decay: float = opt(1.0e-2, "AdamW weight decay")
-    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
-    eps: float = opt(1.0e-8, "AdamW epsilon")
+    weight_decay: float = opt(1.0e-2, "AdamW weight decay", valid="[0, inf)")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas (two)", valid="[0, 1)")
+    eps: float = opt(1.0e-8, "AdamW epsilon", valid="(0, inf)")
     scheduler: str = opt(
         "constant", "diffusers.optimization scheduler: constant, constant_with_warmup, linear, cosine, ..."
     )
-    warmup_steps: int = opt(0, "warm-up steps of the scheduler")
+    warmup_steps: int = opt(0, "warm-up steps of the scheduler", valid="[0, inf)")
 
 
 @dataclass
@@ -110,13 +178,15 @@ class TrainerConfig:
 
     accelerator: str = opt("auto", "cpu | gpu | auto")
     devices: Any = opt(1, "devices per node")
-    num_nodes: int = opt(1, "nodes")
+    num_nodes: int = opt(1, "nodes", valid="[1, inf)")
     strategy: str = opt("auto", "auto | ddp | ddp_spawn | ...")
     precision: Any = opt("32-true", "32-true | 16-mixed | bf16-mixed")
-    max_steps: int = opt(200, "optimizer steps")
-    accumulate_grad_batches: int = opt(1, "batches per optimizer step")
-    gradient_clip_val: float | None = opt(None, "clip gradients to this norm; null = no clipping")
-    log_every_n_steps: int = opt(1, "a loss point every N steps (metrics.csv, W&B)")
+    max_steps: int = opt(200, "optimizer steps", valid="[1, inf)")
+    accumulate_grad_batches: int = opt(1, "batches per optimizer step", valid="[1, inf)")
+    gradient_clip_val: float | None = opt(
+        None, "clip gradients to this norm; null = no clipping", valid="(0, inf)"
+    )
+    log_every_n_steps: int = opt(1, "a loss point every N steps (metrics.csv, W&B)", valid="[1, inf)")
     enable_progress_bar: bool = opt(True, "Lightning's progress bar")
     enable_model_summary: bool = opt(False, "Lightning's model summary table")
     deterministic: bool = opt(False, "deterministic algorithms only")
@@ -136,17 +206,21 @@ class LoggerConfig:
     group: str | None = opt(None, "W&B group; null = the study's name and sweep id")
     tags: list[str] = opt([], "W&B tags (swept values are added)")
     name: str | None = opt(None, 'run name; null = "<method>-<concept>-seed<seed>" or the swept values')
-    init_timeout: float = opt(30.0, "seconds to wait for the W&B server before logging offline")
+    init_timeout: float = opt(
+        30.0, "seconds to wait for the W&B server before logging offline", valid="(0, inf)"
+    )
 
 
 @dataclass
 class SamplesConfig:
     """Sample grids during training."""
 
-    every_n_steps: int = opt(100, "a grid every N steps, plus step 0 and the end; 0 = never")
-    seeds: list[int] = opt([0, 1], "one column per seed (rows: data.sample_prompts)")
-    num_inference_steps: int = opt(25, "DDIM steps")
-    guidance_scale: float = opt(7.5, "classifier-free guidance")
+    every_n_steps: int = opt(
+        100, "a grid every N steps, plus step 0 and the end; 0 = never", valid="[0, inf)"
+    )
+    seeds: list[int] = opt([0, 1], "one column per seed (rows: data.sample_prompts)", nonempty=True)
+    num_inference_steps: int = opt(25, "DDIM steps", valid="[1, inf)")
+    guidance_scale: float = opt(7.5, "classifier-free guidance", valid="[0, inf)")
     negative_prompt: str = opt("", "negative prompt")
 
 
@@ -155,13 +229,15 @@ class EvaluateConfig:
     """When and how the evaluators (the `evaluators` group, e.g. the toy world's judge) score samples."""
 
     enabled: bool = opt(True, "run the evaluators the config selects")
-    every_n_steps: int = opt(100, "also at step 0 and the end; 0 = only at the end")
-    num_samples: int = opt(16, "samples per prompt, seeds 0..n-1 (the same every time)")
-    num_inference_steps: int = opt(25, "DDIM steps")
-    guidance_scale: float = opt(4.0, "classifier-free guidance")
+    every_n_steps: int = opt(100, "also at step 0 and the end; 0 = only at the end", valid="[0, inf)")
+    num_samples: int = opt(16, "samples per prompt, seeds 0..n-1 (the same every time)", valid="[1, inf)")
+    num_inference_steps: int = opt(25, "DDIM steps", valid="[1, inf)")
+    guidance_scale: float = opt(4.0, "classifier-free guidance", valid="[0, inf)")
     multipliers: list[float] = opt(
         [1.0, 0.5, 0.0],
         "methods with a strength are scored at each: metrics at 1.0, <name>_m<m>/ at the others",
+        valid="(-inf, inf)",
+        nonempty=True,
     )
 
 
@@ -169,7 +245,7 @@ class EvaluateConfig:
 class CheckpointConfig:
     """checkpoints/last.ckpt."""
 
-    every_n_steps: int = opt(100, "write last.ckpt every N steps (and at the end)")
+    every_n_steps: int = opt(100, "write last.ckpt every N steps (and at the end)", valid="[0, inf)")
 
 
 @dataclass
@@ -211,15 +287,20 @@ class GenerateConfig:
     negative_prompt: str = opt("", "negative prompt")
     concepts: list[str] = opt([], "concept files (embeddings, hypernetworks, LoRAs) or run directories")
     seed: int = opt(0, "first seed")
-    num_images: int = opt(1, "images (columns) with seeds seed, seed+1, ... unless seeds is given")
-    seeds: list[int] | None = opt(None, "an explicit list of seeds (columns)")
-    multipliers: list[float] | None = opt(
-        None, "one row per value: every <tag:name> of the prompt at that strength"
+    num_images: int = opt(
+        1, "images (columns) with seeds seed, seed+1, ... unless seeds is given", valid="[1, inf)"
     )
-    steps: int = opt(25, "sampling steps")
-    guidance_scale: float = opt(7.5, "classifier-free guidance")
+    seeds: list[int] | None = opt(None, "an explicit list of seeds (columns)", nonempty=True)
+    multipliers: list[float] | None = opt(
+        None,
+        "one row per value: every <tag:name> of the prompt at that strength",
+        valid="(-inf, inf)",
+        nonempty=True,
+    )
+    steps: int = opt(25, "sampling steps", valid="[1, inf)")
+    guidance_scale: float = opt(7.5, "classifier-free guidance", valid="[0, inf)")
     scheduler: str = opt("ddim", "ddim pndm euler euler_a dpm++ lms heun unipc ddpm")
-    resolution: int | None = opt(None, "image size; null = the model's native size")
+    resolution: int | None = opt(None, "image size; null = the model's native size", valid="[8, inf)")
     device: str = opt("auto", "auto (cuda when available) | cpu | cuda")
     output_root: str = opt("outputs", "output folders are created below this folder")
 
@@ -256,7 +337,10 @@ def key_help(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
             continue
         default = factory() if factory else f.default
         shown = "???" if default is MISSING else repr(default)
-        rows.append((key, shown, f.metadata.get("help", "")))
+        text = f.metadata.get("help", "")
+        if f.metadata.get("valid"):
+            text += f" [valid: {f.metadata['valid']}]"
+        rows.append((key, shown, text))
     return rows
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .backbone import Backbone, resolve_path
@@ -87,7 +88,7 @@ def resolve_data_path(path: str) -> Path:
             )
             raise ConceptDataError(f"no bundled example set {name!r}; available: {', '.join(available)}")
         return folder
-    return Path(path).expanduser()
+    return Path(os.path.expandvars(path)).expanduser()
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -111,8 +112,10 @@ def open_rgb(path: Path, resolution: int) -> Image.Image | None:
             img.draft("RGB", (resolution * 2, resolution * 2))  # JPEG: decode huge photos at a reduced size
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        log.warning("skipping %s: not a readable image (%s)", path, err)
+    # Pillow raises many kinds for malformed bytes (SyntaxError for a broken PNG chunk, struct.error,
+    # IndexError, ...): any of them means "skip this file", never "end the run".
+    except Exception as err:  # noqa: BLE001
+        log.warning("skipping %s: not a readable image (%s: %s)", path, type(err).__name__, err)
         return None
 
 
@@ -162,7 +165,7 @@ def filewords(path: Path) -> str:
     """The caption beside an image (`img.txt`), else words from its file name (as AUTOMATIC1111 does)."""
     caption_file = path.with_suffix(".txt")
     if caption_file.is_file():
-        return caption_file.read_text(encoding="utf-8").strip()
+        return read_text(caption_file, "a caption file").strip()
     log.warning("no caption file %s; using words from the file name for [filewords]", caption_file.name)
     return re.sub(r"[\d_\-()\[\]]+", " ", path.stem).strip()
 
@@ -177,7 +180,7 @@ def load_templates(templates: str) -> list[str]:
         raise ConfigError(
             f"data.templates={templates!r} is neither {', '.join(BUILTIN_TEMPLATES)} nor a template file"
         )
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in read_text(path, "a template file").splitlines()]
     lines = [line for line in lines if line and not line.startswith("#")]
     if not lines:
         raise ConceptDataError(f"template file {path} has no templates (one per line, with {{}} or [name])")
@@ -187,6 +190,18 @@ def load_templates(templates: str) -> list[str]:
                 f"{path}: template {number} {line!r} has no {{}} or [name] for the concept"
             )
     return lines
+
+
+def read_text(path: Path, what: str) -> str:
+    """A text file as UTF-8 (a byte-order mark allowed); otherwise one line naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConceptDataError(
+            f"{path} ({what}) is not UTF-8 text: line {line} holds byte 0x{data[err.start]:02x}; save it as UTF-8"
+        ) from None
 
 
 def fill_template(template: str, name: str, caption: str) -> str:
@@ -214,13 +229,31 @@ def read_concept_images(cfg: DataConfig) -> list[ConceptImage]:
     ]
 
 
-def check_resolution(resolution: int, backbone: Backbone) -> None:
+def check_resolution(resolution: int, backbone: Backbone, key: str = "data.resolution") -> None:
+    """A size the VAE and the UNet can take: a multiple of the VAE's factor times the UNet's downsampling."""
     multiple = backbone.vae_scale_factor * 2 ** (len(backbone.unet.config.block_out_channels) - 1)
     if resolution < multiple or resolution % multiple:
         raise ConfigError(
-            f"data.resolution={resolution} must be a multiple of {multiple} for this backbone "
+            f"{key}={resolution} must be a multiple of {multiple} for this backbone "
             f"(native: {backbone.native_resolution})"
         )
+
+
+def check_captions_fit(tokenizer, prompt_text: str, captions: set[str]) -> None:
+    """The concept's tokens must lie inside the text encoder's window in every caption: past it they
+    are cut off and never train (a placeholder of too many vectors, or a long template)."""
+    window = tokenizer.model_max_length
+    concept = set(tokenizer(prompt_text, add_special_tokens=False).input_ids)
+    for caption in sorted(captions, key=len, reverse=True):
+        ids = tokenizer(caption).input_ids
+        if len(ids) <= window:
+            continue
+        last = max((i for i, t in enumerate(ids) if t in concept), default=-1)
+        if last >= window - 1:
+            raise ConfigError(
+                f"the caption {caption[:60]!r}... is {len(ids)} tokens and the concept's ({prompt_text[:40]!r}) "
+                f"reach past the text encoder's {window}: fewer method.num_vectors, or shorter templates"
+            )
 
 
 def sample_seed(seed: int, position: int) -> int:
@@ -308,6 +341,7 @@ class ConceptDataModule(pl.LightningDataModule):
         self.captions = [
             [fill_template(t, prompt_text, image.caption) for t in templates] for image in images
         ]
+        check_captions_fit(backbone.tokenizer, prompt_text, {c for cs in self.captions for c in cs})
         self.dataset: ConceptLatents | None = None
 
     def setup(self, stage: str | None = None) -> None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_path
-from .errors import ConceptFileError
+from .errors import ConceptFileError, ConceptLabError
 
 if TYPE_CHECKING:
     from .methods.base import Concept
@@ -56,7 +59,7 @@ def read_tensor_file(path: str | Path) -> TensorFile:
                 metadata = f.metadata() or {}
                 data = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
         except (SafetensorError, OSError) as err:
-            raise ConceptFileError(f"{path} is not a readable safetensors file: {err}") from err
+            raise ConceptFileError(f"{path} is not a readable safetensors file: {one_line(err)}") from err
         return TensorFile(path, data, metadata)
     try:
         # ParameterDict: the original textual-inversion code's embeddings hold one (the webui and
@@ -66,7 +69,7 @@ def read_tensor_file(path: str | Path) -> TensorFile:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
         raise ConceptFileError(
             f"{path} could not be read as a tensor file (only tensors and plain containers are "
-            f"loaded, never arbitrary pickled objects): {err}"
+            f"loaded, never arbitrary pickled objects): {one_line(err)}"
         ) from err
     return TensorFile(path, data)
 
@@ -102,7 +105,7 @@ def read_webui_image_embedding(path: Path) -> dict[str, Any]:
             text = getattr(image, "text", {}) or image.info
             chunk = text.get(WEBUI_IMAGE_CHUNK)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ConceptFileError(f"{path} is not a readable image: {err}") from err
+        raise ConceptFileError(f"{path} is not a readable image: {one_line(err)}") from err
     if not chunk:
         raise ConceptFileError(
             f"{path} has no {WEBUI_IMAGE_CHUNK!r} text chunk: conceptlab reads the webui's embedding images "
@@ -113,7 +116,7 @@ def read_webui_image_embedding(path: Path) -> dict[str, Any]:
         return tensors(data)
     except (binascii.Error, ValueError, TypeError) as err:
         raise ConceptFileError(
-            f"{path}: its {WEBUI_IMAGE_CHUNK!r} chunk is not a webui embedding: {err}"
+            f"{path}: its {WEBUI_IMAGE_CHUNK!r} chunk is not a webui embedding: {one_line(err)}"
         ) from err
 
 
@@ -151,10 +154,34 @@ def write_safetensors(
     return path
 
 
+@contextmanager
+def reading(path: str | Path, what: str = "concept file") -> Iterator[None]:
+    """Any failure of a reader on malformed bytes becomes one line naming the file (a file can hold
+    anything: readers index, unpack and decode what they find)."""
+    try:
+        yield
+    except ConceptLabError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise ConceptFileError(
+            f"{path} is not a readable {what} ({type(err).__name__}: {one_line(err)})"
+        ) from err
+
+
+def one_line(err: BaseException) -> str:
+    """An error's reason on one line (torch's weights_only refusals span a page: their reason is kept)."""
+    text = str(err)
+    unpickler = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", text, re.S)
+    if unpickler:
+        text = unpickler.group(1)
+    return " ".join(text.split())[:300]
+
+
 def read_as(path: str | Path, parse, what: str):
     """`parse(file)` of a tensor file, which must be `what` (parse returns None for other files)."""
-    file = read_tensor_file(path)
-    found = parse(file)
+    with reading(path, what):
+        file = read_tensor_file(path)
+        found = parse(file)
     if found is None:
         raise ConceptFileError(f"{file.path} is not {what}")
     return found
@@ -164,11 +191,12 @@ def read_concept(path: str | Path) -> Concept:
     """The learned concept in a file, recognised by the method whose format it is."""
     from .methods import registered_methods
 
-    file = read_tensor_file(path)
-    for method in registered_methods().values():
-        concept = method.concept_from_file(file)
-        if concept is not None:
-            return concept
+    with reading(path):
+        file = read_tensor_file(path)
+        for method in registered_methods().values():
+            concept = method.concept_from_file(file)
+            if concept is not None:
+                return concept
     known = "; ".join(f"{name}: {cls.file_formats}" for name, cls in registered_methods().items())
     raise ConceptFileError(f"{file.path} is not a concept file of any method conceptlab knows ({known})")
 

@@ -103,7 +103,10 @@ def labelled_grid(images: list, rows: list[str], cols: list[str]):
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Generate every (row, seed) image, save them, a labelled grid and generation.json."""
     from .backbone import load_backbone, resolve_dtype
+    from .config import GenerateConfig, ModelConfig, check_config
+    from .data import check_resolution
 
+    check_config(cfg, [("", GenerateConfig), ("model.", ModelConfig)])
     if cfg.scheduler not in SCHEDULERS:
         raise ConfigError(f"scheduler={cfg.scheduler!r}: use one of {', '.join(SCHEDULERS)}")
     concepts = load_concepts(list(cfg.concepts))
@@ -125,6 +128,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     seeds = list(cfg.seeds) if cfg.seeds is not None else list(range(cfg.seed, cfg.seed + cfg.num_images))
     rows = [None] if cfg.multipliers is None else [float(m) for m in cfg.multipliers]
     size = cfg.resolution or backbone.native_resolution
+    check_resolution(size, backbone, key="resolution")
 
     images, files = [], []
     for row, multiplier in enumerate(rows):
@@ -215,5 +219,5 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         )
         return record
     except ConceptLabError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
         sys.exit(2)

@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.out or Path(args.folder) / "report")
         page = write_report(sweep, out)
     except ConceptLabError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
         return 2
     counts = sweep.runs["status"].value_counts().to_dict()
     print(f"{page}  ({len(sweep.runs)} runs: {', '.join(f'{n} {s}' for s, n in counts.items())})")

@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
         if not isinstance(err, RunFolderInUse):  # that folder's record belongs to the run holding it
             say(f"run record: {Path(HydraConfig.get().runtime.output_dir) / 'summary.json'} (failed)")
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra runs the sweep's other jobs, then fails with this error
         sys.exit(2)
@@ -223,13 +223,34 @@ def concept_name(data_path: str) -> str:
     return name or "concept"
 
 
+# A concept names files (<concept>.safetensors, written through .<name>.<12 hex>.tmp): with the longest
+# suffix, a name this long stays within the 255 bytes file systems allow.
+MAX_CONCEPT_NAME = 200
+
+
 def check_settings(cfg: DictConfig, concept: str) -> None:
+    """Every value in its range, before anything loads (the value as given, and what is valid)."""
+    from .config import DataConfig, ModelConfig, TrainConfig, check_config
+    from .methods import registered_methods
+
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", concept):
         raise ConfigError(
             f"concept={concept!r}: use letters, digits, '.', '_' and '-' (it names the concept files)"
         )
-    if cfg.trainer.max_steps < 1:
-        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps}: train at least one step")
+    if len(concept) > MAX_CONCEPT_NAME:
+        raise ConfigError(
+            f"concept={concept[:20]}... is {len(concept)} characters: at most {MAX_CONCEPT_NAME} (it names "
+            "files, and file systems allow 255 bytes a name)"
+        )
+    method = registered_methods().get(cfg.method.name)
+    schemas = [("", TrainConfig), ("model.", ModelConfig), ("data.", DataConfig)]
+    check_config(cfg, schemas + ([("method.", method.Config)] if method else []))
+    if "lr" in cfg.method:
+        from .schedules import parse_lr_schedule
+
+        parse_lr_schedule(cfg.method.lr)
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas={list(cfg.optim.betas)}: give two, e.g. [0.9,0.999]")
 
 
 def make_evaluators(cfg: DictConfig, record: RunRecord) -> list:

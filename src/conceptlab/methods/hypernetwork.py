@@ -26,7 +26,7 @@ from torch import nn
 from ..backbone import Backbone
 from ..config import opt
 from ..errors import ConceptFileError, ConfigError
-from ..formats import TensorFile, read_as, write_safetensors, write_torch_file
+from ..formats import TensorFile, one_line, read_as, write_safetensors, write_torch_file
 from .base import Concept, Method
 
 
@@ -39,7 +39,9 @@ class HypernetworkConfig:
     enable_sizes: list[int] | None = opt(
         None, "widths that get a (key, value) module pair; null = the text width and the UNet's block widths"
     )
-    layer_structure: list[float] = opt([1.0, 2.0, 1.0], "hidden widths as multiples of the width")
+    layer_structure: list[float] = opt(
+        [1.0, 2.0, 1.0], "hidden widths as multiples of the width", valid="(0, inf)", nonempty=True
+    )
     activation_func: str | None = opt(
         "linear", "linear relu leakyrelu elu swish(=Hardswish) tanh sigmoid, or any torch activation"
     )
@@ -48,7 +50,9 @@ class HypernetworkConfig:
     )
     add_layer_norm: bool = opt(False, "a LayerNorm after every linear layer")
     use_dropout: bool = opt(False, "dropout after hidden layers (A1111's 0.3 rule unless dropout_structure)")
-    dropout_structure: list[float] | None = opt(None, "dropout per layer_structure entry, e.g. [0, 0.3, 0]")
+    dropout_structure: list[float] | None = opt(
+        None, "dropout per layer_structure entry, e.g. [0, 0.3, 0]", valid="[0, 1)"
+    )
     activate_output: bool = opt(False, "the activation after the last layer too")
     last_layer_dropout: bool = opt(False, "dropout before the last layer as well")
     init_from: str | None = opt(
@@ -213,7 +217,7 @@ class HypernetworkLayers(nn.Module):
                 v_module.load_state_dict(v_state)
             except RuntimeError as err:
                 raise ConceptFileError(
-                    f"{source}: the width-{size} modules do not match the structure it declares: {err}"
+                    f"{source}: the width-{size} modules do not match the structure it declares: {one_line(err)}"
                 ) from err
 
     @classmethod

@@ -26,7 +26,7 @@ from ..atomic import atomic_path
 from ..backbone import Backbone
 from ..config import opt
 from ..errors import ConceptFileError, ConfigError
-from ..formats import TensorFile, read_tensor_file, write_safetensors
+from ..formats import TensorFile, one_line, read_tensor_file, write_safetensors
 from .base import Concept, Method
 
 ADAPTER = "conceptlab"  # the adapter's name inside the backbone while training
@@ -48,12 +48,14 @@ class LoRAConfig:
 
     _target_: str = "conceptlab.methods.lora.LoRA"
     name: str = opt("lora", "the method's name (run labels, W&B job type)")
-    rank: int = opt(4, "the adapters' rank")
+    rank: int = opt(4, "the adapters' rank", valid="[1, inf)")
     alpha: float | None = opt(
-        None, "scale numerator: the update is (alpha / rank) B A; null = rank (scale 1)"
+        None, "scale numerator: the update is (alpha / rank) B A; null = rank (scale 1)", valid="(0, inf)"
     )
-    target_modules: list[str] = opt(["to_k", "to_q", "to_v", "to_out.0"], "UNet modules that get adapters")
-    dropout: float = opt(0.0, "dropout on the adapters' input while training")
+    target_modules: list[str] = opt(
+        ["to_k", "to_q", "to_v", "to_out.0"], "UNet modules that get adapters", nonempty=True
+    )
+    dropout: float = opt(0.0, "dropout on the adapters' input while training", valid="[0, 1)")
     text_encoder: bool = opt(False, "also adapt the text encoder's attention (q_proj k_proj v_proj out_proj)")
     init_from: str | None = opt(None, "continue from a LoRA file (kohya/A1111 or diffusers .safetensors)")
     lr: Any = opt(1.0e-4, 'learning rate, or a schedule "1e-4:1000, 5e-5"')
@@ -274,7 +276,7 @@ class LoRAConcept(Concept):
             backbone.pipeline().load_lora_weights(dict(self.tensors), adapter_name=self.adapter)
         except (ValueError, RuntimeError, KeyError) as err:
             raise ConceptFileError(
-                f"LoRA {self.name!r} ({self.path}) does not fit this model: {err}"
+                f"LoRA {self.name!r} ({self.path}) does not fit this model: {one_line(err)}"
             ) from err
         self.backbone = backbone
         layers = [layer for _, _, layer in lora_layers(backbone, self.adapter)]

@@ -43,7 +43,9 @@ class TextualInversionConfig:
     placeholder: str | None = opt(
         None, 'the new word; null = "<concept>"; extra vectors are "<concept>_1", "<concept>_2", ...'
     )
-    num_vectors: int = opt(1, "vectors per placeholder (1..N)")
+    num_vectors: int = opt(
+        1, "vectors per placeholder (1..N; with the longest template they fit in 77 tokens)", valid="[1, 75]"
+    )
     initializer_token: str = opt("object", "one existing token whose embedding starts every vector")
     init_from: str | None = opt(
         None, "start from an embedding file (diffusers .safetensors/.bin, AUTOMATIC1111 .pt)"
