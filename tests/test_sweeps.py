@@ -236,3 +236,29 @@ def test_a_study_metric_the_runs_lack_falls_back_to_the_loss_and_says_so(tmp_pat
     assert answer.metric == "final_loss" and answer.goal == "min" and "judge/concept" in answer.note
     assert list(answer.table["method"]) == ["hypernet", "ti"]
     assert headline(fake_sweep(tmp_path, "train/loss", rows)).note == ""  # train/loss is final_loss
+
+
+def test_the_report_survives_bad_records(tmp_path, capsys):
+    """A corrupt or missing summary/metrics file makes that run "unreadable (file, reason)", never no report."""
+    from conceptlab.report import main
+
+    good = tmp_path / "one" / "run"
+    run_train(good, "samples.every_n_steps=0")
+    (good / ".hydra" / "config.yaml").write_text("study:\n  name: bad-records\n")  # as Hydra leaves it
+    folder = tmp_path / "sweep"
+    for job in range(5):
+        shutil.copytree(good, folder / str(job))
+    (folder / "1" / "summary.json").write_text('{"status": "compl')  # cut off mid-write
+    (folder / "2" / "metrics.csv").write_bytes(b"\xff\xfe\x00garbage,\n\x00\x00")
+    (folder / "3" / "summary.json").write_text("[]")
+    (folder / "4" / "summary.json").write_text('{"status": "completed", "swept": 7, "metrics": "high"}')
+    (folder / "0" / ".hydra" / "config.yaml").write_text("study: [unclosed")
+    assert main([str(folder), "--out", str(tmp_path / "report")]) == 0
+    runs = collect(folder).runs.set_index("run_dir")
+    assert runs.loc["0", "status"] == runs.loc["2", "status"] == "completed"
+    assert runs.loc["1", "status"] == runs.loc["3", "status"] == runs.loc["4", "status"] == "unreadable"
+    assert runs.loc["1", "error"].startswith("summary.json: JSONDecodeError")
+    assert runs.loc["3", "error"] == "summary.json: not a JSON object (list)"
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.count("unreadable") >= 3 and "summary.json: JSONDecodeError" in page
+    assert "(5 runs: 3 unreadable, 2 completed)" in capsys.readouterr().out

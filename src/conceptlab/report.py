@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import logging
 import math
 import shutil
 import sys
@@ -23,6 +24,7 @@ import yaml
 from .atomic import atomic_path
 from .errors import ConceptLabError, ConfigError
 
+log = logging.getLogger(__name__)
 METRICS = ["final_loss", "mean_loss", "steps", "steps_per_s", "wall_time_s", "train_time_s", "lr"]
 # A study's metric that the run record keeps under another name.
 RECORD_METRICS = {"train/loss": "final_loss"}
@@ -84,21 +86,36 @@ def read_run(run_dir: Path, root: Path) -> dict[str, Any]:
             "status": "no record",
             "error": "summary.json missing: the job died early or is starting",
         }
-    summary = json.loads(summary_path.read_text())
-    row.update(
-        status=summary.get("status"),
-        error=summary.get("error"),
-        run_name=summary.get("run_name"),
-        method=summary.get("method"),
-        concept=summary.get("concept"),
-        seed=summary.get("seed"),
-    )
-    for key, value in (summary.get("swept") or {}).items():
-        row[key] = value
-    row.update({m: summary.get(m) for m in METRICS})
-    # The evaluators' last scores (model=toy: judge/concept, judge/prompt, ..., judge_m0/...).
-    row.update({k: v for k, v in (summary.get("metrics") or {}).items() if k != "step"})
+    summary = read_summary(summary_path)
+    if isinstance(summary, str):  # the reason it could not be read
+        return {**row, "status": "unreadable", "error": f"summary.json: {summary}"}
+    try:
+        row.update(
+            status=summary.get("status"),
+            error=summary.get("error"),
+            run_name=summary.get("run_name"),
+            method=summary.get("method"),
+            concept=summary.get("concept"),
+            seed=summary.get("seed"),
+        )
+        for key, value in (summary.get("swept") or {}).items():
+            row[key] = value
+        row.update({m: summary.get(m) for m in METRICS})
+        # The evaluators' last scores (model=toy: judge/concept, judge/prompt, ..., judge_m0/...).
+        row.update({k: v for k, v in (summary.get("metrics") or {}).items() if k != "step"})
+    except (AttributeError, TypeError, ValueError) as err:  # fields of the wrong kind
+        return {**row, "status": "unreadable", "error": f"summary.json: {type(err).__name__}: {err}"}
     return row
+
+
+def read_summary(path: Path) -> dict[str, Any] | str:
+    """A run's summary.json, or why it cannot be read (a job killed mid-write by an old version, a
+    disk that filled up, a hand edit): one bad record never stops the report."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
+    return summary if isinstance(summary, dict) else f"not a JSON object ({type(summary).__name__})"
 
 
 def judge_columns(runs: pd.DataFrame) -> list[str]:
@@ -125,15 +142,18 @@ def collect(root: str | Path) -> Sweep:
     rows = [read_run(d, root) for d in run_dirs]
     axes: list[str] = []
     for d in run_dirs:
-        summary = d / "summary.json"
-        if summary.is_file():
-            for key in json.loads(summary.read_text()).get("swept") or {}:
-                if key not in axes:
-                    axes.append(key)
+        summary = read_summary(d / "summary.json") if (d / "summary.json").is_file() else {}
+        swept = summary.get("swept") if isinstance(summary, dict) else None
+        for key in swept if isinstance(swept, dict) else {}:
+            if key not in axes:
+                axes.append(key)
     study = {}
     config = run_dirs[0] / ".hydra" / "config.yaml"
-    if config.is_file():
-        study = (yaml.safe_load(config.read_text()) or {}).get("study") or {}
+    try:
+        loaded = yaml.safe_load(config.read_text()) if config.is_file() else {}
+        study = (loaded or {}).get("study") or {} if isinstance(loaded, dict) else {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        log.warning("%s is unreadable (%s): the report goes without the study's question", config, err)
     expected = expected_job_count(root)
     if expected is not None and expected > len(rows):
         # Jobs the sweep has not started (yet): listed, not silently missing.
@@ -187,8 +207,12 @@ def loss_curve(run_dir: Path) -> pd.DataFrame | None:
     metrics = run_dir / "metrics.csv"
     if not metrics.is_file():
         return None
-    frame = pd.read_csv(metrics)
-    if "train/loss" not in frame:
+    try:
+        frame = pd.read_csv(metrics)
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # pandas' parser errors are ValueErrors
+        log.warning("%s is unreadable (%s): its loss curve is left out", metrics, err)
+        return None
+    if "train/loss" not in frame or "step" not in frame:
         return None
     return frame[["step", "train/loss"]].dropna()
 

@@ -274,7 +274,7 @@ def stage_unet(cfg: PretrainConfig, work: Path, pool: dict, vae) -> None:
     if not moments_path.is_file():
         with atomic_path(moments_path) as tmp:
             torch.save(encode_pool(vae, pool["images"]), tmp)
-    moments = torch.load(moments_path)
+    moments = torch.load(moments_path, weights_only=True)
     scaling = vae.config.scaling_factor
     unet, text_encoder = build_unet_and_text_encoder(cfg.seed)
     tokenizer = clip_tokenizer()
@@ -290,7 +290,7 @@ def stage_unet(cfg: PretrainConfig, work: Path, pool: dict, vae) -> None:
     ema_text = EMAModel(text_encoder.parameters(), decay=cfg.ema_decay)
     step = 0
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=True)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["optimizer"])
@@ -353,7 +353,7 @@ def export(cfg: PretrainConfig, work: Path, out: Path) -> Path:
     from ..backbone import save_sd_folder
 
     unet, text_encoder = build_unet_and_text_encoder(cfg.seed)
-    state = torch.load(work / "unet_state.pt", weights_only=False)
+    state = torch.load(work / "unet_state.pt", weights_only=True)
     for model, key in ((unet, "ema_unet"), (text_encoder, "ema_text")):
         ema = EMAModel(model.parameters())
         ema.load_state_dict(state[key])
