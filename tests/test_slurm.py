@@ -130,3 +130,56 @@ def test_slurm_launcher_without_sbatch_is_one_line(tmp_path):
         .splitlines()[-1]
         .startswith("error: hydra/launcher=slurm needs SLURM's sbatch on PATH")
     )
+
+
+def test_a_request_no_node_can_meet_is_named_before_submitting():
+    """The check against what sinfo reports (here a two-core, 4 GB, GPU-less node like the test cluster)."""
+    from omegaconf import OmegaConf
+
+    from conceptlab.hydra_callbacks import Node, slurm_minutes, slurm_request_problem
+
+    nodes = [
+        Node("debug", 2, 4096, 0, slurm_minutes("infinite"), default=True),
+        Node("gpu", 16, 65536, 4, 240),
+    ]
+    defaults = OmegaConf.load(ROOT / "conf" / "hydra" / "launcher" / "slurm.yaml")
+
+    def problem(**launcher):
+        base = {"cpus_per_task": 8, "mem_gb": 64, "gpus_per_node": 1, "tasks_per_node": 1, "timeout_min": 240}
+        return slurm_request_problem(OmegaConf.create(base | launcher), nodes)
+
+    assert defaults.cpus_per_task == 8 and defaults.mem_gb == 64  # the launcher's defaults, as tested below
+    assert problem(gpus_per_node=0) == (
+        "hydra.launcher.cpus_per_task=8 asks for more CPUs than any node of partition debug has (2): no job "
+        "could ever start; set hydra.launcher.cpus_per_task=2"
+    )
+    assert "hydra.launcher.mem_gb=64 asks for more GB of memory" in problem(gpus_per_node=0, cpus_per_task=1)
+    assert problem(cpus_per_task=1, mem_gb=2).endswith(
+        "set hydra.launcher.gpus_per_node=0 (and trainer.accelerator=cpu)"
+    )
+    assert problem(cpus_per_task=1, mem_gb=2, gpus_per_node=0) is None  # the README's one-machine recipe
+    assert problem(partition="gpu", timeout_min=600).startswith(
+        "hydra.launcher.timeout_min=600 asks for more minutes"
+    )
+    assert problem(partition="gpu", tasks_per_node=4, cpus_per_task=8).startswith(
+        "hydra.launcher.cpus_per_task=8 x 4 tasks a node"
+    )
+    assert "no such partition (it has: debug, gpu)" in problem(partition="a100")
+    assert problem(partition="gpu") is None
+    assert (
+        slurm_request_problem(OmegaConf.create({"cpus_per_task": 999}), None) is None
+    )  # sinfo silent: no guess
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_the_launchers_defaults_on_the_one_machine_cluster_stop_at_once_with_the_key(tmp_path):
+    args = [sys.executable, str(ROOT / "train.py"), "-m", "model=tiny", "hydra/launcher=slurm",
+            "hydra.launcher.gpus_per_node=0", "trainer.accelerator=cpu", f"output_root={tmp_path}"]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    assert (
+        "hydra.launcher.cpus_per_task=8 asks for more CPUs than any node"
+        in proc.stderr.strip().splitlines()[-1]
+    )
+    assert not list(tmp_path.glob("multirun/*/.submitit/*")), "nothing was submitted"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import re
 import shutil
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,93 @@ class CheckLauncher(Callback):
                 file=sys.stderr,
             )
             sys.exit(2)
+        if "Slurm" in target:
+            problem = slurm_request_problem(config.hydra.launcher, read_sinfo())
+            if problem:
+                print(f"error: {problem}", file=sys.stderr)
+                sys.exit(2)
+
+
+@dataclass
+class Node:
+    """What `sinfo -N` says of one node in one partition."""
+
+    partition: str
+    cpus: int
+    memory_mb: int
+    gpus: int
+    time_limit_min: float  # inf: no limit
+    default: bool = False
+
+
+def read_sinfo() -> list[Node] | None:
+    """The cluster's nodes, or None when sinfo cannot say (the check is then skipped, not guessed)."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G|%l"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    nodes = []
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 5:
+            continue
+        partition, cpus, memory, gres, limit = parts
+        try:
+            gpus = sum(int(m) for m in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+            nodes.append(Node(partition.rstrip("*"), int(cpus), int(memory.rstrip("+")), gpus,
+                              slurm_minutes(limit), partition.endswith("*")))  # fmt: skip
+        except ValueError:
+            continue
+    return nodes or None
+
+
+def slurm_minutes(limit: str) -> float:
+    """SLURM's time format ("infinite", "D-HH:MM:SS", "HH:MM:SS", "MM:SS", "MM") in minutes."""
+    if limit.strip().lower() in ("infinite", "unlimited", "n/a"):
+        return math.inf
+    days, _, clock = limit.rpartition("-")
+    fields = [int(f) for f in clock.split(":")]
+    if days:  # days-hours[:minutes[:seconds]]
+        hours, minutes, seconds = fields + [0] * (3 - len(fields))
+    else:  # minutes, minutes:seconds, hours:minutes:seconds
+        hours, minutes, seconds = {1: [0, *fields, 0], 2: [0, *fields], 3: fields}[len(fields)]
+    return int(days or 0) * 1440 + hours * 60 + minutes + seconds / 60
+
+
+def slurm_request_problem(launcher: Any, nodes: list[Node] | None) -> str | None:
+    """Why no node of the cluster could ever run a job of this sweep (the key to change), or None."""
+    if not nodes:
+        return None
+    partition = launcher.get("partition")
+    if partition:
+        candidates = [n for n in nodes if n.partition == partition]
+        if not candidates:
+            known = ", ".join(sorted({n.partition for n in nodes}))
+            return f"hydra.launcher.partition={partition}: the cluster has no such partition (it has: {known})"
+    else:
+        candidates = [n for n in nodes if n.default] or nodes
+        partition = candidates[0].partition
+    tasks = int(launcher.get("tasks_per_node") or 1)
+    asks = [
+        ("cpus_per_task", launcher.get("cpus_per_task"), tasks, lambda n: n.cpus, "CPUs"),
+        ("mem_gb", launcher.get("mem_gb"), 1, lambda n: n.memory_mb / 1024, "GB of memory"),
+        ("gpus_per_node", launcher.get("gpus_per_node"), 1, lambda n: n.gpus, "GPUs"),
+        ("timeout_min", launcher.get("timeout_min"), 1, lambda n: n.time_limit_min, "minutes"),
+    ]
+    for key, value, per_node, has, what in asks:
+        if value is None:
+            continue
+        largest = max(has(n) for n in candidates)
+        if float(value) * per_node > largest:
+            times = f" x {per_node} tasks a node" if per_node > 1 else ""
+            fix = int(largest // per_node) if math.isfinite(largest) else largest
+            return (
+                f"hydra.launcher.{key}={value}{times} asks for more {what} than any node of partition "
+                f"{partition} has ({largest:g}): no job could ever start; set hydra.launcher.{key}={fix}"
+                + (" (and trainer.accelerator=cpu)" if key == "gpus_per_node" and largest == 0 else "")
+            )
+    return None
 
 
 class SweepSummary(Callback):
