@@ -90,7 +90,9 @@ def slurm_request_problem(launcher: Any, nodes: list[Node] | None) -> str | None
         candidates = [n for n in nodes if n.partition == partition]
         if not candidates:
             known = ", ".join(sorted({n.partition for n in nodes}))
-            return f"hydra.launcher.partition={partition}: the cluster has no such partition (it has: {known})"
+            return (
+                f"hydra.launcher.partition={partition}: the cluster has no such partition (it has: {known})"
+            )
     else:
         candidates = [n for n in nodes if n.default] or nodes
         partition = candidates[0].partition
