@@ -4,6 +4,7 @@ and saying what is valid (the ranges live in the structured configs, config.opt(
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import compose, run_train
 
 from conceptlab.errors import ConfigError
@@ -92,3 +93,40 @@ def test_help_shows_the_valid_ranges():
 
     rows = {key: text for key, _, text in key_help(TrainConfig)}
     assert rows["trainer.max_steps"].endswith("[valid: [1, inf)]")
+
+
+def test_a_checkpoint_holding_code_is_refused_in_one_line_whatever_the_environment(tmp_path, monkeypatch):
+    """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns torch's default off: conceptlab passes weights_only itself."""
+    import shutil
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    (tmp_path / "victim").mkdir()
+
+    class Payload:
+        def __reduce__(self):
+            return (shutil.rmtree, (str(tmp_path / "victim"),))
+
+    torch.save({"state_dict": {}, "payload": Payload()}, tmp_path / "evil.ckpt")
+    with pytest.raises(
+        ConfigError, match=r"evil.ckpt holds Python objects that are not weights \(shutil.rmtree\)"
+    ):
+        run_train(tmp_path / "run", f"ckpt_path={tmp_path / 'evil.ckpt'}")
+    # The same file as a run folder's own checkpoint (a requeue) is refused the same way.
+    (tmp_path / "job" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "evil.ckpt", tmp_path / "job" / "checkpoints" / "last.ckpt")
+    with pytest.raises(ConfigError, match="holds Python objects that are not weights"):
+        run_train(tmp_path / "job")
+    assert (tmp_path / "victim").is_dir()
+
+
+def test_a_template_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    from conceptlab.errors import ConceptDataError
+
+    templates = tmp_path / "mine.txt"
+    templates.write_bytes(
+        b"a photo of {}\na painting of {}\n" + "une photo de {} prise à Paris\n".encode("latin-1")
+    )
+    with pytest.raises(
+        ConceptDataError, match=r"mine.txt \(a template file\) is not UTF-8 text: line 3 holds byte 0xe0"
+    ):
+        run_train(tmp_path / "run", f"data.templates={templates}")

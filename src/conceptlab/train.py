@@ -419,7 +419,7 @@ def finish_wandb(summary: dict[str, Any]) -> None:
 def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path | None:
     """This run directory's own last.ckpt (a requeued job), `ckpt_path`, or with `resume=true` the
     newest last.ckpt of an earlier run of the same command."""
-    from .runfolder import check_same_configuration
+    from .runfolder import check_checkpoint_safe, check_same_configuration
 
     own = run_dir / "checkpoints" / "last.ckpt"
     if own.is_file():
@@ -432,6 +432,7 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str])
         path = Path(cfg.ckpt_path).expanduser()
         if not path.is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        check_checkpoint_safe(path)
         return path
     if not cfg.resume:
         return None
@@ -447,7 +448,9 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str])
             f"resume=true, but no earlier run of this command has a checkpoints/last.ckpt under "
             f"{cfg.output_root}/; pass ckpt_path=path/to/last.ckpt to continue another run"
         )
-    return max(found, key=lambda p: p.stat().st_mtime)
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    check_checkpoint_safe(newest)
+    return newest
 
 
 def same_run_key(overrides: list[str]) -> list[str]:
