@@ -57,7 +57,8 @@ def test_stray_temporary_files_are_cleaned_at_start(tmp_path):
     assert not stray.exists() and kept.exists()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_running_run_holds_its_folder_and_a_signal_records_interrupted(tmp_path, signum):
     args = [sys.executable, str(ROOT / "train.py"), "trainer.max_steps=100000", "checkpoint.every_n_steps=0",
             "samples.every_n_steps=0", "logger=csv", "trainer.enable_progress_bar=false", f"output_root={tmp_path}"]  # fmt: skip
