@@ -83,3 +83,25 @@ def test_a_running_run_holds_its_folder_and_a_signal_records_interrupted(tmp_pat
         proc.kill()
     summary = read_summary(run_dir)
     assert summary["status"] == "interrupted"
+
+
+def test_a_full_disk_records_failed_with_the_reason(tmp_path, monkeypatch):
+    import errno
+
+    import conceptlab.atomic
+
+    real = conceptlab.atomic.atomic_path
+
+    def full(target):
+        if str(target).endswith((".safetensors", ".pt")):
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return real(target)
+
+    monkeypatch.setattr(conceptlab.atomic, "atomic_path", full)
+    import conceptlab.formats
+
+    monkeypatch.setattr(conceptlab.formats, "atomic_path", full)
+    with pytest.raises(OSError, match="No space left"):
+        run_train(tmp_path / "run", "samples.every_n_steps=0", "checkpoint.every_n_steps=0")
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "failed" and "No space left on device" in summary["error"]
