@@ -172,7 +172,7 @@ def test_v_prediction_backbone_trains(tmp_path):
 
 def test_nan_loss_stops_the_run_with_advice_and_keeps_earlier_files(tmp_path):
     run_dir = tmp_path / "run"
-    with pytest.raises(TrainingError, match="loss became nan.*lower method.lr"):
+    with pytest.raises(TrainingError, match="loss became nan or inf at step \d+; lower method.lr"):
         run_train(
             run_dir,
             "method.lr=1e30",
@@ -359,3 +359,26 @@ def test_a_model_folder_given_as_model_path_trains(tmp_path):
     assert a1111["sd_checkpoint_name"] == "tiny-sd"
     unet = (folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert a1111["sd_checkpoint"] == hashlib.sha256(unet).hexdigest()[:10]
+
+
+def test_the_training_step_never_waits_for_the_device(backbone, monkeypatch):
+    """No host sync per step: reading a tensor's value (item, bool, float, int) in training_step would
+    stall a GPU every step; the non-finite check is a device flag read at logging points."""
+    from conftest import fit_a_few_steps
+
+    from conceptlab.methods.textual_inversion import TextualInversion
+
+    method = TextualInversion(name="ti", lr=5e-4, scale_lr=False, concept="robot")
+    method.attach(backbone)
+    module, data = fit_a_few_steps(backbone, method, "bundled:robot", lr=5e-4, steps=1)
+    batch = next(iter(data.train_dataloader()))
+    module.log = lambda *args, **kwargs: None  # Lightning's logging is its own (and reads at log points)
+
+    def sync(self, *args):
+        raise AssertionError("training_step read a tensor's value on the host")
+
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    loss = module.training_step(batch, 0)
+    monkeypatch.undo()
+    assert torch.isfinite(loss) and int(module._first_bad_step) == -1

@@ -160,6 +160,7 @@ class ConceptExport(pl.Callback):
         self.folder = folder
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        module.check_finite()  # a diverged concept is never exported
         if trainer.is_global_zero:
             module.method.export(self.folder, trainer.global_step, module.backbone)
 

@@ -35,6 +35,7 @@ class ConceptModule(pl.LightningModule):
         # Checkpoints hold what trains only; the frozen backbone comes from its own folder.
         self.strict_loading = False
         self._resume_rng: dict[str, Any] | None = None  # a checkpoint's random state, until the first step
+        self._first_bad_step: torch.Tensor | None = None  # on the device: the first step whose loss was not finite
 
     def trained_state_keys(self) -> set[str]:
         """State-dict keys a checkpoint holds: the method's state and every parameter that trains."""
@@ -54,11 +55,13 @@ class ConceptModule(pl.LightningModule):
         else:
             target = noise
         loss = F.mse_loss(prediction.float(), target.float())
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"the loss became {loss.item()} at step {self.global_step}; lower method.lr "
-                f"(now {self.lr:g}), or use trainer.precision=32-true / model.dtype=float32 if half precision overflowed"
-            )
+        # No host sync in the step: a non-finite loss marks a device flag (the first such step), which
+        # is read at logging points, before any checkpoint and before the concept is exported.
+        bad = ~torch.isfinite(loss.detach())
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        unseen = self._first_bad_step < 0
+        self._first_bad_step = torch.where(bad & unseen, self.global_step, self._first_bad_step)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=latents.shape[0])
         return loss
 
@@ -86,6 +89,7 @@ class ConceptModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()  # a diverged state never replaces the last good checkpoint
         keep = self.trained_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["conceptlab"] = self.run_info
@@ -94,6 +98,22 @@ class ConceptModule(pl.LightningModule):
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def check_finite(self) -> None:
+        """Stop if a step's loss was nan or inf (one host sync: called at logging points and before
+        anything is written, so a diverged state is never checkpointed or exported)."""
+        if self._first_bad_step is None:
+            return
+        step = int(self._first_bad_step)
+        if step >= 0:
+            raise TrainingError(
+                f"the loss became nan or inf at step {step}; lower method.lr (now {self.lr:g}), or use "
+                "trainer.precision=32-true / model.dtype=float32 if half precision overflowed"
+            )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer is not None and self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            self.check_finite()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         rng, self._resume_rng = self._resume_rng, None
