@@ -174,7 +174,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    """Keyword arguments of Lightning's Trainer (only these are accepted)."""
+    """Keyword arguments of Lightning's Trainer (only these are accepted), and `compile`."""
 
     accelerator: str = opt("auto", "cpu | gpu | auto")
     devices: Any = opt(1, "devices per node")
@@ -192,6 +192,11 @@ class TrainerConfig:
     deterministic: bool = opt(False, "deterministic algorithms only")
     use_distributed_sampler: bool = opt(
         False, "conceptlab shards the data itself (a resumed run sees the same batches)"
+    )
+    compile: Any = opt(
+        False,
+        "torch.compile the UNet (conceptlab's key, not Lightning's): true, or a mode: default, "
+        "reduce-overhead (CUDA graphs), max-autotune",
     )
 
 

@@ -35,7 +35,9 @@ class ConceptModule(pl.LightningModule):
         # Checkpoints hold what trains only; the frozen backbone comes from its own folder.
         self.strict_loading = False
         self._resume_rng: dict[str, Any] | None = None  # a checkpoint's random state, until the first step
-        self._first_bad_step: torch.Tensor | None = None  # on the device: the first step whose loss was not finite
+        self._first_bad_step: torch.Tensor | None = (
+            None  # on the device: the first step whose loss was not finite
+        )
 
     def trained_state_keys(self) -> set[str]:
         """State-dict keys a checkpoint holds: the method's state and every parameter that trains."""

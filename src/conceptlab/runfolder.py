@@ -91,7 +91,9 @@ def check_checkpoint_safe(checkpoint: Path) -> None:
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(checkpoint)
     except Exception as err:  # noqa: BLE001 - not a torch zip at all
-        raise ConfigError(f"{checkpoint} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+        raise ConfigError(
+            f"{checkpoint} is not a readable checkpoint ({type(err).__name__}: {err})"
+        ) from None
     if unsafe:
         raise ConfigError(
             f"{checkpoint} holds Python objects that are not weights ({', '.join(unsafe[:3])}): conceptlab "

@@ -249,6 +249,7 @@ def check_settings(cfg: DictConfig, concept: str) -> None:
         from .schedules import parse_lr_schedule
 
         parse_lr_schedule(cfg.method.lr)
+    compile_mode(cfg.trainer.compile)
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)}: give two, e.g. [0.9,0.999]")
 
@@ -336,6 +337,27 @@ def make_trainer(cfg: DictConfig, record: RunRecord, callbacks: list):
         raise ConfigError(f"trainer: {err}") from err
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(setting: Any) -> str | None:
+    """trainer.compile as a torch.compile mode (None: not compiled); a one-line error otherwise."""
+    if setting in (False, None):
+        return None
+    mode = "default" if setting is True else str(setting)
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"trainer.compile={setting}: use true, false or one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def compile_unet(backbone, setting: Any) -> None:
+    """trainer.compile: the UNet (with whatever a method installed in it) compiled in place, so its
+    parameter names, checkpoints and exports stay as they are."""
+    mode = compile_mode(setting)
+    if mode is not None:
+        backbone.unet.compile(mode=mode)
+
+
 def make_module(cfg: DictConfig, trainer, backbone, method, record: RunRecord):
     """The LightningModule: the backbone in its training dtype, the method's learning-rate schedule."""
     from .backbone import resolve_dtype
@@ -348,6 +370,7 @@ def make_module(cfg: DictConfig, trainer, backbone, method, record: RunRecord):
         backbone.to(dtype)
     for parameter in method.trainable_parameters():  # what trains stays float32, whatever the backbone
         parameter.data = parameter.data.float()
+    compile_unet(backbone, cfg.trainer.compile)
     schedule = parse_lr_schedule(method.lr)
     if len(schedule) > 1 and cfg.optim.scheduler != "constant":
         raise ConfigError(
@@ -388,6 +411,7 @@ def trainer_kwargs(cfg: DictConfig, in_sweep: bool) -> dict[str, Any]:
     local sweep uses `ddp_spawn`, whose ranks are started inside the job.
     """
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs.pop("compile", None)  # conceptlab's own (make_module), not a Trainer argument
     started_outside = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     if in_sweep and kwargs.get("strategy") == "ddp" and not started_outside:
         log.info("trainer.strategy=ddp inside a local sweep: using ddp_spawn (ddp would re-run the sweep)")
