@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import resource
 import signal
@@ -101,10 +102,11 @@ class PreemptionCheckpoint(pl.Callback):
 class SampleGrid(pl.Callback):
     """A grid (rows: prompts, columns: seeds) at step 0, every N steps and at the end; saved and logged."""
 
-    def __init__(self, cfg: SamplesConfig, prompts: list[str], prompt_text: str, folder: Path):
+    def __init__(self, cfg: SamplesConfig, prompts: list[str], prompt_text: str, folder: Path, cache=None):
         self.cfg = cfg
         self.prompts = [p.replace("{}", prompt_text) for p in prompts]
         self.folder = folder
+        self.cache = cache  # an EvaluationCache: a grid of a state drawn before is read, not drawn again
         self.last_step = -1
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -128,15 +130,39 @@ class SampleGrid(pl.Callback):
         was_training = module.method.training
         module.method.eval()  # no dropout in samples; hypernetworks use their inference multiplier
         try:
-            grid = render_grid(module.backbone, self.prompts, self.cfg)
+            png = self.cached_grid(module)
         finally:
             module.method.train(was_training)
         path = self.folder / f"step_{step:06d}.png"
         with atomic_path(path) as tmp:
-            grid.save(tmp, format="PNG")
+            tmp.write_bytes(png)
+        from PIL import Image
+
+        grid = Image.open(io.BytesIO(png))
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="samples", images=[grid], step=step, caption=[" | ".join(self.prompts)])
+
+    def cached_grid(self, module: pl.LightningModule) -> bytes:
+        """The grid as PNG bytes: drawn, or read from the cache when this very state was drawn before."""
+        key = None
+        if self.cache is not None:
+            from .evalcache import backbone_identity, method_state
+
+            cfg = self.cfg
+            key = self.cache.key(
+                kind="sample-grid", backbone=backbone_identity(module.backbone), prompts=self.prompts,
+                state=method_state(module.method, 1.0), seeds=list(cfg.seeds), steps=cfg.num_inference_steps,
+                guidance=cfg.guidance_scale, negative=cfg.negative_prompt, sampler="DDIM",
+            )  # fmt: skip
+            found = self.cache.get_bytes(key, ".png")
+            if found is not None:
+                return found
+        buffer = io.BytesIO()
+        render_grid(module.backbone, self.prompts, self.cfg).save(buffer, format="PNG")
+        if key is not None:
+            self.cache.put_bytes(key, ".png", buffer.getvalue())
+        return buffer.getvalue()
 
 
 def render_grid(backbone, prompts: list[str], cfg: SamplesConfig):

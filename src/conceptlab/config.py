@@ -234,6 +234,11 @@ class EvaluateConfig:
     """When and how the evaluators (the `evaluators` group, e.g. the toy world's judge) score samples."""
 
     enabled: bool = opt(True, "run the evaluators the config selects")
+    cache: bool = opt(
+        True,
+        "reuse scores whose every input was scored before (the bare model at multiplier 0, step 0 from the "
+        "same starting state), kept under <CONCEPTLAB_CACHE or model.cache_dir>/evaluations",
+    )
     every_n_steps: int = opt(100, "also at step 0 and the end; 0 = only at the end", valid="[0, inf)")
     num_samples: int = opt(16, "samples per prompt, seeds 0..n-1 (the same every time)", valid="[1, inf)")
     num_inference_steps: int = opt(25, "DDIM steps", valid="[1, inf)")

@@ -289,13 +289,17 @@ def run_callbacks(cfg: DictConfig, record: RunRecord, method) -> list:
     """Checkpoints, preemption, sample grids, the concept files, speed figures and the record itself."""
     from .callbacks import ConceptExport, LastCheckpoint, PreemptionCheckpoint, RunStats, SampleGrid
     from .console import StepProgress
+    from .evalcache import EvaluationCache, default_cache_dir
 
     run_dir = record.run_dir
     last = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", cfg.checkpoint.every_n_steps)
+    cache = EvaluationCache(default_cache_dir(cfg.model.cache_dir)) if cfg.evaluate.cache else None
     return [
         last,
         PreemptionCheckpoint(last),
-        SampleGrid(cfg.samples, list(cfg.data.sample_prompts), method.prompt_text, run_dir / "samples"),
+        SampleGrid(
+            cfg.samples, list(cfg.data.sample_prompts), method.prompt_text, run_dir / "samples", cache
+        ),
         ConceptExport(run_dir / "concepts"),
         RunStats(record, job_started=record.started),
         record,

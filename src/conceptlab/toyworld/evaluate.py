@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 
 from ..errors import ConfigError
+from ..evalcache import EvaluationCache, backbone_identity, default_cache_dir, method_state
 from .concepts import TOY_CONCEPTS, toy_concept_of
 from .judge import Judge
 from .world import ATTRIBUTES, BACKGROUNDS, COLOURS, NAMED_SHAPES, NAMED_STYLES, SIZES
@@ -120,12 +121,14 @@ def evaluate_concept(
     cfg,
     all_multipliers: bool = True,
     progress: str | None = None,
+    cache: EvaluationCache | None = None,
 ) -> dict[str, float]:
     """Judge metrics of the backbone with `method` installed, at each of cfg.multipliers for a method
     that has a strength (judge/* at 1.0, judge_m<m>/* at the others), else once (judge/*).
 
     `prompts` keep their {} (the attributes a prompt names are read from its own words); `cfg` is an
-    EvaluateConfig. `all_multipliers=False` scores at 1.0 only (evaluations during training).
+    EvaluateConfig. `all_multipliers=False` scores at 1.0 only (evaluations during training). With a
+    `cache`, scores whose inputs were scored before (the bare model, a shared starting state) are read.
     """
     texts = [p.replace("{}", method.prompt_text) for p in prompts]
     seeds = list(range(cfg.num_samples))
@@ -135,13 +138,28 @@ def evaluate_concept(
     method.eval()
     try:
         for multiplier in multipliers:
+            prefix = "judge/" if multiplier == 1.0 else f"judge_m{multiplier:g}/"
+            key = None
+            if cache is not None:
+                # Everything the scores depend on; the bare model's texts are its words without the method.
+                key = cache.key(
+                    kind="toy-judge", backbone=backbone_identity(backbone), judge=judge.digest,
+                    state=method_state(method, multiplier), prompts=prompts, truth=truth, texts=texts,
+                    seeds=seeds, steps=cfg.num_inference_steps, guidance=cfg.guidance_scale, sampler="DDIM",
+                )  # fmt: skip
+                found = cache.get(key)
+                if found is not None:
+                    metrics.update({f"{prefix}{k}": v for k, v in found.items()})
+                    continue
             with method.at_multiplier(multiplier):
                 images = sample_images(
                     backbone, texts, seeds, cfg.num_inference_steps, cfg.guidance_scale,
                     progress=f"{progress} (x{multiplier:g})" if progress else None,
                 )  # fmt: skip
-            prefix = "judge/" if multiplier == 1.0 else f"judge_m{multiplier:g}/"
-            metrics.update(score(judge, images, prompts, truth).metrics(prefix))
+            scores = score(judge, images, prompts, truth).metrics("")
+            if cache is not None:
+                cache.put(key, scores, about={"texts": texts, "multiplier": multiplier})
+            metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
     finally:
         method.train(was_training)
     return metrics
@@ -159,7 +177,7 @@ class JudgeEvaluation(pl.Callback):
 
     headline = ("judge/concept", "judge/prompt")  # what the progress bar and the end summary show
 
-    def __init__(self, settings, data, record=None):
+    def __init__(self, settings, data, record=None, cache_dir: str | None = None):
         from .world import RESOLUTION
 
         if data.resolution not in (None, RESOLUTION):
@@ -176,6 +194,7 @@ class JudgeEvaluation(pl.Callback):
                 data.path, ", ".join(f"bundled:{n}" for n in TOY_CONCEPTS),
             )  # fmt: skip
         self.concept = found[1] if found else None
+        self.cache = EvaluationCache(default_cache_dir(cache_dir)) if settings.cache else None
         self.judge = None
         self.done: tuple[int, bool] | None = None  # (step, all multipliers) of the last evaluation
 
@@ -206,7 +225,7 @@ class JudgeEvaluation(pl.Callback):
         self.judge.to(module.device)
         metrics = evaluate_concept(
             module.backbone, module.method, self.judge, list(self.concept.prompts), dict(self.concept.truth),
-            self.cfg, all_multipliers=full, progress=f"judging step {step}",
+            self.cfg, all_multipliers=full, progress=f"judging step {step}", cache=self.cache,
         )  # fmt: skip
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

@@ -62,6 +62,15 @@ class Judge(ModelMixin, ConfigMixin):
         pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
         return {name: head(pooled) for name, head in self.heads.items()}
 
+    @property
+    def digest(self) -> str:
+        """Identifies these weights (evaluation cache keys)."""
+        from ..evalcache import tensors_digest
+
+        if getattr(self, "_digest", None) is None:
+            self._digest = tensors_digest(sorted(self.state_dict().items()))
+        return self._digest
+
     @torch.no_grad()
     def read(self, images: torch.Tensor) -> dict[str, list[str]]:
         """The attribute values the judge sees in each image."""
