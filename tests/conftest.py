@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -140,16 +141,18 @@ def train_subprocess(
     cwd.mkdir(parents=True, exist_ok=True)
     before = set((cwd / "outputs").glob("runs/*")) if (cwd / "outputs").exists() else set()
     args = [sys.executable, str(ROOT / "train.py"), *(FAST if fast else []), f"output_root={cwd / 'outputs'}"]
-    proc = subprocess.run(
-        [*args, *overrides],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        # env: extra variables; a None value removes one
-        env={k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None},
-    )
+    # Output to files, not pipes: a grandchild that outlives the run (W&B's service process, retrying a
+    # dead server) would hold a pipe open and keep the test waiting after train.py has exited.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        code = subprocess.run(
+            [*args, *overrides], cwd=cwd, stdout=out, stderr=err, text=True, timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            # env: extra variables; a None value removes one
+            env={k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None},
+        ).returncode  # fmt: skip
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(args, code, out.read(), err.read())
     after = set((cwd / "outputs").glob("runs/*")) if (cwd / "outputs").exists() else set()
     return proc, sorted(after - before)
 
@@ -171,3 +174,22 @@ def check_resume(tmp_path, *overrides, file="robot.safetensors", data="data=obje
     ours = load(tmp_path / "b" / "resumed" / "concepts" / file)
     reference = load(tmp_path / "a" / "straight" / "concepts" / file)
     assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+def start_long_run(output_root: Path, rows: int) -> subprocess.Popen:
+    """`python train.py` with a step budget it never reaches, returned once metrics.csv holds `rows`
+    lines (a run in the middle of training, to signal or to compete with)."""
+    import time
+
+    args = [sys.executable, str(ROOT / "train.py"), "model=tiny", "trainer.max_steps=100000",
+            "checkpoint.every_n_steps=0", "samples.every_n_steps=0", "evaluate.enabled=false", "logger=csv",
+            "trainer.enable_progress_bar=false", f"output_root={output_root}"]  # fmt: skip
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+    )
+    for _ in range(240):
+        time.sleep(0.5)
+        metrics = list(output_root.glob("runs/*/metrics.csv"))
+        if metrics and len(metrics[0].read_text().splitlines()) > rows:
+            break
+    return proc

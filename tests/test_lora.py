@@ -114,7 +114,7 @@ def test_train_py_lora_run_leaves_kohya_and_diffusers_files_that_their_loaders_r
         "concepts/diffusers/pytorch_lora_weights.safetensors",
         "concepts/robot.safetensors",
     ]
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["state_dict"] and all(
         ".lora_A." in k or ".lora_B." in k for k in checkpoint["state_dict"]
     )

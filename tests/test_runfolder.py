@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import csv
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from conftest import ROOT, read_summary, run_train, train_subprocess
+from conftest import read_summary, run_train, start_long_run, train_subprocess
 
 from conceptlab.errors import ConfigError
 
@@ -60,17 +57,8 @@ def test_stray_temporary_files_are_cleaned_at_start(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_running_run_holds_its_folder_and_a_signal_records_interrupted(tmp_path, signum):
-    args = [sys.executable, str(ROOT / "train.py"), "trainer.max_steps=100000", "checkpoint.every_n_steps=0",
-            "samples.every_n_steps=0", "logger=csv", "trainer.enable_progress_bar=false", f"output_root={tmp_path}"]  # fmt: skip
-    proc = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
-    )
+    proc = start_long_run(tmp_path, rows=5)
     try:
-        for _ in range(240):
-            time.sleep(0.5)
-            metrics = list(tmp_path.glob("runs/*/metrics.csv"))
-            if metrics and len(metrics[0].read_text().splitlines()) > 5:
-                break
         [run_dir] = list(tmp_path.glob("runs/*"))
         second, _ = train_subprocess(tmp_path / "second", f"hydra.run.dir={run_dir}", "trainer.max_steps=2")
         assert second.returncode == 2

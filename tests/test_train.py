@@ -2,15 +2,17 @@
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, check_resume, read_summary, run_train, train_subprocess
+from conftest import ROOT, check_resume, read_summary, run_train, start_long_run, train_subprocess
 from safetensors.torch import load_file
 
 from conceptlab.errors import ConceptFileError, ConceptLabError, ConfigError, TrainingError
@@ -42,7 +44,7 @@ def test_train_py_leaves_a_complete_run_record(tmp_path):
     ]  # fmt: skip
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B ran offline, in the run directory"
 
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert list(checkpoint["state_dict"]) == ["method.vectors"]  # no backbone weights
     assert checkpoint["global_step"] == 4 and checkpoint["optimizer_states"]
     assert checkpoint["conceptlab"]["config"]["method"]["num_vectors"] == 2
@@ -95,7 +97,7 @@ def test_train_py_hypernetwork_run_leaves_a1111_files(tmp_path):
         summary["status"] == "completed" and summary["method"] == "hypernet" and summary["concept"] == "ink"
     )
     assert summary["lr_schedule"] == "1e-05:2, 5e-06"
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["state_dict"] and all(
         k.startswith("method.net.layers.") for k in checkpoint["state_dict"]
     )
@@ -160,7 +162,7 @@ def test_half_precision_backbone_keeps_float32_vectors(tmp_path):
     """The GPU recipe (frozen parts in half precision, autocast) exercised on CPU with bfloat16."""
     summary = run_train(tmp_path / "run", "model.dtype=bfloat16", "trainer.precision=bf16-mixed")
     assert summary["status"] == "completed" and summary["final_loss"] > 0
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["state_dict"]["method.vectors"].dtype == torch.float32
     assert read_embedding(tmp_path / "run" / "concepts" / "robot.pt").vectors.dtype == torch.float32
 
@@ -261,28 +263,47 @@ def silent_server():
         yield f"http://127.0.0.1:{server.getsockname()[1]}"
 
 
-# A hung server keeps W&B's own service process (which holds the output pipes) retrying for ~30 s after
-# the run has ended: slow, though the run itself is not held up.
 @pytest.mark.parametrize("server", ["refused", pytest.param("silent", marks=pytest.mark.slow)])
 def test_unreachable_wandb_server_falls_back_to_offline(tmp_path, server, silent_server):
-    """Logged in (credentials set), W&B not in offline mode, and the server refuses or never answers."""
+    """Logged in (credentials set), W&B not in offline mode, and the server refuses or never answers.
+
+    With a hung server W&B's own service and usage analytics keep the process ~30 s at exit, after the
+    run has ended and recorded itself: for that case the test stops waiting once the record is final."""
     url = "http://127.0.0.1:9" if server == "refused" else silent_server
     env = {"WANDB_MODE": None, "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": url}
-    proc, [run_dir] = train_subprocess(
-        tmp_path,
-        "logger=wandb",
-        "logger.mode=auto",
-        "logger.init_timeout=3",
-        "samples.every_n_steps=0",
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    output = proc.stdout + proc.stderr
+    args = ["logger=wandb", "logger.mode=auto", "logger.init_timeout=3", "samples.every_n_steps=0"]
+    if server == "refused":
+        proc, [run_dir] = train_subprocess(tmp_path, *args, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        output = proc.stdout + proc.stderr
+    else:
+        output, run_dir = run_until_recorded(tmp_path, args, env)
     assert "could not reach the server" in output and "Traceback" not in output
     assert read_summary(run_dir)["status"] == "completed"
     [offline] = (run_dir / "wandb").glob("offline-run-*")
     # The offline run's id is recorded: a requeue continues it and `wandb sync` uploads it.
     assert offline.name.endswith((run_dir / "wandb_run_id").read_text().strip())
+
+
+def run_until_recorded(tmp_path, args: list[str], env: dict) -> tuple[str, Path]:
+    """train.py until its summary.json is final (then the process is stopped); its output and run folder."""
+    from conftest import FAST
+
+    log = tmp_path / "output.txt"
+    env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *FAST, f"output_root={tmp_path}", *args],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+        try:
+            for _ in range(600):
+                time.sleep(0.5)
+                summaries = list(tmp_path.glob("runs/*/summary.json"))
+                if summaries and read_summary(summaries[0].parent).get("status") != "running":
+                    break
+                assert proc.poll() in (None, 0), log.read_text()[-3000:]
+        finally:
+            proc.kill()
+    return log.read_text(), summaries[0].parent
 
 
 def test_ddp_on_cpu_gives_one_run_record_and_the_single_process_result(tmp_path):
@@ -321,23 +342,14 @@ def test_a_rerun_in_the_same_folder_continues_its_checkpoint_and_wandb_run(tmp_p
 
 def test_sigusr2_saves_last_ckpt_then_stops_the_run(tmp_path):
     """SLURM's warning signal without submitit: checkpoint at the next step, record 'interrupted'."""
-    args = [sys.executable, str(ROOT / "train.py"), "trainer.max_steps=100000", "checkpoint.every_n_steps=0",
-            "samples.every_n_steps=0", "logger=csv", "trainer.enable_progress_bar=false", f"output_root={tmp_path}"]  # fmt: skip
-    proc = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
-    )
+    proc = start_long_run(tmp_path, rows=20)
     try:
-        for _ in range(240):
-            time.sleep(0.5)
-            metrics = list(tmp_path.glob("runs/*/metrics.csv"))
-            if metrics and len(metrics[0].read_text().splitlines()) > 20:
-                break
         proc.send_signal(signal.SIGUSR2)
         assert proc.wait(timeout=120) == 128 + signal.SIGUSR2
     finally:
         proc.kill()
     [run_dir] = list(tmp_path.glob("runs/*"))
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] > 0  # saved although periodic checkpoints were off
     summary = read_summary(run_dir)
     assert summary["status"] == "interrupted" and "SystemExit" in summary["error"]
