@@ -341,7 +341,7 @@ def test_textual_inversion_learns_the_attribute_combination(tmp_path):
     """`python train.py method=ti data=toy_combo` as the README says: the concept from <=0.1 to >=0.8."""
     proc, [run_dir] = train_subprocess(
         tmp_path, "method=ti", "data=toy_combo", "logger=csv", "trainer.enable_progress_bar=false",
-        "samples.every_n_steps=0", fast=False, timeout=600,
+        "samples.every_n_steps=0", "evaluate.num_samples=8", fast=False, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in _judge_rows(run_dir) if r["judge/concept"] != ""]
@@ -355,7 +355,7 @@ def test_hypernetwork_learns_the_unseen_style_and_is_the_bare_model_at_zero(tmp_
         tmp_path, "method=hypernet", "data=toy_pastel", "logger=csv", "trainer.enable_progress_bar=false",
         # No cache: the bare model's scores after training are computed again, not read as step 0's.
         "evaluate.every_n_steps=800", "evaluate.cache=false", "samples.every_n_steps=0",
-        "evaluate.multipliers=[1.0,0.0]", fast=False, timeout=600,
+        "evaluate.multipliers=[1.0,0.0]", "evaluate.num_samples=8", fast=False, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     judge = read_summary(run_dir)["metrics"]
