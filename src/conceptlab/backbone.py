@@ -299,13 +299,11 @@ def _load_single_file(file: Path, cfg: ModelConfig) -> tuple:
             "diffusers SD folder (its config files suffice)"
         )
     if file.suffix == ".ckpt":
-        with torch.serialization.safe_globals(CKPT_EXTRAS):
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(file)
-        if unsafe:
-            raise BackboneError(
-                f"{file} holds Python objects that are not weights ({', '.join(unsafe[:3])}); conceptlab "
-                "never runs code from a file: convert it to .safetensors with a tool you trust"
-            )
+        from .formats import refuse_unsafe_pickle
+
+        refuse_unsafe_pickle(
+            file, "convert it to .safetensors with a tool you trust", BackboneError, CKPT_EXTRAS
+        )
     # A config folder without a vocabulary (the shipped ones) gets CLIP's, with the folder's special tokens.
     tokenizer_folder = config / "tokenizer"
     extra = {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -88,7 +87,7 @@ def resolve_data_path(path: str) -> Path:
             )
             raise ConceptDataError(f"no bundled example set {name!r}; available: {', '.join(available)}")
         return folder
-    return Path(os.path.expandvars(path)).expanduser()
+    return resolve_path(path)
 
 
 def list_images(folder: Path) -> list[Path]:

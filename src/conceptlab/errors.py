@@ -24,3 +24,8 @@ class ConceptFileError(ConceptLabError):
 
 class TrainingError(ConceptLabError):
     """Training went wrong in a way the user must act on (a NaN loss, say)."""
+
+
+def error_line(err: BaseException) -> str:
+    """What the entry points print for a user's mistake: `error: <message>` on one line, whatever the message."""
+    return "error: " + " ".join(str(err).split())

@@ -168,6 +168,22 @@ def reading(path: str | Path, what: str = "concept file") -> Iterator[None]:
         ) from err
 
 
+def refuse_unsafe_pickle(path: Path, fix: str, error: type[ConceptLabError] = ConceptFileError,
+                         admitted: list | tuple = ()) -> None:  # fmt: skip
+    """Stop with one line if a torch file holds globals beyond tensors and plain containers (and the
+    `admitted` stand-ins), before anything unpickles it; torch's own refusal spans a page."""
+    try:
+        with torch.serialization.safe_globals(list(admitted)):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as err:  # noqa: BLE001 - not a torch zip at all
+        raise error(f"{path} is not a readable torch file ({type(err).__name__}: {one_line(err)})") from None
+    if unsafe:
+        raise error(
+            f"{path} holds Python objects that are not weights ({', '.join(unsafe[:3])}): conceptlab never "
+            f"runs code from a file; {fix}"
+        )
+
+
 def one_line(err: BaseException) -> str:
     """An error's reason on one line (torch's weights_only refusals span a page: their reason is kept)."""
     text = str(err)

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .atomic import atomic_path, write_json
-from .errors import ConceptFileError, ConceptLabError, ConfigError
+from .errors import ConceptFileError, ConceptLabError, ConfigError, error_line
 from .methods.base import Concept
 from .prompts import TagUse
 
@@ -219,5 +219,5 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         )
         return record
     except ConceptLabError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
+        print(error_line(err), file=sys.stderr)
         sys.exit(2)

@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from .atomic import atomic_path
-from .errors import ConceptLabError, ConfigError
+from .errors import ConceptLabError, ConfigError, error_line
 
 log = logging.getLogger(__name__)
 METRICS = ["final_loss", "mean_loss", "steps", "steps_per_s", "wall_time_s", "train_time_s", "lr"]
@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.out or Path(args.folder) / "report")
         page = write_report(sweep, out)
     except ConceptLabError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
+        print(error_line(err), file=sys.stderr)
         return 2
     counts = sweep.runs["status"].value_counts().to_dict()
     print(f"{page}  ({len(sweep.runs)} runs: {', '.join(f'{n} {s}' for s, n in counts.items())})")

@@ -84,21 +84,10 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
 
 
 def check_checkpoint_safe(checkpoint: Path) -> None:
-    """A checkpoint to continue from holds nothing but tensors and plain containers (one line if not;
-    torch's own refusal spans a page)."""
-    import torch
+    """A checkpoint to continue from holds nothing but tensors and plain containers."""
+    from .formats import refuse_unsafe_pickle
 
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(checkpoint)
-    except Exception as err:  # noqa: BLE001 - not a torch zip at all
-        raise ConfigError(
-            f"{checkpoint} is not a readable checkpoint ({type(err).__name__}: {err})"
-        ) from None
-    if unsafe:
-        raise ConfigError(
-            f"{checkpoint} holds Python objects that are not weights ({', '.join(unsafe[:3])}): conceptlab "
-            "never runs code from a file; continue from a checkpoint conceptlab wrote"
-        )
+    refuse_unsafe_pickle(checkpoint, "continue from a checkpoint conceptlab wrote", ConfigError)
 
 
 def check_same_configuration(checkpoint: Path, config: dict[str, Any], run_dir: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConceptLabError, ConfigError
+from .errors import ConceptLabError, ConfigError, error_line
 from .records import RunRecord
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
         if not isinstance(err, RunFolderInUse):  # that folder's record belongs to the run holding it
             say(f"run record: {Path(HydraConfig.get().runtime.output_dir) / 'summary.json'} (failed)")
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
+        print(error_line(err), file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra runs the sweep's other jobs, then fails with this error
         sys.exit(2)
@@ -457,7 +457,9 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str])
         log.info("continuing this run from %s", own)
         return own
     if cfg.ckpt_path:
-        path = Path(cfg.ckpt_path).expanduser()
+        from .backbone import resolve_path
+
+        path = resolve_path(cfg.ckpt_path)
         if not path.is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
         check_checkpoint_safe(path)
