@@ -7,6 +7,8 @@
   sample grids, against the same with `evaluate.enabled=false samples.every_n_steps=0`: wall time of
   each and their ratio, with an empty evaluation cache and with the one the first run left (another
   seed: only what cannot differ between runs is reused);
+* the cost of the similarity metrics during training (CLIP-I / CLIP-T, evaluators/toy.yaml's `metrics`):
+  the main command with the judge only (`~evaluators.metrics`) against both;
 * `method=hypernet data=styles`: seconds from the start of the process to the first training step,
   for a first run (empty cache) and a second one (its baselines cached by the first).
 
@@ -56,11 +58,14 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         plain = train(tmp / "plain", tmp / "cache-plain", "evaluate.enabled=false", "samples.every_n_steps=0")
+        judge_only = train(tmp / "judge", tmp / "cache-judge", "~evaluators.metrics")
         cold = train(tmp / "cold", tmp / "cache")
         warm = train(tmp / "warm", tmp / "cache", "seed=1")
         report["main_command"] = {
             "without_evaluation": plain,
+            "with_judge_only_empty_cache": judge_only,
             "with_evaluation_empty_cache": cold,
+            "similarity_metrics_cost_s": round(cold["wall_s"] - judge_only["wall_s"], 1),
             "with_evaluation_cached_baselines": warm,
             "ratio_empty_cache": round(cold["wall_s"] / plain["wall_s"], 2),
             "ratio_cached_baselines": round(warm["wall_s"] / plain["wall_s"], 2),

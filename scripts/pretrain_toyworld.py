@@ -2,6 +2,7 @@
 
     python scripts/pretrain_toyworld.py                      # the recipe; ~1 h on 2 CPU cores
     python scripts/pretrain_toyworld.py --unet-steps 200 --out /tmp/toy --work /tmp/toy-work   # a quick try
+    python scripts/pretrain_toyworld.py --only-clip          # (re)train just the toy CLIP into the checkpoint
 
 Resumable: rerun the same command after an interruption. Every field of PretrainConfig is a flag.
 """
@@ -23,8 +24,11 @@ def main() -> None:
     for f in dataclasses.fields(PretrainConfig):
         if f.name == "mix":
             continue
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            help=f"default: {f.default}")  # fmt: skip
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", help="a switch")
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=f"default: {f.default}")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = pretrain(PretrainConfig(**vars(args)))

@@ -26,6 +26,8 @@ FAST = [
     "samples.seeds=[0]",
     "evaluate.num_samples=2",
     "evaluate.num_inference_steps=2",
+    "evaluate.metric_prompts=1",
+    "evaluate.metric_samples=1",
     "data.batch_size=2",
     "logger=csv",
 ]
@@ -59,6 +61,44 @@ def tiny_dir(isolated_env) -> Path:
     from conceptlab.config import ModelConfig
 
     return ensure_tiny_backbone(ModelConfig())
+
+
+@pytest.fixture(scope="session")
+def tiny_encoders(tmp_path_factory) -> dict[str, str]:
+    """A random-weight CLIP and DINO-style ViT, saved with save_pretrained (with their processors) and
+    loaded back through the path a hub model's folder takes: {"clip": folder, "dino": folder}."""
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )  # fmt: skip
+
+    from conceptlab.backbone import clip_tokenizer
+
+    root = tmp_path_factory.mktemp("encoders")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        clip = CLIPModel(CLIPConfig(
+            text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+            vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                           "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+            projection_dim=16,
+        ))  # fmt: skip
+        dino = ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=32, patch_size=8), add_pooling_layer=False)  # fmt: skip
+    size = {"height": 32, "width": 32}
+    clip.save_pretrained(root / "clip")
+    CLIPProcessor(
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=size), clip_tokenizer()
+    ).save_pretrained(root / "clip")
+    dino.save_pretrained(root / "dino")
+    ViTImageProcessor(size=size).save_pretrained(root / "dino")
+    return {"clip": str(root / "clip"), "dino": str(root / "dino")}
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -264,3 +265,102 @@ def test_the_report_survives_bad_records(tmp_path, capsys):
     page = (tmp_path / "report" / "report.html").read_text()
     assert page.count("unreadable") >= 3 and "summary.json: JSONDecodeError" in page
     assert "(5 runs: 3 unreadable, 2 completed)" in capsys.readouterr().out
+
+
+def similarity_rows():
+    """Two methods x three seeds with evaluate.py's metrics under DreamBooth's protocol, and judge scores."""
+    rows = []
+    for i, (method, seed, recon, clip_i, clip_t, dino, concept) in enumerate([
+        ("ti", 0, 0.80, 0.78, 0.25, 0.55, 0.6), ("ti", 1, 0.84, 0.80, 0.22, 0.58, 0.8), ("ti", 2, 0.78, 0.76, 0.27, 0.52, 0.5),
+        ("hypernet", 0, 0.70, 0.70, 0.30, 0.45, 0.2), ("hypernet", 1, 0.74, 0.72, 0.29, 0.47, 0.4),
+        ("hypernet", 2, 0.72, 0.71, 0.31, 0.46, 0.3),
+    ]):  # fmt: skip
+        rows.append({
+            "run_dir": str(i), "status": "completed", "run_name": f"{method}-seed{seed}", "method": method,
+            "seed": seed, "concept": "dog", "final_loss": 0.1, "judge/concept": concept, "eval/recon_clip_i": recon,
+            "eval/clip_i": clip_i, "eval/clip_t": clip_t, "eval/dino": dino, "eval_protocol": "dreambooth",
+        })  # fmt: skip
+    return rows
+
+
+def test_the_report_tables_the_similarity_metrics_beside_the_published_ones(tmp_path):
+    from conceptlab.report import metric_agreement, pareto_front, similarity_table, write_report
+
+    sweep = fake_sweep(tmp_path, "eval/clip_i", similarity_rows())
+    table, prefix = similarity_table(sweep)
+    assert prefix == "eval/" and list(table["method"]) == ["ti", "hypernet"]
+    ti = table.iloc[0]
+    assert ti["clip_i"] == pytest.approx(0.78) and ti["clip_t"] == pytest.approx(0.2467, abs=1e-4)
+    assert ti["clip_i_sd"] == pytest.approx(0.02) and ti["runs"] == 3
+    assert pareto_front([(0.8, 0.25), (0.84, 0.22), (0.78, 0.27), (0.77, 0.2)]) == [
+        (0.78, 0.27),
+        (0.8, 0.25),
+        (0.84, 0.22),
+    ]
+    [(column, truth, rho, n)] = metric_agreement(sweep.runs)[:1]
+    assert (column, truth, n) == ("eval/clip_i", "judge/concept", 6) and rho > 0.8
+    page = write_report(sweep, tmp_path / "report").read_text()
+    assert "Textual Inversion, Stable Diffusion (published)</td><td>0.569</td><td>0.780</td><td>0.255" in page
+    assert "<td>ti</td><td>0.550 ± 0.030</td><td>0.780 ± 0.020</td>" in page
+    assert (tmp_path / "report" / "plots" / "reconstruction_vs_editability.png").is_file()
+    # on SD weights there is no judge: the headline takes CLIP-I from evaluate.py instead of the loss
+    from conceptlab.report import headline
+
+    no_judge = [{k: v for k, v in r.items() if k != "judge/concept"} for r in similarity_rows()]
+    answer = headline(fake_sweep(tmp_path, "judge/concept", no_judge))
+    assert answer.metric == "eval/clip_i" and list(answer.table["method"]) == ["ti", "hypernet"]
+    assert "eval/clip_i (CLIP-I) stands in" in answer.note
+    # another protocol: no published rows beside it
+    other = [{**r, "eval_protocol": "toy"} for r in similarity_rows()]
+    assert (
+        "(published)"
+        not in write_report(fake_sweep(tmp_path, "eval/clip_i", other), tmp_path / "r2").read_text()
+    )
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(
+    chromium() is None and not os.environ.get("CI"), reason="no chromium (apt install chromium)"
+)
+def test_report_html_renders_in_a_real_browser(tmp_path):
+    """Headless Chromium loads report.html: every image present, the page's script ran (no errors)."""
+    import re
+
+    from conceptlab.report import write_report
+
+    assert chromium(), "CI installs chromium (.ci/run); it is missing"
+    out = tmp_path / "report"
+    page = write_report(fake_sweep(tmp_path, "eval/clip_i", similarity_rows()), out)
+
+    def render() -> str:
+        done = subprocess.run(
+            [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+             "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    dom = render()
+    images = int(re.search(r'data-images="(\d+)"', dom).group(1))
+    assert images >= 3 and 'data-broken="0"' in dom
+    # the check itself works: a missing plot is counted and named on the page
+    (out / "plots" / "reconstruction_vs_editability.png").unlink()
+    dom = render()
+    assert 'data-broken="1"' in dom and "Missing images: plots/reconstruction_vs_editability.png" in dom
+
+
+def test_the_headline_names_each_methods_best_setting(tmp_path):
+    from conceptlab.report import write_report
+
+    rows = [
+        {"run_dir": f"{i}", "status": "completed", "method": m, "seed": 0, "lr": lr, "concept": "c", "judge/concept": v}
+        for i, (m, lr, v) in enumerate([("ti", 0.1, 0.5), ("ti", 0.01, 0.7), ("hypernet", 0.1, 0.6), ("hypernet", 0.01, 0.2)])
+    ]  # fmt: skip
+    sweep = fake_sweep(tmp_path, "judge/concept", rows)
+    sweep.axes = ["method", "lr", "seed"]
+    page = write_report(sweep, tmp_path / "report").read_text()
+    assert "<li>ti: lr=0.01 — 0.7 (1 runs)</li><li>hypernet: lr=0.1 — 0.6 (1 runs)</li>" in page

@@ -2,6 +2,7 @@
 
 conceptlab train method=ti data=objects        (= conceptlab-train, python train.py in a checkout)
 conceptlab generate prompt="a <my-cat>" concepts=[outputs/runs/...]
+conceptlab evaluate run=outputs/runs/<run>     (= python evaluate.py in a checkout)
 conceptlab report outputs/multirun/<date>_<time>
 conceptlab --version
 """
@@ -13,6 +14,7 @@ import sys
 COMMANDS = {
     "train": "conceptlab.train:cli",
     "generate": "conceptlab.generate:cli",
+    "evaluate": "conceptlab.evaluate:cli",
     "report": "conceptlab.report:cli",
 }
 

@@ -157,6 +157,16 @@ class DataConfig:
     initializer_token: str = opt(
         "object", "the existing word textual inversion starts from (method.initializer_token)"
     )
+    class_word: str | None = opt(
+        None,
+        "the concept's class noun (dog, backpack): evaluation prompts say it after the concept and CLIP-T "
+        "reads it instead of the concept; null = the DreamBooth data set's own class, else none",
+    )
+    kind: str | None = opt(
+        None,
+        "object | live | style: which evaluation prompts apply; null = style for style templates, live for "
+        "DreamBooth's cats and dogs, else object",
+    )
 
 
 @dataclass
@@ -249,6 +259,53 @@ class EvaluateConfig:
         valid="(-inf, inf)",
         nonempty=True,
     )
+    metric_prompts: int = opt(
+        4, "similarity metrics during training: the first N editing prompts (+ the first reconstruction one)",
+        valid="[1, inf)",
+    )  # fmt: skip
+    metric_samples: int = opt(2, "similarity metrics during training: seeds per prompt", valid="[1, inf)")
+    best: str = opt(
+        "metrics/clip_i",
+        "the metric that picks the best step (kept in concepts/steps/, named in summary.json)",
+    )
+
+
+@dataclass
+class EncodersConfig:
+    """The encoders of the similarity metrics (conceptlab.metrics): a hub id or a local folder each."""
+
+    clip: str | None = opt(
+        "openai/clip-vit-base-patch32",
+        "CLIP for CLIP-I, CLIP-T and CLIPScore (e.g. openai/clip-vit-large-patch14); null = none",
+    )
+    dino: str | None = opt(
+        "facebook/dino-vits16", "self-supervised ViT for DINO (e.g. facebook/dinov2-small); null = none"
+    )
+
+
+@dataclass
+class PromptSet:
+    """Evaluation prompts of one kind of concept; {} = the concept (its words, then the class word)."""
+
+    reconstruction: list[str] = opt(["a photo of {}"], "CLIP-I / DINO against the real images", nonempty=True)
+    editing: list[str] = opt(["{} on the beach"], "CLIP-T: the concept in new contexts", nonempty=True)
+
+
+@dataclass
+class ProtocolConfig:
+    """How concepts are evaluated with the similarity metrics (evaluate.py, and during training)."""
+
+    name: str = opt("custom", "the protocol's name (the report compares published figures only on theirs)")
+    object: PromptSet = opt(PromptSet, "prompts for objects")
+    live: PromptSet = opt(PromptSet, "prompts for live subjects (pets)")
+    style: PromptSet = opt(PromptSet, "prompts for styles")
+    images_per_prompt: int = opt(4, "images per prompt, seeds seed..seed+n-1", valid="[1, inf)")
+    seed: int = opt(0, "first seed")
+    num_inference_steps: int = opt(50, "DDIM steps", valid="[1, inf)")
+    guidance_scale: float = opt(7.5, "classifier-free guidance", valid="[0, inf)")
+    multipliers: list[float] = opt(
+        [1.0], "methods with a strength (hypernetworks, LoRA) are evaluated at each", nonempty=True
+    )
 
 
 @dataclass
@@ -283,6 +340,8 @@ class TrainConfig:
     evaluate: EvaluateConfig = opt(EvaluateConfig, "evaluation schedule")
     checkpoint: CheckpointConfig = opt(CheckpointConfig, "checkpoints")
     study: StudyConfig = opt(StudyConfig, "what a sweep is about")
+    encoders: EncodersConfig = opt(EncodersConfig, "encoders of the similarity metrics (group: encoders)")
+    protocol: ProtocolConfig = opt(ProtocolConfig, "evaluation prompts and sampling (group: protocol)")
     concept: str | None = opt(None, "the concept's name; null = the image folder's name")
     seed: int = opt(0, "seeds data order, noise, timesteps and the sample grids")
     resume: bool = opt(False, "continue the newest earlier run of this same command from its last.ckpt")
@@ -315,6 +374,26 @@ class GenerateConfig:
     output_root: str = opt("outputs", "output folders are created below this folder")
 
 
+@dataclass
+class EvaluateRunConfig:
+    """evaluate.py: the similarity metrics of a run, a sweep, or concept files, under a protocol."""
+
+    model: ModelConfig = opt(MISSING, "the backbone for concepts= (a run uses its own) (group: model)")
+    data: DataConfig = opt(
+        MISSING, "the real images and class for concepts= (a run uses its own) (group: data)"
+    )
+    encoders: EncodersConfig = opt(EncodersConfig, "encoders (group: encoders; a run's own unless given)")
+    protocol: ProtocolConfig = opt(
+        ProtocolConfig, "prompts and sampling (group: protocol; a run's own unless given)"
+    )
+    run: str | None = opt(None, "a run directory: writes <run>/eval/")
+    sweep: str | None = opt(None, "a multirun directory: evaluates every run in it")
+    concepts: list[str] = opt([], "concept files or folders from anywhere (with model= and data=)")
+    concept: str = opt("final", "which of a run's concepts: final | best | step=N")
+    device: str = opt("auto", "auto (cuda when available) | cpu | cuda")
+    output_root: str = opt("outputs", "concepts= results go below this folder")
+
+
 def register_configs() -> None:
     """Register the schemas (and every discovered method's) with Hydra's ConfigStore; add --help's resolver."""
     from omegaconf import OmegaConf
@@ -324,6 +403,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="evaluate_schema", node=EvaluateRunConfig)
     cs.store(group="schema/model", name="model", node=ModelConfig)
     for name, method in registered_methods().items():
         cs.store(group="schema/method", name=name, node=method.Config)
@@ -367,12 +447,17 @@ def help_text(app: str) -> str:
         if group in ("hydra", "schema"):
             continue
         options = loader.get_group_options(group, ObjectType.CONFIG)
-        if options and (app == "train" or group == "model"):
+        if options and (
+            app == "train"
+            or group in ("model", *(("data", "encoders", "protocol") if app == "evaluate" else ()))
+        ):
             lines.append(f"  {GROUP_NOTES.get(group, group + ':')} {', '.join(options)}")
     sections: list[tuple[str, type]]
     if app == "train":
         sections = [("", TrainConfig), ("model.", ModelConfig), ("data.", DataConfig)]
         sections += [(f"method.  (method={n})", m.Config) for n, m in registered_methods().items()]
+    elif app == "evaluate":
+        sections = [("", EvaluateRunConfig), ("data.", DataConfig)]
     else:
         sections = [("", GenerateConfig), ("model.", ModelConfig)]
     for title, schema in sections:
@@ -397,6 +482,10 @@ HELP_HEADERS = {
     "  python train.py method=ti data=objects [key=value ...]     one run\n"
     "  python train.py -m +experiment=ti_vs_hypernet              a sweep (experiments/)\n"
     "  python train.py --cfg job                                  the composed config, values resolved",
+    "evaluate": "conceptlab evaluate.py: CLIP-I, DINO and CLIP-T of learned concepts under a protocol.\n"
+    "  python evaluate.py run=outputs/runs/<run> [concept=best]    one run (writes <run>/eval/)\n"
+    "  python evaluate.py sweep=outputs/multirun/<date>           every run of a sweep\n"
+    "  python evaluate.py concepts=[my.pt] model=sd15 data.path=... data.class_word=dog",
     "generate": "conceptlab generate.py: generate with learned concepts.\n"
     '  python generate.py prompt="a photo of <my-cat> <hypernet:ink:0.7>" concepts=[outputs/runs/...]',
 }

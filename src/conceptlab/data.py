@@ -228,6 +228,37 @@ def read_concept_images(cfg: DataConfig) -> list[ConceptImage]:
     ]
 
 
+DREAMBOOTH_CLASSES = "prompts_and_classes.txt"  # the DreamBooth data set's subject -> class table
+LIVE_CLASSES = {"cat", "dog"}  # DreamBooth's live subjects (their own prompt list)
+
+
+def dreambooth_class(folder: Path) -> str | None:
+    """The class of a subject folder of the DreamBooth data set (its parent's prompts_and_classes.txt)."""
+    table = folder.parent / DREAMBOOTH_CLASSES
+    if not table.is_file():
+        return None
+    for line in read_text(table, "the DreamBooth class table").splitlines():
+        subject, _, cls = line.strip().partition(",")
+        if subject == folder.name and cls:
+            return cls.strip()
+    return None
+
+
+def concept_class(cfg: DataConfig) -> tuple[str, str]:
+    """(class word, kind) of the concept: data.class_word / data.kind, else what the data says."""
+    folder = resolve_data_path(cfg.path)
+    class_word = cfg.class_word if cfg.class_word is not None else (dreambooth_class(folder) or "")
+    kind = cfg.kind
+    if kind is None:
+        if cfg.templates == "style" or "style" in Path(cfg.templates).name:
+            kind = "style"
+        else:
+            kind = "live" if class_word in LIVE_CLASSES else "object"
+    if kind not in ("object", "live", "style"):
+        raise ConceptDataError(f"data.kind={kind!r}: use object, live or style")
+    return class_word, kind
+
+
 def check_resolution(resolution: int, backbone: Backbone, key: str = "data.resolution") -> None:
     """A size the VAE and the UNet can take: a multiple of the VAE's factor times the UNet's downsampling."""
     multiple = backbone.vae_scale_factor * 2 ** (len(backbone.unet.config.block_out_channels) - 1)

@@ -31,7 +31,7 @@ def tensors_digest(tensors: list[tuple[str, torch.Tensor]]) -> str:
     for name, tensor in tensors:
         data = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{tuple(data.shape)}|{data.dtype}|".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
 
 

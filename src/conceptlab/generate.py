@@ -32,12 +32,13 @@ SCHEDULERS = {
 
 
 def load_concepts(paths: list[str]) -> list[Concept]:
-    """Read every concept the paths name (files or run directories); names must be unique per kind."""
+    """Read every concept the paths name (files, run directories, `<run>@best`, `<run>@step=N`);
+    names must be unique per kind."""
     from .formats import concept_files, read_concept
 
     concepts: list[Concept] = []
     for path in paths:
-        for file in concept_files(path):
+        for file in concept_files(run_concepts(path)):
             concept = read_concept(file)
             if any(c.name == concept.name and c.tag == concept.tag for c in concepts):
                 raise ConceptFileError(
@@ -45,6 +46,22 @@ def load_concepts(paths: list[str]) -> list[Concept]:
                 )
             concepts.append(concept)
     return concepts
+
+
+def run_concepts(path: str) -> str:
+    """`<run dir>@best` / `<run dir>@step=N`: the folder of the concept that run kept at that step."""
+    import re
+
+    run_dir, at, which = str(path).rpartition("@")
+    if not at or not re.fullmatch(r"best|step=\d+", which):
+        return path
+    from .backbone import resolve_path
+    from .evaluate import concept_paths
+
+    folder = resolve_path(run_dir)
+    if not (folder / "summary.json").is_file():
+        raise ConceptFileError(f"{path}: {run_dir} is not a run directory (no summary.json)")
+    return concept_paths(folder, which)[0][0]
 
 
 def resolve_prompt(prompt: str, concepts: list[Concept], tokenizer) -> tuple[str, list[TagUse]]:

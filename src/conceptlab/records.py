@@ -87,6 +87,8 @@ class RunSummary:
     metrics: dict[str, float] = field(default_factory=dict)
     metrics_at_start: dict[str, float] = field(default_factory=dict)
     headline: list[str] = field(default_factory=list)
+    # the best evaluation step by evaluate.best: {metric, value, step, concepts (its folder)}
+    best: dict[str, Any] = field(default_factory=dict)
     example_prompt: str | None = None  # a prompt that uses the learned concept (generate.py)
     # the end
     files: dict[str, Any] = field(default_factory=dict)
@@ -122,8 +124,11 @@ class RunRecord(pl.Callback):
 
     def report(self, trainer: pl.Trainer, **fields: Any) -> None:
         """Fields from inside training; they reach the record in whichever process writes it."""
-        if "metrics" in fields and not self.summary.metrics_at_start:
-            fields["metrics_at_start"] = fields["metrics"]
+        if "metrics" in fields:  # several evaluators report: their metrics merge
+            new, start = fields["metrics"], self.summary.metrics_at_start
+            if not start or start.get("step") == new.get("step"):
+                fields["metrics_at_start"] = {**start, **new}
+            fields["metrics"] = {**self.summary.metrics, **new}
         self.update(**fields)
         trainer.callback_metrics.setdefault(REPORT_KEY, {}).update(fields)
 

@@ -103,8 +103,23 @@ def read_run(run_dir: Path, root: Path) -> dict[str, Any]:
         row.update({m: summary.get(m) for m in METRICS})
         # The evaluators' last scores (model=toy: judge/concept, judge/prompt, ..., judge_m0/...).
         row.update({k: v for k, v in (summary.get("metrics") or {}).items() if k != "step"})
+        row.update(read_eval(run_dir))
     except (AttributeError, TypeError, ValueError) as err:  # fields of the wrong kind
         return {**row, "status": "unreadable", "error": f"summary.json: {type(err).__name__}: {err}"}
+    return row
+
+
+def read_eval(run_dir: Path) -> dict[str, Any]:
+    """evaluate.py's metrics of a run (eval/eval.json: eval/clip_i, eval/dino, eval/clip_t, ...)."""
+    path = run_dir / "eval" / "eval.json"
+    if not path.is_file():
+        return {}
+    record = read_summary(path)
+    if isinstance(record, str):
+        log.warning("%s is unreadable (%s): its metrics are left out", path, record)
+        return {}
+    row = {k: v for k, v in (record.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    row["eval_protocol"] = (record.get("protocol") or {}).get("name")
     return row
 
 
@@ -184,11 +199,16 @@ def headline(sweep: Sweep) -> Headline | None:
     asked = sweep.study.get("metric") or "train/loss"
     metric, note = RECORD_METRICS.get(asked, asked), ""
     if metric not in done or done[metric].isna().all():
+        # On a model without the judge: the similarity metrics (evaluate.py's, else training's), else the loss.
+        metric = next(
+            (m for m in ("eval/clip_i", "metrics/clip_i") if m in done and done[m].notna().any()),
+            "final_loss",
+        )
+        stand_in = "the final training loss" if metric == "final_loss" else f"{metric} (CLIP-I)"
         note = (
             f"The study's metric {asked} is not in these runs' records (no evaluator on this model computes it); "
-            "the final training loss stands in."
+            f"{stand_in} stands in."
         )
-        metric = "final_loss"
     done = done[done[metric].notna()]
     goal = sweep.study.get("goal") or ("min" if "loss" in metric else "max")
     settings = [a for a in sweep.axes if a != "seed" and a in done] or ["method"]
@@ -201,6 +221,105 @@ def headline(sweep: Sweep) -> Headline | None:
     )
     best = done.loc[done[metric].idxmin() if goal == "min" else done[metric].idxmax()]
     return Headline(metric, goal, table, best.to_dict(), note)
+
+
+# DreamBooth paper (Ruiz et al. 2023, Table 1): its protocol (30 subjects x 25 prompts x 4 images),
+# DINO ViT-S/16 and CLIP ViT-B/32. Shown beside a sweep's table when its protocol is DreamBooth's.
+PUBLISHED = pd.DataFrame(
+    [
+        ("Real images (published)", 0.774, 0.885, None),
+        ("DreamBooth, Stable Diffusion (published)", 0.668, 0.803, 0.305),
+        ("Textual Inversion, Stable Diffusion (published)", 0.569, 0.780, 0.255),
+    ],
+    columns=["method", "dino", "clip_i", "clip_t"],
+)
+SIMILARITY = ("dino", "clip_i", "clip_t")
+
+
+def similarity_source(runs: pd.DataFrame) -> str | None:
+    """Which columns hold the similarity metrics: evaluate.py's full protocol (eval/) when every
+    completed run has them, else the in-training ones (metrics/); None when neither."""
+    done = _completed(runs)
+    for prefix in ("eval/", "metrics/"):
+        if f"{prefix}clip_i" in done and done[f"{prefix}clip_i"].notna().all() and not done.empty:
+            return prefix
+    return None
+
+
+def similarity_table(sweep: Sweep) -> tuple[pd.DataFrame, str] | None:
+    """Method rows x DINO / CLIP-I / CLIP-T, mean and sd over runs (seeds), like the published tables."""
+    prefix = similarity_source(sweep.runs)
+    if prefix is None:
+        return None
+    done = _completed(sweep.runs)
+    settings = ["method", *[a for a in sweep.axes if a not in ("seed", "method") and a in done]]
+    rows = []
+    for key, group in done.groupby(settings, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        row = {"method": " · ".join(f"{k}={v}" if k != "method" else str(v) for k, v in zip(settings, key))}
+        for metric in SIMILARITY:
+            values = group[f"{prefix}{metric}"] if f"{prefix}{metric}" in group else pd.Series(dtype=float)
+            row[metric] = values.mean() if values.notna().any() else None
+            row[f"{metric}_sd"] = values.std() if values.notna().sum() > 1 else None
+        row["runs"] = len(group)
+        rows.append(row)
+    return pd.DataFrame(rows), prefix
+
+
+def published_applies(runs: pd.DataFrame) -> bool:
+    return "eval_protocol" in runs and (_completed(runs)["eval_protocol"] == "dreambooth").all()
+
+
+def metric_agreement(runs: pd.DataFrame) -> list[tuple[str, str, float, int]]:
+    """Spearman rank correlation across runs of each similarity metric with the judge's ground truth
+    (toy world): (metric, judge column, rho, runs)."""
+    done = _completed(runs)
+    out = []
+    for prefix in ("eval/", "metrics/"):
+        for metric, truth in (
+            ("clip_i", "judge/concept"),
+            ("recon_clip_i", "judge/concept"),
+            ("clip_t", "judge/prompt"),
+        ):
+            column = f"{prefix}{metric}"
+            if column in done and truth in done:
+                pair = done[[column, truth]].dropna()
+                if len(pair) >= 3 and pair[column].nunique() > 1 and pair[truth].nunique() > 1:
+                    # Spearman's rho: the Pearson correlation of the ranks (ties share their mean rank).
+                    rho = float(pair[column].rank().corr(pair[truth].rank()))
+                    out.append((column, truth, rho, len(pair)))
+    return out
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (higher is better on both), left to right."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
+    return sorted(set(front))
+
+
+def plot_tradeoff(sweep: Sweep, out: Path) -> str | None:
+    """Reconstruction (CLIP-I of "a photo of {}" samples) against editability (CLIP-T of the editing
+    prompts): one point per run, each method's Pareto front drawn."""
+    import matplotlib.pyplot as plt
+
+    prefix = similarity_source(sweep.runs)
+    done = _completed(sweep.runs)
+    x, y = f"{prefix}recon_clip_i", f"{prefix}clip_t"
+    if prefix is None or x not in done or y not in done or done[[x, y]].isna().all().any():
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for i, (method, group) in enumerate(done.groupby("method")):
+        points = list(zip(group[x], group[y]))
+        ax.scatter(group[x], group[y], color=f"C{i}", label=method, alpha=0.8)
+        front = pareto_front(points)
+        if len(front) > 1:
+            ax.plot([p[0] for p in front], [p[1] for p in front], color=f"C{i}", linewidth=1.5)
+    ax.set_xlabel(f"reconstruction: {x} (higher is better)")
+    ax.set_ylabel(f"editability: {y} (higher is better)")
+    ax.set_title("Reconstruction vs editability (lines: each method's Pareto front)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    return _save(fig, out / "plots" / "reconstruction_vs_editability.png", out)
 
 
 def loss_curve(run_dir: Path) -> pd.DataFrame | None:
@@ -232,8 +351,15 @@ def write_report(sweep: Sweep, out: str | Path) -> Path:
     lead = (
         answer.metric if answer else RECORD_METRICS.get(sweep.study.get("metric"), sweep.study.get("metric"))
     )
-    metrics = [m for m in dict.fromkeys([lead, "judge/concept", "judge/prompt", "final_loss"]) if m in runs]
-    plots = [p for p in [plot_loss_curves(sweep, out), *(plot_methods(sweep, out, m) for m in metrics)] if p]
+    prefix = similarity_source(runs) or "eval/"
+    similarity = [f"{prefix}{m}" for m in SIMILARITY]
+    metrics = [
+        m
+        for m in dict.fromkeys([lead, "judge/concept", "judge/prompt", *similarity, "final_loss"])
+        if m in runs
+    ]
+    plots = [p for p in [plot_loss_curves(sweep, out), plot_tradeoff(sweep, out),
+                         *(plot_methods(sweep, out, m) for m in metrics)] if p]  # fmt: skip
     plots += [
         p
         for axis in sweep.axes
@@ -276,7 +402,8 @@ def plot_loss_curves(sweep: Sweep, out: Path) -> str | None:
     ax.set_xlabel("step")
     ax.set_ylabel("train/loss")
     ax.set_title("Training loss per method")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     return _save(fig, out / "plots" / "loss_curves.png", out)
 
 
@@ -319,9 +446,11 @@ def plot_axis(sweep: Sweep, axis: str, out: Path, metric: str = "final_loss") ->
         stats = group.assign(_x=group[axis].astype(str)).groupby("_x")[metric].agg(["mean", "std"])
         stats = stats.reindex([v for v in values if v in stats.index])
         xs = [float(v) for v in stats.index] if numeric else list(stats.index)
+        # A line between categories would suggest an order that is not there: points only.
         ax.errorbar(
-            xs, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=4, label=method, color=f"C{i}"
-        )
+            xs, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=4, label=method, color=f"C{i}",
+            linestyle="-" if numeric else "none",
+        )  # fmt: skip
     if (
         numeric
         and min(float(v) for v in values) > 0
@@ -331,7 +460,8 @@ def plot_axis(sweep: Sweep, axis: str, out: Path, metric: str = "final_loss") ->
     ax.set_xlabel(axis)
     ax.set_ylabel(f"{metric} (mean ± sd)")
     ax.set_title(f"{metric} vs {axis}")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     return _save(fig, out / "plots" / f"{_file_safe(metric)}_vs_{_file_safe(axis)}.png", out)
 
 
@@ -387,6 +517,18 @@ def render_headline(answer: Headline | None) -> str:
         )
     top = answer.table.iloc[0]
     best_setting = ", ".join(f"{c}={top[c]}" for c in settings)
+    per_method = ""
+    if "method" in settings and len(settings) > 1:  # each method's best setting (the table is best first)
+        firsts = answer.table.drop_duplicates("method")
+        items = []
+        for _, r in firsts.iterrows():
+            setting = ", ".join(f"{c}={r[c]}" for c in settings if c != "method")
+            spread = "" if pd.isna(r["std"]) else f" ± {r['std']:.3g}"
+            items.append(
+                f"<li>{esc(str(r['method']))}: {esc(setting)} — {r['mean']:.4g}{spread} ({int(r['count'])} runs)</li>"
+            )
+        items = "".join(items)
+        per_method = f"<p>Best setting of each method:</p><ul>{items}</ul>"
     run = answer.best_run
     return (
         f"<p class=note>{esc(answer.note)}</p>"
@@ -394,7 +536,58 @@ def render_headline(answer: Headline | None) -> str:
         + f"<p><b>Best setting by {esc(answer.metric)} ({'higher' if answer.goal == 'max' else 'lower'} is better):"
         f" {esc(best_setting)}</b> — {top['mean']:.4g} over {int(top['count'])} run(s). Best single run: "
         f"{esc(str(run.get('run_name') or run.get('run_dir')))} ({run[answer.metric]:.4g}).</p>"
-        f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+        f"{per_method}<div class=wide><table><tr>{head}</tr>{''.join(rows)}</table></div>"
+    )
+
+
+def render_similarity(sweep: Sweep) -> str:
+    """The published-style table (and, on the toy world, how far each metric agrees with the judge)."""
+    esc = html.escape
+    found = similarity_table(sweep)
+    if found is None:
+        return (
+            "<p>No similarity metrics in these runs: <code>python evaluate.py sweep=&lt;this folder&gt;</code> "
+            "adds them (or train with <code>evaluators=metrics</code>).</p>"
+        )
+    table, prefix = found
+    source = (
+        "evaluate.py's full protocol (eval/)"
+        if prefix == "eval/"
+        else "the evaluations during training (metrics/)"
+    )
+
+    def cell(row, metric):
+        value = row.get(metric)
+        if value is None or pd.isna(value):
+            return "<td>–</td>"
+        spread = row.get(f"{metric}_sd")
+        return f"<td>{value:.3f}{'' if spread is None or pd.isna(spread) else f' ± {spread:.3f}'}</td>"
+
+    rows = [
+        f"<tr><td>{esc(str(r['method']))}</td>{''.join(cell(r, m) for m in SIMILARITY)}<td>{r['runs']}</td></tr>"
+        for r in table.to_dict("records")
+    ]
+    note = ""
+    if published_applies(sweep.runs):
+        rows += [
+            f"<tr class=published><td>{esc(r['method'])}</td>{''.join(cell(r, m) for m in SIMILARITY)}<td></td></tr>"
+            for r in PUBLISHED.to_dict("records")
+        ]
+        note = (
+            "<p>Published rows: DreamBooth paper, Table 1 (same protocol, DINO ViT-S/16, CLIP ViT-B/32).</p>"
+        )
+    agreement = metric_agreement(sweep.runs)
+    agree = ""
+    if agreement:
+        items = "".join(
+            f"<li><code>{esc(m)}</code> vs <code>{esc(t)}</code>: Spearman ρ = {rho:.2f} over {n} runs</li>"
+            for m, t, rho, n in agreement
+        )
+        agree = f"<p>How far the metrics agree with the judge's ground truth:</p><ul>{items}</ul>"
+    return (
+        f"<p>Mean ± sd over runs (seeds), from {esc(source)}; higher is better.</p>"
+        f"<div class=wide><table><tr><th>method</th><th>DINO</th><th>CLIP-I</th><th>CLIP-T</th><th>runs</th></tr>"
+        f"{''.join(rows)}</table></div>{note}{agree}"
     )
 
 
@@ -413,6 +606,7 @@ def render_html(sweep: Sweep, plots: list[str], grids: dict[str, str], answer: H
             "concept",
             *sweep.axes,
             *judge_columns(runs),
+            *(f"{p}{m}" for p in ("eval/", "metrics/") for m in (*SIMILARITY, "recon_clip_i")),
             *METRICS,
             "error",
         ]  # fmt: skip
@@ -436,13 +630,27 @@ def render_html(sweep: Sweep, plots: list[str], grids: dict[str, str], answer: H
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px}}tr.problem{{background:#fde}}img{{max-width:100%}}
 figure{{display:inline-block;margin:6px}}figure img{{max-width:320px}}tr.best{{background:#dfd}}
-p.note{{color:#a60}}</style></head><body>
+p.note,#broken{{color:#a60}}tr.published{{color:#555;font-style:italic}}
+div.wide{{overflow-x:auto;max-width:100%}}div.wide th{{position:sticky;top:0;background:#f4f4f4}}
+div.wide td{{white-space:nowrap}}</style>
+<script>
+// Says so on the page when a plot or a sample grid is missing (a moved folder, a partial copy).
+window.addEventListener("load", () => {{
+  const broken = [...document.images].filter(im => !(im.complete && im.naturalWidth > 0));
+  document.body.dataset.images = document.images.length;
+  document.body.dataset.broken = broken.length;
+  if (broken.length) document.getElementById("broken").textContent =
+    "Missing images: " + broken.map(im => im.getAttribute("src")).join(", ");
+}});
+</script></head><body>
+<p id=broken></p>
 <h1>{esc(title)}</h1>
 <p>{esc(sweep.study.get("question", ""))}</p>
 <p>{len(runs)} runs{expected}: {status}. Folder: <code>{esc(str(sweep.root))}</code>.
 Swept: {esc(", ".join(sweep.axes) or "nothing")}. Table: <a href="runs.csv">runs.csv</a>.</p>
 <h2>Answer</h2>{render_headline(answer)}
-<h2>Runs</h2><table><tr>{head}</tr>{"".join(body)}</table>
+<h2>What each method learned (DINO, CLIP-I, CLIP-T)</h2>{render_similarity(sweep)}
+<h2>Runs</h2><div class=wide><table><tr>{head}</tr>{"".join(body)}</table></div>
 <h2>Plots</h2>{plot_html or "<p>No completed runs to plot.</p>"}
 <h2>Samples (same prompts and seeds in every run; the last grid of each)</h2>{grid_rows or "<p>No sample grids.</p>"}
 </body></html>

@@ -165,7 +165,8 @@ def fit(cfg: DictConfig, record: RunRecord) -> None:
         headline=[key for e in evaluators for key in getattr(e, "headline", ())],
         example_prompt=method.usage(list(cfg.data.sample_prompts)[0]),
     )
-    trainer = make_trainer(cfg, record, run_callbacks(cfg, record, method) + evaluators)
+    # Evaluators first: what they record at a step (the best step) is in the checkpoint of that step.
+    trainer = make_trainer(cfg, record, evaluators + run_callbacks(cfg, record, method))
     module = make_module(cfg, trainer, backbone, method, record)
     say(
         f"conceptlab: {cfg.method.name} on {concept} · model={cfg.model.name} · {cfg.trainer.max_steps} steps · "
@@ -401,7 +402,10 @@ def run_files(record: RunRecord) -> dict[str, Any]:
     checkpoint, metrics = run_dir / "checkpoints" / "last.ckpt", run_dir / "metrics.csv"
     return {
         "checkpoint": record.relative(checkpoint) if checkpoint.is_file() else None,
-        "concepts": sorted(record.relative(p) for p in (run_dir / "concepts").rglob("*") if p.is_file()),
+        "concepts": sorted(record.relative(p) for p in (run_dir / "concepts").glob("*") if p.is_file()),
+        "concepts_by_step": record.relative(run_dir / "concepts" / "steps")
+        if (run_dir / "concepts" / "steps").is_dir()
+        else None,
         "samples": sorted(record.relative(p) for p in (run_dir / "samples").glob("*.png")),
         "metrics": record.relative(metrics) if metrics.is_file() else None,
     }

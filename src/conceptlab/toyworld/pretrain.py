@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_path, write_json
 from .checkpoint import TOY_VERSION, write_manifest
+from .clip import install_clip, stage_clip
 from .judge import Judge
 from .world import ATTRIBUTES, RESOLUTION, SHAPES, STYLES, Scene, WorldMix, caption, random_scene, render
 
@@ -52,6 +53,10 @@ class PretrainConfig:
     warmup_steps: int = 300
     ema_decay: float = 0.999
     checkpoint_every: int = 500
+    clip_steps: int = 2500  # the toy CLIP (CLIP-I / CLIP-T on model=toy), trained on both pools
+    clip_batch: int = 192
+    clip_lr: float = 1e-3
+    only_clip: bool = False  # train the CLIP and add it to an existing checkpoint folder (`out`)
     eval_scenes: int = 192  # caption following: this many fully named scenes, one sample each
     mix: WorldMix = field(default_factory=WorldMix)
 
@@ -64,10 +69,19 @@ def pretrain(cfg: PretrainConfig) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     pool = stage_pool(cfg, work / "pool.npz", cfg.pool_size, cfg.mix, cfg.seed)
     whole = stage_pool(cfg, work / "judge_pool.npz", cfg.judge_pool_size, whole_world(), cfg.seed + 1)
+    both = {
+        "images": np.concatenate([pool["images"], whole["images"]]),
+        "scenes": pool["scenes"] + whole["scenes"],
+    }
+    if cfg.only_clip:
+        install_clip(stage_clip(cfg, work, both), Path(cfg.out))
+        return json.loads((Path(cfg.out) / "clip" / "retrieval.json").read_text())
     vae = stage_vae(cfg, work / "vae", np.concatenate([pool["images"], whole["images"]]))
     stage_judge(cfg, work / "judge", whole, vae)
     stage_unet(cfg, work, pool, vae)
+    clip = stage_clip(cfg, work, both)
     out = export(cfg, work, Path(cfg.out))
+    install_clip(clip, out)
     results = caption_following(out, cfg)
     write_json(out / "results.json", results)
     return results
@@ -374,6 +388,7 @@ def _recipe(cfg: PretrainConfig) -> dict:
     recipe = asdict(cfg)
     recipe.pop("out")
     recipe.pop("work")
+    recipe.pop("only_clip")
     return recipe
 
 

@@ -1,0 +1,483 @@
+"""What a concept learned, measured on any backbone: CLIP-I, DINO, CLIP-T and CLIPScore under a fixed
+protocol (DreamBooth's 25 prompts x 4 seeds, or the toy world's), during training and afterwards.
+
+* `MetricEvaluation`, a callback: a small fixed prompt/seed set at step 0, every N steps and at the
+  end; metrics to every logger and summary.json; the concept kept at each evaluation step
+  (concepts/steps/step_NNNNNN) and the best step named in summary.json (`generate.py concepts=[run@best]`).
+* `python evaluate.py run=<run dir> | sweep=<multirun dir> | concepts=[files] ...`: the full protocol,
+  written to eval/ in each run (eval.json, images, a labelled grid); an interrupted evaluation resumes.
+
+Prompts: {} stands for the concept's words then its class word ("a <my-dog> dog in the snow"). A
+method applied by a tag (hypernetworks, LoRA) has no words: "a dog in the snow <hypernet:name:m>".
+CLIP-T reads the prompt with the concept's words left out ("a dog in the snow").
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from .atomic import atomic_path, write_json
+from .errors import ConceptLabError, ConfigError, error_line
+
+log = logging.getLogger(__name__)
+PREFIX = "metrics/"  # during training (a few prompts); evaluate.py's full protocol: EVAL_PREFIX
+EVAL_PREFIX = "eval/"
+SETS = ("reconstruction", "editing")
+SHORT = {"reconstruction": "recon", "editing": "edit"}  # image file names
+
+
+def fill(prompt: str, words: str, class_word: str) -> str:
+    """The prompt with {} replaced by the concept's words and class word, spaces tidied."""
+    text = prompt.replace("{}", f"{words} {class_word}")
+    return re.sub(r"\s+", " ", text).strip().replace(" ,", ",")
+
+
+@dataclass
+class Prompted:
+    """The prompts of one evaluation: what the backbone reads, and what CLIP-T compares with."""
+
+    set: str  # reconstruction | editing
+    template: str
+    text: str  # with the concept's words (and tags)
+    plain: str  # for CLIP-T: the concept's words left out
+
+
+def build_prompts(
+    prompt_set, words: str, class_word: str, tags: str = "", limit: int | None = None
+) -> list[Prompted]:
+    """Every prompt of a protocol's PromptSet (the first `limit` editing ones), filled in."""
+    out = []
+    for name in SETS:
+        templates = list(getattr(prompt_set, name))
+        if limit is not None:
+            templates = templates[: limit if name == "editing" else 1]
+        for template in templates:
+            text = fill(template, words, class_word) + (f" {tags}" if tags else "")
+            out.append(Prompted(name, template, text, fill(template, "", class_word)))
+    return out
+
+
+class Scorer:
+    """The encoders and the real images' features, computed once; scores generated images."""
+
+    def __init__(self, encoders, real_images: list):
+        self.encoders = encoders
+        self.real = encoders.image_features(real_images)
+
+    def score(
+        self, prompts: list[Prompted], images: list, per_prompt: int, prefix: str = PREFIX
+    ) -> dict[str, Any]:
+        """Per set: each metric's mean/std over prompts x seeds and per prompt; `flat` metrics too."""
+        from .metrics import score_images
+
+        out: dict[str, Any] = {}
+        flat: dict[str, float] = {}
+        for name in SETS:
+            # images are prompt-major, per_prompt of each: the positions (and prompts) of this set
+            pairs = [
+                (i * per_prompt + k, p)
+                for i, p in enumerate(prompts)
+                if p.set == name
+                for k in range(per_prompt)
+            ]
+            if not pairs:
+                continue
+            texts = [p.plain for _, p in pairs] if name == "editing" else None
+            scores = score_images(self.encoders, [images[j] for j, _ in pairs], self.real, texts)
+            out[name] = scores.summary([p.template for _, p in pairs])
+            for metric, values in scores.values.items():
+                key = metric if name == "editing" else f"recon_{metric}"
+                flat[f"{prefix}{key}"] = sum(values) / len(values)
+        out["flat"] = flat
+        return out
+
+
+def multiplier_key(multiplier: float) -> str:
+    return f"m{multiplier:g}"
+
+
+# ------------------------------------------------------------------------------- during training
+
+
+class MetricEvaluation(pl.Callback):
+    """CLIP-I / DINO / CLIP-T of the run's concept during training (the `evaluators` group: on with the
+    judge on model=toy, `evaluators=metrics` on any model). Keeps the concept at each evaluation step."""
+
+    def __init__(
+        self, settings, data, record=None, encoders=None, protocol=None, cache_dir: str | None = None
+    ):
+        from .data import concept_class
+        from .evalcache import EvaluationCache, default_cache_dir
+
+        self.cfg, self.record = settings, record
+        self.cache = EvaluationCache(default_cache_dir(cache_dir)) if settings.cache else None
+        self.encoder_cfg, self.protocol = encoders, protocol
+        self.class_word, self.kind = concept_class(data)
+        self.real_images = real_images(data)
+        self.real_digest = images_digest(self.real_images)
+        self.scorer: Scorer | None = None
+        self.best: dict[str, Any] = {}  # summary.json's `best`; kept in checkpoints (a resumed run knows it)
+        self.done_step = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": dict(self.best)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = dict(state.get("best") or {})
+
+    @property
+    def headline(self) -> tuple[str, ...]:
+        return (f"{PREFIX}clip_i", f"{PREFIX}clip_t")
+
+    def setup(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
+        if self.scorer is None and trainer.is_global_zero:
+            from .metrics import Encoders
+
+            encoders = Encoders(self.encoder_cfg.clip, self.encoder_cfg.dino, device=module.device)
+            self.scorer = Scorer(encoders, self.real_images)
+
+    def on_train_start(self, trainer, module) -> None:
+        if self.best and self.record is not None:
+            self.record.report(trainer, best=self.best)  # the best step before a resume
+        if self.cfg.every_n_steps > 0:
+            self.evaluate(trainer, module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step, every = trainer.global_step, self.cfg.every_n_steps
+        # The last step too, here rather than at the end: its best step then reaches the last checkpoint.
+        if (every > 0 and step % every == 0) or step >= trainer.max_steps:
+            self.evaluate(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        self.evaluate(trainer, module)  # a run that ended before max_steps (done already otherwise)
+
+    @torch.no_grad()
+    def evaluate(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self.done_step or not trainer.is_global_zero:
+            return
+        self.done_step = step
+        module.check_finite()
+        method, backbone = module.method, module.backbone
+        words = "" if method.prompt_tag else method.prompt_text
+        prompts = build_prompts(
+            getattr(self.protocol, self.kind), words, self.class_word, limit=self.cfg.metric_prompts
+        )
+        seeds = [self.protocol.seed + k for k in range(self.cfg.metric_samples)]
+        key = metrics = None
+        if self.cache is not None:  # step 0 from a shared starting state was scored before
+            from .evalcache import backbone_identity, method_state
+
+            key = self.cache.key(
+                kind="metrics", backbone=backbone_identity(backbone), state=method_state(method, 1.0),
+                prompts=[(p.set, p.text, p.plain) for p in prompts], seeds=seeds, sampler="DDIM",
+                steps=self.cfg.num_inference_steps, guidance=self.cfg.guidance_scale,
+                encoders=self.scorer.encoders.describe(), real=self.real_digest,
+            )  # fmt: skip
+            metrics = self.cache.get(key)
+        if metrics is None:
+            was_training = method.training
+            method.eval()
+            try:
+                with method.at_multiplier(1.0):
+                    pixels = backbone.sample(
+                        [p.text for p in prompts for _ in seeds], [s for _ in prompts for s in seeds],
+                        self.cfg.num_inference_steps, self.cfg.guidance_scale, progress=f"metrics at step {step}",
+                    )  # fmt: skip
+            finally:
+                method.train(was_training)
+            images = to_pil(pixels)
+            metrics = self.scorer.score(prompts, images, len(seeds))["flat"]
+            log_image_table(trainer, step, [(p.text, s) for p in prompts for s in seeds], images)
+            if key is not None:
+                self.cache.put(key, metrics, about={"prompts": [p.text for p in prompts]})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        self.keep(trainer, module, step, metrics)
+
+    def keep(self, trainer, module, step: int, metrics: dict[str, float]) -> None:
+        """The concept at this step in concepts/steps/, and the best step so far in the record."""
+        if self.record is None:
+            return
+        folder = self.record.run_dir / "concepts" / "steps" / f"step_{step:06d}"
+        module.method.export(folder, step, module.backbone)
+        fields: dict[str, Any] = {"metrics": {"step": step, **metrics}}
+        value = metrics.get(self.cfg.best)
+        if value is None:
+            raise ConfigError(
+                f"evaluate.best={self.cfg.best}: not a metric of this run ({', '.join(metrics)})"
+            )
+        if not self.best or value > self.best["value"]:
+            self.best = {
+                "metric": self.cfg.best,
+                "value": value,
+                "step": step,
+                "concepts": self.record.relative(folder),
+            }
+            fields["best"] = self.best
+        self.record.report(trainer, **fields)
+
+
+def log_image_table(trainer: pl.Trainer, step: int, rows: list[tuple[str, int]], images: list) -> None:
+    """The evaluation's images as a W&B table (step, prompt, seed, image): dashboards compare by eye."""
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_table"):  # Lightning's WandbLogger
+            import wandb
+
+            data = [[step, text, seed, wandb.Image(image)] for (text, seed), image in zip(rows, images)]
+            logger.log_table(
+                key="metrics/images", columns=["step", "prompt", "seed", "image"], data=data, step=step
+            )
+
+
+def real_images(data) -> list:
+    """Every real image of the concept (all of the folder, whatever subset trained)."""
+    from omegaconf import OmegaConf
+
+    from .data import read_concept_images
+
+    return [im.image for im in read_concept_images(OmegaConf.merge(data, {"num_images": None}))]
+
+
+def images_digest(images: list) -> str:
+    """Identifies a list of images by their pixels (evaluation cache keys)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.size}{image.mode}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def to_pil(pixels: torch.Tensor) -> list:
+    """[N, 3, H, W] in [0, 1] as PIL images."""
+    from PIL import Image
+
+    arrays = (pixels.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arrays]
+
+
+# ----------------------------------------------------------------------------------- evaluate.py
+
+
+def concept_paths(run_dir: Path, which: str) -> tuple[list[str], str]:
+    """The concept files of a run to evaluate: final | best | step=N, and the label for eval.json."""
+    import json
+
+    if which == "final":
+        return [str(run_dir / "concepts")], "final"
+    if which == "best":
+        summary = json.loads((run_dir / "summary.json").read_text())
+        best = summary.get("best") or {}
+        if not best.get("concepts"):
+            raise ConfigError(
+                f"{run_dir}: its summary.json names no best step (the run evaluated no metrics during "
+                "training); use concept=final or concept=step=N"
+            )
+        return [str(run_dir / best["concepts"])], f"best (step {best['step']}, {best['metric']})"
+    match = re.fullmatch(r"step=(\d+)", which)
+    if not match:
+        raise ConfigError(f"concept={which!r}: use final, best or step=N")
+    return [str(step_folder(run_dir, int(match.group(1))))], which
+
+
+def step_folder(run_dir: Path, step: int) -> Path:
+    folder = run_dir / "concepts" / "steps" / f"step_{step:06d}"
+    if not folder.is_dir():
+        kept = sorted(
+            p.name.removeprefix("step_").lstrip("0") or "0"
+            for p in (run_dir / "concepts" / "steps").glob("step_*")
+        )
+        raise ConfigError(
+            f"{run_dir} kept no concept at step {step} (kept: {', '.join(kept) or 'none'}; concepts are kept "
+            "at each evaluation step)"
+        )
+    return folder
+
+
+def evaluate_concepts(
+    paths: list[str], model_cfg, data_cfg, encoders, protocol, out_dir: Path, device: str = "auto",
+    about: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The protocol on these concept files: images (kept, so a rerun resumes), scores, grids, eval.json."""
+    from .backbone import load_backbone, resolve_dtype
+    from .data import concept_class
+    from .generate import apply_tags, labelled_grid, load_concepts, resolve_prompt
+
+    class_word, kind = concept_class(data_cfg)
+    concepts = load_concepts(paths)
+    backbone = load_backbone(model_cfg)
+    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    backbone.to(dev, resolve_dtype(model_cfg.dtype, dev, "16-mixed"))
+    for concept in concepts:
+        concept.install(backbone)
+    words = " ".join(c.name for c in concepts if c.tag is None)
+    tagged = [c for c in concepts if c.tag]
+    multipliers = [float(m) for m in protocol.multipliers] if tagged else [1.0]
+    seeds = [protocol.seed + k for k in range(protocol.images_per_prompt)]
+    results: dict[str, Any] = {}
+    for multiplier in multipliers:
+        tags = " ".join(f"<{c.tag}:{c.name}:{multiplier:g}>" for c in tagged)
+        prompts = build_prompts(getattr(protocol, kind), words, class_word, tags)
+        folder = out_dir / "images" / multiplier_key(multiplier)
+        images = []
+        for i, prompt in enumerate(prompts):
+            files = [folder / f"{SHORT[prompt.set]}_{i:02d}_seed{s}.png" for s in seeds]
+            missing = [s for s, f in zip(seeds, files) if not f.is_file()]
+            if missing:
+                text, uses = resolve_prompt(prompt.text, concepts, backbone.tokenizer)
+                apply_tags(concepts, uses, None)
+                made = to_pil(backbone.sample([text] * len(missing), missing, protocol.num_inference_steps,
+                                              protocol.guidance_scale, progress=f"{prompt.text[:40]} x{multiplier:g}"))  # fmt: skip
+                for seed, image in zip(missing, made):
+                    with atomic_path(files[seeds.index(seed)]) as tmp:
+                        image.save(tmp, format="PNG")
+            from PIL import Image
+
+            images += [Image.open(f).convert("RGB") for f in files]
+        scorer = _scorer(encoders, data_cfg)
+        results[multiplier_key(multiplier)] = {
+            "multiplier": multiplier, "prompts": [p.text for p in prompts], **scorer.score(prompts, images, len(seeds), EVAL_PREFIX),
+        }  # fmt: skip
+        grid = labelled_grid(images, [f"{i:02d}" for i in range(len(prompts))], [f"seed {s}" for s in seeds])
+        with atomic_path(out_dir / f"grid_{multiplier_key(multiplier)}.png") as tmp:
+            grid.save(tmp, format="PNG")
+    main = results[multiplier_key(1.0)] if multiplier_key(1.0) in results else next(iter(results.values()))
+    from omegaconf import OmegaConf
+
+    record = {
+        **(about or {}),
+        "protocol": OmegaConf.to_container(protocol, resolve=True),
+        "encoders": _scorer(encoders, data_cfg).encoders.describe(),
+        "concepts": [c.describe() for c in concepts],
+        "class_word": class_word,
+        "kind": kind,
+        "seeds": seeds,
+        "sampler": "DDIM",
+        "model": model_cfg.name,
+        "metrics": main["flat"],
+        "results": results,
+    }
+    write_json(out_dir / "eval.json", record)
+    return record
+
+
+_SCORERS: dict[str, Scorer] = {}
+
+
+def _scorer(encoders, data_cfg) -> Scorer:
+    """One Scorer per (encoders, image folder): a sweep loads its encoders once."""
+    from .metrics import Encoders
+
+    key = f"{encoders.clip}|{encoders.dino}|{data_cfg.path}"
+    if key not in _SCORERS:
+        cached = next(
+            (s.encoders for k, s in _SCORERS.items() if k.rsplit("|", 1)[0] == key.rsplit("|", 1)[0]), None
+        )
+        _SCORERS[key] = Scorer(cached or Encoders(encoders.clip, encoders.dino), real_images(data_cfg))
+    return _SCORERS[key]
+
+
+def explicit(prefix: str) -> bool:
+    """Whether the command line set `prefix` (a group or any key below it)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = HydraConfig.get().overrides.task
+    return any(re.match(rf"^\+*{re.escape(prefix)}[.=]", o) for o in overrides)
+
+
+def evaluate_run(run_dir: Path, cfg) -> dict[str, Any]:
+    """The protocol on one training run: its model, images and class from its config; encoders and
+    protocol from its config too unless the command line names them."""
+    from omegaconf import OmegaConf
+
+    saved_path = run_dir / ".hydra" / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"run={run_dir}: no .hydra/config.yaml there; give a run directory train.py made")
+    saved = OmegaConf.load(saved_path)
+    pick = {
+        name: (cfg[name] if explicit(name) or name not in saved else saved[name])
+        for name in ("encoders", "protocol")
+    }
+    paths, label = concept_paths(run_dir, cfg.concept)
+    return evaluate_concepts(
+        paths, saved.model, saved.data, pick["encoders"], pick["protocol"], run_dir / "eval", cfg.device,
+        about={"run_dir": str(run_dir), "concept": label, "method": saved.method.name},
+    )  # fmt: skip
+
+
+def run(cfg, out_dir: Path) -> list[dict[str, Any]]:
+    from .config import EvaluateRunConfig, check_config
+
+    check_config(cfg, [("", EvaluateRunConfig)])
+    chosen = [k for k in ("run", "sweep") if cfg[k]] + (["concepts"] if cfg.concepts else [])
+    if len(chosen) != 1:
+        raise ConfigError("give one of run=<run dir>, sweep=<multirun dir> or concepts=[files]")
+    if cfg.run:
+        return [evaluate_run(_existing(cfg.run, "run"), cfg)]
+    if cfg.sweep:
+        from .report import find_run_dirs
+
+        runs = find_run_dirs(_existing(cfg.sweep, "sweep"))
+        if not runs:
+            raise ConfigError(f"sweep={cfg.sweep}: no run directories (with summary.json) below it")
+        records = []
+        for run_dir in runs:
+            try:
+                records.append(evaluate_run(run_dir, cfg))
+            except ConceptLabError as err:  # one unusable run (failed, no concept) leaves the others
+                log.warning("%s: not evaluated (%s)", run_dir, err)
+        return records
+    return [
+        evaluate_concepts(
+            list(cfg.concepts), cfg.model, cfg.data, cfg.encoders, cfg.protocol, out_dir, cfg.device
+        )
+    ]
+
+
+def _existing(path: str, key: str) -> Path:
+    from .backbone import resolve_path
+
+    folder = resolve_path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"{key}={path}: no such directory")
+    return folder
+
+
+def cli() -> None:
+    """Console script `conceptlab-evaluate` (and `conceptlab evaluate`)."""
+    import hydra
+
+    from .config import CONFIG_PATH, register_configs
+
+    register_configs()
+    hydra.main(config_path=CONFIG_PATH, config_name="evaluate", version_base="1.3")(main)()
+
+
+def main(cfg) -> list[dict[str, Any]]:
+    """The Hydra task of evaluate.py: a user's mistake is one line on stderr and exit status 2."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .console import is_verbose, quiet_third_party, say
+
+    quiet_third_party(verbose=is_verbose())
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        records = run(cfg, out_dir)
+    except ConceptLabError as err:
+        print(error_line(err), file=sys.stderr)
+        sys.exit(2)
+    for record in records:
+        where = Path(record["run_dir"]) / "eval" if "run_dir" in record else out_dir
+        shown = " ".join(f"{k.removeprefix(EVAL_PREFIX)}={v:.3f}" for k, v in record["metrics"].items())
+        say(f"conceptlab: {where / 'eval.json'}  {shown}")
+    return records
