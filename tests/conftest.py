@@ -28,6 +28,7 @@ FAST = [
     "evaluate.num_inference_steps=2",
     "evaluate.metric_prompts=1",
     "evaluate.metric_samples=1",
+    "protocol.num_inference_steps=2",
     "data.batch_size=2",
     "logger=csv",
 ]

@@ -86,6 +86,7 @@ def test_clipscore_agrees_with_torchmetrics(toy_clip):
     image = toy_image(shape="triangle", colour="yellow", background="gray", size="large", style="plain")
     text = "a large yellow triangle on a gray background"
     ours = score_images(toy_clip, [image], texts=[text]).values["clipscore"][0]
+
     class Features(torch.nn.Module):
         """transformers 5's get_*_features return model outputs; torchmetrics 1.9 expects the tensors."""
 
@@ -150,6 +151,24 @@ def test_class_and_kind_come_from_the_dreambooth_folder(tiny_encoders):
     assert concept_class(compose(["data=styles"]).data) == ("pastel", "style")  # the toy world's set
 
 
+def test_a_run_whose_encoder_cannot_load_fails_before_the_backbone_loads(tmp_path, monkeypatch):
+    from conceptlab import backbone
+    from conceptlab.errors import ConfigError
+
+    monkeypatch.setattr(backbone, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded"))
+    with pytest.raises(ConfigError, match=r"encoders\.clip=.*missing-clip"):
+        run_train(tmp_path / "run", "evaluators=metrics", f"encoders.clip={tmp_path / 'missing-clip'}")
+
+
+def test_an_unknown_kind_is_named():
+    from conceptlab.data import concept_class
+    from conceptlab.errors import ConceptDataError
+
+    with pytest.raises(ConceptDataError, match="data.kind='animal': use object, live or style"):
+        concept_class(compose(["data.kind=animal"]).data)
+    assert concept_class(compose(["data.class_word=robot"]).data) == ("robot", "object")
+
+
 def metric_overrides(encoders: dict[str, str]) -> list[str]:
     return [
         "evaluators=metrics", f"encoders.clip={encoders['clip']}", f"encoders.dino={encoders['dino']}",
@@ -200,7 +219,7 @@ def test_evaluate_resumes_with_the_images_it_made(tmp_path, tiny_encoders, monke
 
     run_dir = tmp_path / "run"
     run_train(run_dir, "method=hypernet", "evaluate.enabled=false")
-    cfg = compose(["model=tiny", f"encoders.clip={tiny_encoders['clip']}", f"encoders.dino={tiny_encoders['dino']}",
+    cfg = compose(["model=tiny", "data.class_word=toy", f"encoders.clip={tiny_encoders['clip']}", f"encoders.dino={tiny_encoders['dino']}",
                    "protocol.images_per_prompt=2", "protocol.num_inference_steps=2",
                    "protocol.object.editing=['a {} on the beach','a red {}']", "protocol.multipliers=[1.0,0.0]"])  # fmt: skip
     calls = []
@@ -209,8 +228,9 @@ def test_evaluate_resumes_with_the_images_it_made(tmp_path, tiny_encoders, monke
     out = tmp_path / "eval"
     record = evaluate_concepts([str(run_dir)], cfg.model, cfg.data, cfg.encoders, cfg.protocol, out)
     assert len(calls) == 2 * 3  # two multipliers x three prompts
-    assert calls[1] == ["a on the beach"] * 2  # the tag is applied, not read
-    assert record["results"]["m0"]["prompts"][1] == "a on the beach <hypernet:robot:0>"
+    assert calls[1] == ["a toy on the beach"] * 2  # the class word; the tag is applied, not read
+    assert record["results"]["m0"]["prompts"][1] == "a toy on the beach <hypernet:robot:0>"
+    assert record["results"]["m0"]["editing"]["per_prompt"]["a {} on the beach"]["clip_t"]["n"] == 2
     assert set(record["results"]) == {"m1", "m0"} and record["encoders"]["dino"] == tiny_encoders["dino"]
     editing = record["results"]["m1"]["editing"]
     assert editing["clip_t"]["n"] == 4 and set(editing["per_prompt"]) == {"a {} on the beach", "a red {}"}

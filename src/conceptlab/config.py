@@ -263,7 +263,11 @@ class EvaluateConfig:
         4, "similarity metrics during training: the first N editing prompts (+ the first reconstruction one)",
         valid="[1, inf)",
     )  # fmt: skip
-    metric_samples: int = opt(2, "similarity metrics during training: seeds per prompt", valid="[1, inf)")
+    metric_samples: int = opt(
+        2,
+        "similarity metrics during training: seeds per prompt (sampled as protocol.* says)",
+        valid="[1, inf)",
+    )
     best: str = opt(
         "metrics/clip_i",
         "the metric that picks the best step (kept in concepts/steps/, named in summary.json)",

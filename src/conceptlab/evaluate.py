@@ -119,10 +119,14 @@ class MetricEvaluation(pl.Callback):
 
         self.cfg, self.record = settings, record
         self.cache = EvaluationCache(default_cache_dir(cache_dir)) if settings.cache else None
-        self.encoder_cfg, self.protocol = encoders, protocol
+        self.protocol = protocol
         self.class_word, self.kind = concept_class(data)
         self.real_images = real_images(data)
         self.real_digest = images_digest(self.real_images)
+        from .metrics import Encoders
+
+        # Loaded here, before the backbone: an encoder that cannot load fails the run at once.
+        self.encoders = Encoders(encoders.clip, encoders.dino)
         self.scorer: Scorer | None = None
         self.best: dict[str, Any] = {}  # summary.json's `best`; kept in checkpoints (a resumed run knows it)
         self.done_step = -1
@@ -139,10 +143,7 @@ class MetricEvaluation(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
         if self.scorer is None and trainer.is_global_zero:
-            from .metrics import Encoders
-
-            encoders = Encoders(self.encoder_cfg.clip, self.encoder_cfg.dino, device=module.device)
-            self.scorer = Scorer(encoders, self.real_images)
+            self.scorer = Scorer(self.encoders.to(module.device), self.real_images)
 
     def on_train_start(self, trainer, module) -> None:
         if self.best and self.record is not None:
@@ -179,7 +180,7 @@ class MetricEvaluation(pl.Callback):
             key = self.cache.key(
                 kind="metrics", backbone=backbone_identity(backbone), state=method_state(method, 1.0),
                 prompts=[(p.set, p.text, p.plain) for p in prompts], seeds=seeds, sampler="DDIM",
-                steps=self.cfg.num_inference_steps, guidance=self.cfg.guidance_scale,
+                steps=self.protocol.num_inference_steps, guidance=self.protocol.guidance_scale,
                 encoders=self.scorer.encoders.describe(), real=self.real_digest,
             )  # fmt: skip
             metrics = self.cache.get(key)
@@ -190,7 +191,7 @@ class MetricEvaluation(pl.Callback):
                 with method.at_multiplier(1.0):
                     pixels = backbone.sample(
                         [p.text for p in prompts for _ in seeds], [s for _ in prompts for s in seeds],
-                        self.cfg.num_inference_steps, self.cfg.guidance_scale, progress=f"metrics at step {step}",
+                        self.protocol.num_inference_steps, self.protocol.guidance_scale, progress=f"metrics at step {step}",
                     )  # fmt: skip
             finally:
                 method.train(was_training)
@@ -309,6 +310,9 @@ def evaluate_concepts(
     about: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The protocol on these concept files: images (kept, so a rerun resumes), scores, grids, eval.json."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
     from .backbone import load_backbone, resolve_dtype
     from .data import concept_class
     from .generate import apply_tags, labelled_grid, load_concepts, resolve_prompt
@@ -330,19 +334,21 @@ def evaluate_concepts(
         prompts = build_prompts(getattr(protocol, kind), words, class_word, tags)
         folder = out_dir / "images" / multiplier_key(multiplier)
         images = []
-        for i, prompt in enumerate(prompts):
+        # One transient bar per multiplier, over the prompts (each prompt's seeds in one batch).
+        for i, prompt in enumerate(
+            tqdm(prompts, desc=f"evaluating x{multiplier:g}", unit="prompt", leave=False)
+        ):
             files = [folder / f"{SHORT[prompt.set]}_{i:02d}_seed{s}.png" for s in seeds]
             missing = [s for s, f in zip(seeds, files) if not f.is_file()]
-            if missing:
+            if missing:  # images made before (an interrupted evaluation) are kept
                 text, uses = resolve_prompt(prompt.text, concepts, backbone.tokenizer)
                 apply_tags(concepts, uses, None)
-                made = to_pil(backbone.sample([text] * len(missing), missing, protocol.num_inference_steps,
-                                              protocol.guidance_scale, progress=f"{prompt.text[:40]} x{multiplier:g}"))  # fmt: skip
-                for seed, image in zip(missing, made):
+                pixels = backbone.sample(
+                    [text] * len(missing), missing, protocol.num_inference_steps, protocol.guidance_scale
+                )
+                for seed, image in zip(missing, to_pil(pixels)):
                     with atomic_path(files[seeds.index(seed)]) as tmp:
                         image.save(tmp, format="PNG")
-            from PIL import Image
-
             images += [Image.open(f).convert("RGB") for f in files]
         scorer = _scorer(encoders, data_cfg)
         results[multiplier_key(multiplier)] = {

@@ -66,6 +66,13 @@ class Encoders:
             self.dino = self.dino.eval().to(self.device)
             self.dino_processor = load_pretrained(AutoImageProcessor, dino, "encoders.dino")
 
+    def to(self, device: str | torch.device) -> Encoders:
+        self.device = torch.device(device)
+        for model in (self.clip, self.dino):
+            if model is not None:
+                model.to(self.device)
+        return self
+
     def describe(self) -> dict[str, Any]:
         """What eval.json records (and what cached scores are keyed by)."""
         from .evalcache import tensors_digest

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path, write_json
-from .world import PREFIXES, RESOLUTION, Scene
+from .world import RESOLUTION, Scene, drop_words
 
 log = logging.getLogger(__name__)
 FOLDER = "clip"  # inside a toy checkpoint
@@ -28,23 +28,7 @@ FOLDER = "clip"  # inside a toy checkpoint
 
 def full_caption(scene: Scene, rng: random.Random, p_drop: float = 0.3) -> str:
     """A caption naming every attribute (each but the shape dropped with p_drop), in the world's grammar."""
-
-    def keep() -> bool:
-        return rng.random() >= p_drop
-
-    words = [rng.choice(PREFIXES)] if keep() else []
-    words.append("a")
-    if keep():
-        words.append(scene.size)
-    if keep():
-        words.append(scene.colour)
-    words.append(scene.shape)
-    if keep():
-        words.append(f"on a {scene.background} background")
-    text = " ".join(words)
-    if scene.style != "plain" and keep():
-        text += f", {scene.style} style"
-    return text
+    return drop_words(scene, rng, p_drop, scene.shape, scene.style != "plain")
 
 
 def build_toy_clip(seed: int):

@@ -111,21 +111,28 @@ def caption(scene: Scene, rng: random.Random | None = None, mix: WorldMix | None
     if rng.random() < mix.p_empty:
         return ""
 
-    def keep() -> bool:
-        return rng.random() >= mix.p_drop
-
     named = scene.shape in NAMED_SHAPES and rng.random() >= mix.p_generic_shape
+    return drop_words(scene, rng, mix.p_drop, scene.shape if named else "shape", scene.style in NAMED_STYLES)
+
+
+def drop_words(scene: Scene, rng: random.Random, p_drop: float, shape: str, name_style: bool) -> str:
+    """The grammar with each word but the shape dropped with p_drop (a prefix drawn when kept);
+    the style said only if `name_style`."""
+
+    def keep() -> bool:
+        return rng.random() >= p_drop
+
     words = [rng.choice(PREFIXES)] if keep() else []
     words.append("a")
     if keep():
         words.append(scene.size)
     if keep():
         words.append(scene.colour)
-    words.append(scene.shape if named else "shape")
+    words.append(shape)
     if keep():
         words.append(f"on a {scene.background} background")
     text = " ".join(words)
-    if scene.style in NAMED_STYLES and keep():
+    if name_style and keep():
         text += f", {scene.style} style"
     return text
 
