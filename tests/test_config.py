@@ -24,7 +24,8 @@ def test_default_run_is_ti_on_the_toy_worlds_object_with_the_shipped_toy_backbon
     cfg = compose([])
     assert cfg.method.name == "ti"
     assert cfg.model.name == "toy" and cfg.model.path == "pkg://conceptlab.toyworld/checkpoint"
-    assert list(cfg.evaluators) == ["judge"]  # model=toy selects the toy world's evaluator
+    assert list(cfg.evaluators) == ["judge", "metrics"]  # model=toy selects the toy world's evaluators
+    assert cfg.encoders.clip == "pkg://conceptlab.toyworld/checkpoint/clip" and cfg.protocol.name == "toy"
     assert cfg.data.path == "bundled:toy_combo"
     assert cfg.data.templates == "pkg://conceptlab.toyworld/templates/toy_object.txt"
     assert cfg.method.lr == 1.25e-3 and cfg.trainer.max_steps == 200  # conf/recipe/toy_ti.yaml

@@ -31,7 +31,10 @@ def test_the_main_command_says_where_the_run_is_what_it_learned_and_how_to_use_i
     start = f"conceptlab: ti on toy_combo · model=toy · 20 steps · cpu · 32-true -> {run_dir}"
     assert start in out.splitlines()
     assert re.search(r"^conceptlab: completed in \d+ s · 20 steps · final loss \d\.\d{4}$", out, re.M)
-    assert re.search(r"^  judge/concept \d\.\d\d -> \d\.\d\d · judge/prompt \d\.\d\d -> \d\.\d\d$", out, re.M)
+    scores = r"judge/concept {0} · judge/prompt {0} · metrics/clip_i {0} · metrics/clip_t {0}".format(
+        r"-?\d\.\d\d -> -?\d\.\d\d"
+    )
+    assert re.search(rf"^  {scores}$", out, re.M)
     assert f"  run: {run_dir}" in out.splitlines()
     [files] = [line for line in out.splitlines() if line.startswith("  concept files: ")]
     listed = files.removeprefix("  concept files: ").split(", ")

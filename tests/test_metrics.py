@@ -309,3 +309,32 @@ def test_evaluation_images_go_to_wandb_as_a_table():
     assert call["key"] == "metrics/images" and call["columns"] == ["step", "prompt", "seed", "image"]
     assert [row[:3] for row in call["data"]] == [[7, "a photo of <x>", 0], [7, "a photo of <x>", 1]]
     assert call["data"][1][3].image.size == (32, 32) and call["step"] == 7
+
+
+def test_the_toy_clips_vocabulary_cut_keeps_its_outputs_on_the_worlds_captions():
+    from conceptlab.toyworld.clip import build_toy_clip, full_caption, reduce_vocabulary, world_words
+    from conceptlab.toyworld.world import random_scene
+
+    model, processor = build_toy_clip(seed=3)
+    with torch.no_grad():  # every row different, so a wrong row copied would show
+        model.text_model.embeddings.token_embedding.weight.normal_()
+    rng = random.Random(0)
+    texts = [full_caption(random_scene(rng), rng) for _ in range(32)] + [
+        "a photo of an orange moon, pastel style"
+    ]
+
+    def features(model, processor):
+        with torch.no_grad():
+            return model.get_text_features(
+                **processor(text=texts, return_tensors="pt", padding=True)
+            ).pooler_output
+
+    before = features(model.eval(), processor)
+    pieces = [processor.tokenizer.tokenize(t) for t in texts]
+    small, small_processor = reduce_vocabulary(model, processor, world_words())
+    assert len(small_processor.tokenizer) < 1000 and small.config.text_config.vocab_size == len(
+        small_processor.tokenizer
+    )
+    assert [small_processor.tokenizer.tokenize(t) for t in texts] == pieces
+    assert torch.allclose(features(small, small_processor), before, atol=1e-5)
+    assert small_processor.tokenizer.tokenize("a dog")[-1] == "g</w>"  # other words still tokenize

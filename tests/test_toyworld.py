@@ -156,7 +156,11 @@ def test_a_users_own_folder_on_the_toy_model_trains_without_a_concept_score(tmp_
     output = proc.stdout + proc.stderr
     assert output.count("is not one of the toy world's concept sets") == 1
     summary = read_summary(run_dir)
-    assert summary["status"] == "completed" and summary["metrics"] == {} and summary["resolution"] == 32
+    assert summary["status"] == "completed" and summary["resolution"] == 32
+    assert not [
+        k for k in summary["metrics"] if k.startswith("judge")
+    ]  # the similarity metrics still score it
+    assert -1 <= summary["metrics"]["metrics/clip_i"] <= 1
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -393,7 +397,8 @@ def _judge_rows(run_dir: Path) -> list[dict]:
 def test_pretraining_runs_every_stage_and_resumes(tmp_path):
     args = [sys.executable, str(ROOT / "scripts" / "pretrain_toyworld.py"), "--out", str(tmp_path / "out"),
             "--work", str(tmp_path / "work"), "--pool-size", "256", "--judge-pool-size", "256", "--vae-steps", "3",
-            "--judge-steps", "3", "--unet-batch", "8", "--checkpoint-every", "2", "--eval-scenes", "2"]  # fmt: skip
+            "--judge-steps", "3", "--unet-batch", "8", "--checkpoint-every", "2", "--eval-scenes", "2",
+            "--clip-steps", "2", "--clip-batch", "8"]  # fmt: skip
     first = subprocess.run([*args, "--unet-steps", "2"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     state = torch.load(tmp_path / "work" / "unet_state.pt", weights_only=True)
@@ -401,8 +406,14 @@ def test_pretraining_runs_every_stage_and_resumes(tmp_path):
     again = subprocess.run([*args, "--unet-steps", "4"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "render" not in again.stderr and "vae:" not in again.stderr  # finished stages are not redone
+    assert "clip:" not in again.stderr
     assert "unet+text:  50%" in again.stderr  # continued from step 2 of 4
     assert json.loads((tmp_path / "out" / MANIFEST).read_text())["steps"] == 4
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["samples"] == 2 and set(results["caption_following"]) >= {"colour", "background"}
     load_backbone(toy_model_config(tmp_path / "out"))
+    # the toy CLIP is part of the folder, and loads as the metrics load any CLIP
+    from conceptlab.metrics import Encoders
+
+    assert Encoders(str(tmp_path / "out" / "clip"), None).clip.config.vision_config.image_size == 32
+    assert set(json.loads((tmp_path / "out" / "clip" / "retrieval.json").read_text())) >= {"caption", "style"}

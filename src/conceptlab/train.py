@@ -402,7 +402,11 @@ def run_files(record: RunRecord) -> dict[str, Any]:
     checkpoint, metrics = run_dir / "checkpoints" / "last.ckpt", run_dir / "metrics.csv"
     return {
         "checkpoint": record.relative(checkpoint) if checkpoint.is_file() else None,
-        "concepts": sorted(record.relative(p) for p in (run_dir / "concepts").glob("*") if p.is_file()),
+        "concepts": sorted(
+            record.relative(p)
+            for p in (run_dir / "concepts").rglob("*")
+            if p.is_file() and "steps" not in p.relative_to(run_dir / "concepts").parts
+        ),
         "concepts_by_step": record.relative(run_dir / "concepts" / "steps")
         if (run_dir / "concepts" / "steps").is_dir()
         else None,

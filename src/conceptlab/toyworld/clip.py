@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -46,8 +47,8 @@ def build_toy_clip(seed: int):
     )  # fmt: skip
     torch.manual_seed(seed)
     model = CLIPModel(config)
-    # Rows of words the world never uses stay exactly zero (AdamW's decay keeps zero at zero): the
-    # vocabulary table costs little in the repository.
+    # Rows of words the world never uses stay exactly zero (AdamW's decay keeps zero at zero); after
+    # training the vocabulary is cut down to the world's words (reduce_vocabulary).
     with torch.no_grad():
         model.text_model.embeddings.token_embedding.weight.zero_()
     image_processor = CLIPImageProcessor(
@@ -55,6 +56,62 @@ def build_toy_clip(seed: int):
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     )  # fmt: skip
     return model, CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer())
+
+
+def world_words() -> list[str]:
+    """Every word and mark the world's captions use."""
+    from .world import ATTRIBUTES, PREFIXES
+
+    text = " ".join(
+        [*PREFIXES, "a shape on background style ,", *(v for vs in ATTRIBUTES.values() for v in vs)]
+    )
+    words = sorted(set(re.findall(r"[a-z]+|[^\sa-z]", text.lower())))
+    assert all(w.isascii() and w.isprintable() for w in words)
+    return words
+
+
+def reduce_vocabulary(model, processor, words: list[str]):
+    """The same CLIP with a vocabulary of the byte symbols, the BPE merges `words` need, and the special
+    tokens (a few hundred entries instead of 49,408): the world's captions tokenize to the same pieces,
+    whose embedding rows are copied, so the model's outputs on them are unchanged. Returns (model, processor)."""
+    import json
+
+    from transformers import CLIPProcessor, CLIPTokenizer
+
+    old = processor.tokenizer
+    bpe = json.loads(old.backend_tokenizer.to_str())["model"]
+    vocab, ranks = bpe["vocab"], {tuple(m): i for i, m in enumerate(bpe["merges"])}
+    used: set[tuple[str, str]] = set()
+    for word in words:
+        symbols = list(word)  # printable ASCII: its own byte symbols in CLIP's byte-level alphabet
+        symbols[-1] += "</w>"
+        while len(symbols) > 1:
+            pairs = [
+                (ranks.get(pair, len(ranks)), i, pair) for i, pair in enumerate(zip(symbols, symbols[1:]))
+            ]
+            rank, i, pair = min(pairs)
+            if rank == len(ranks):
+                break
+            used.add(pair)
+            symbols[i : i + 2] = ["".join(pair)]
+    merges = sorted(used, key=ranks.get)  # applied in CLIP's own order
+    base = sorted(vocab, key=vocab.get)[:512]  # the 256 byte symbols, then each with </w>
+    tokens = base + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    new_vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    tokenizer = CLIPTokenizer(vocab=new_vocab, merges=merges, model_max_length=old.model_max_length,
+                              pad_token=old.pad_token)  # fmt: skip
+    text = model.text_model
+    old_rows = text.embeddings.token_embedding.weight.data
+    rows = old_rows.new_zeros(len(new_vocab), old_rows.shape[1])
+    for token, i in new_vocab.items():
+        rows[i] = old_rows[vocab[token]]
+    text.embeddings.token_embedding = torch.nn.Embedding.from_pretrained(rows, freeze=False)
+    config = model.config.text_config
+    config.vocab_size = len(new_vocab)
+    config.bos_token_id, config.eos_token_id = new_vocab["<|startoftext|>"], new_vocab["<|endoftext|>"]
+    config.pad_token_id = new_vocab[old.pad_token]
+    text.eos_token_id = config.eos_token_id
+    return model, CLIPProcessor(image_processor=processor.image_processor, tokenizer=tokenizer)
 
 
 def stage_clip(cfg, work: Path, pool: dict) -> Path:
@@ -106,7 +163,7 @@ def stage_clip(cfg, work: Path, pool: dict) -> Path:
                      "scheduler": sched.state_dict(), "step": done}  # fmt: skip
             with atomic_path(state_path) as tmp:
                 torch.save(state, tmp)
-    model.eval()
+    model, processor = reduce_vocabulary(model.eval(), processor, world_words())
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.half().save_pretrained(tmp)
