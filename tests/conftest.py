@@ -34,6 +34,14 @@ FAST = [
 ]
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2: each worker (and each process a test starts) computes on one core, the two in parallel.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_env(tmp_path_factory):
     """No network, no W&B server, a session-wide cache for the tiny backbone."""
