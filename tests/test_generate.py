@@ -162,3 +162,55 @@ def test_prompts_with_angle_brackets_reach_hydra_quoted():
     assert quote_text_overrides(argv) == [
         "prompt='a <x> <hypernet:y:0.5>'", "negative_prompt='blurry'", "steps=3", "prompt='already quoted'"
     ]  # fmt: skip
+
+
+def toy_scene_files(tmp_path):
+    """A toy-world picture (a large blue square on gray, right half) and a mask of its left half."""
+    from conceptlab.toyworld.world import Scene, render_image
+
+    init = render_image(Scene("square", "blue", "gray", "large", "plain", x=22.0, y=16.0))
+    init.save(tmp_path / "init.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, :14] = 255  # white: redraw
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    return init, tmp_path / "init.png", tmp_path / "mask.png"
+
+
+def test_a_masked_edit_redraws_inside_the_mask_and_keeps_the_rest(tmp_path):
+    """Blended latent diffusion on the toy world's text-to-image model: inside the mask the prompt's
+    object is drawn, outside the picture is the original's, whatever the prompt."""
+    init, init_path, mask_path = toy_scene_files(tmp_path)
+    edits = {}
+    for name, prompt in (("yellow", "a photo of a large yellow circle on a white background"),
+                         ("green", "a photo of a small green ring on a black background")):  # fmt: skip
+        record, out = generate(tmp_path / name, "model=toy", f"prompt={prompt}", f"init_image={init_path}",
+                               f"mask={mask_path}", "steps=10")  # fmt: skip
+        edits[name] = pixels(out / "images/00_seed0.png").astype(np.float32)
+    assert record["strength"] == 1.0 and record["mask"] == str(mask_path)
+    original = np.asarray(init, np.float32)
+    for edited in edits.values():
+        assert np.array_equal(edited[:, 14:], original[:, 14:])  # black in the mask: kept
+        assert np.abs(edited[:, :14] - original[:, :14]).mean() > 20  # white: redrawn
+    assert np.abs(edits["yellow"][:, :14] - edits["green"][:, :14]).mean() > 20  # as each prompt says
+
+
+def test_image_to_image_and_its_bad_input(tmp_path):
+    _, init_path, mask_path = toy_scene_files(tmp_path)
+    record, out = generate(
+        tmp_path, "model=toy", "prompt=a photo of a red circle", f"init_image={init_path}", "strength=0.5"
+    )
+    assert record["strength"] == 0.5 and record["mask"] is None
+    assert Image.open(out / "images/00_seed0.png").size == (32, 32)
+    with pytest.raises(ConfigError, match=r"mask= marks what to redraw .*init_image="):
+        generate(tmp_path / "a", "model=toy", "prompt=a circle", f"mask={mask_path}")
+    with pytest.raises(ConfigError, match=r"init_image=.*nothing.png: no such file"):
+        generate(tmp_path / "b", "model=toy", "prompt=a circle", f"init_image={tmp_path / 'nothing.png'}")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ConfigError, match="not a readable image"):
+        generate(
+            tmp_path / "c",
+            "model=toy",
+            "prompt=a circle",
+            f"init_image={init_path}",
+            f"mask={tmp_path / 'broken.png'}",
+        )

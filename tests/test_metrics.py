@@ -42,6 +42,27 @@ def test_identical_images_score_one(tiny_encoders):
     assert described["clip"] == tiny_encoders["clip"] and len(described["dino_weights"]) == 16
 
 
+def test_dinov2_is_selectable(tmp_path):
+    """DINOv2 (transformers' Dinov2Model, its [CLS] token) loads from a folder like facebook/dinov2-small."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    from conceptlab.metrics import Encoders, score_images
+
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    Dinov2Model(config).save_pretrained(tmp_path / "dinov2")
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "dinov2"
+    )
+    encoders = Encoders(None, str(tmp_path / "dinov2"))
+    assert type(encoders.dino).__name__ == "Dinov2Model"
+    image, other = toy_image(shape="ring", colour="blue"), toy_image(shape="cross", colour="orange")
+    scores = score_images(encoders, [image, other], encoders.image_features([image]))
+    assert scores.values["dino"][0] == pytest.approx(1.0, abs=1e-5) and scores.values["dino"][1] < 1 - 1e-4
+    assert "clip_t" not in score_images(encoders, [image], texts=["a ring"]).values  # no CLIP, no CLIP-T
+
+
 def test_related_images_score_higher_than_unrelated(toy_clip):
     """The same object placed elsewhere is nearer its first picture than an object that differs in every
     attribute (the toy CLIP has seen the whole world)."""

@@ -89,14 +89,15 @@ class Backbone(nn.Module):
     def prediction_type(self) -> str:
         return self.scheduler.config.prediction_type
 
-    def pipeline(self, scheduler: str = "DDIMScheduler"):
-        """A StableDiffusionPipeline over these very parts (no copy), with a sampling scheduler."""
+    def pipeline(self, scheduler: str = "DDIMScheduler", kind: str = "StableDiffusionPipeline"):
+        """A diffusers pipeline over these very parts (no copy), with a sampling scheduler: text-to-image,
+        or `StableDiffusionImg2ImgPipeline` / `StableDiffusionInpaintPipeline`."""
         import diffusers
 
         scheduler_cls = getattr(diffusers, scheduler)
         # SD folders' scheduler configs predate clip_sample, which DDIM/DDPM would otherwise turn on.
         extra = {"clip_sample": False} if "clip_sample" in inspect.signature(scheduler_cls).parameters else {}
-        pipe = diffusers.StableDiffusionPipeline(
+        pipe = getattr(diffusers, kind)(
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,

@@ -374,6 +374,17 @@ class GenerateConfig:
     guidance_scale: float = opt(7.5, "classifier-free guidance", valid="[0, inf)")
     scheduler: str = opt("ddim", "ddim pndm euler euler_a dpm++ lms heun unipc ddpm")
     resolution: int | None = opt(None, "image size; null = the model's native size", valid="[8, inf)")
+    init_image: str | None = opt(
+        None, "an image to start from (image-to-image), resized and centre-cropped to the output size"
+    )
+    mask: str | None = opt(
+        None,
+        "with init_image: white marks the area to redraw, black is kept (blended latent diffusion on a "
+        "text-to-image model; an inpainting model uses its own)",
+    )
+    strength: float | None = opt(
+        None, "how far init_image is noised before denoising; null = 0.75, or 1.0 with a mask", valid="(0, 1]"
+    )
     device: str = opt("auto", "auto (cuda when available) | cpu | cuda")
     output_root: str = opt("outputs", "output folders are created below this folder")
 

@@ -147,6 +147,17 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     size = cfg.resolution or backbone.native_resolution
     check_resolution(size, backbone, key="resolution")
 
+    editing, strength = edit_inputs(cfg, size)
+    # Pasted back outside the mask after decoding (as AUTOMATIC1111 and diffusers' apply_overlay do): the
+    # latents there are the original's, but the VAE's decoder mixes the whole picture (its attention).
+    overlay = (editing["image"], editing["mask_image"]) if cfg.mask else None
+    if editing:  # the same parts, in the image-to-image or the (blended) inpainting pipeline
+        pipe = backbone.pipeline(SCHEDULERS[cfg.scheduler], "StableDiffusionInpaintPipeline" if cfg.mask
+                                 else "StableDiffusionImg2ImgPipeline")  # fmt: skip
+        editing = {key: [image] * len(seeds) for key, image in editing.items()}
+        editing["strength"] = strength
+    shape = {} if editing and not cfg.mask else {"height": size, "width": size}  # img2img: the image's size
+
     images, files = [], []
     for row, multiplier in enumerate(rows):
         apply_tags(concepts, uses, multiplier)
@@ -156,10 +167,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             num_inference_steps=cfg.steps,
             guidance_scale=cfg.guidance_scale,
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-            height=size,
-            width=size,
+            **shape,
+            **editing,
         )
         for seed, image in zip(seeds, out.images):
+            if overlay is not None:
+                from PIL import Image
+
+                image = Image.composite(image, *overlay)  # the edit where the mask is white
             path = out_dir / "images" / f"{row:02d}_seed{seed}.png"
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
@@ -181,12 +196,42 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "steps": cfg.steps,
         "guidance_scale": cfg.guidance_scale,
         "negative_prompt": cfg.negative_prompt,
+        "init_image": cfg.init_image,
+        "mask": cfg.mask,
+        "strength": strength if editing else None,
         "images": files,
         "grid": "grid.png",
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     write_json(out_dir / "generation.json", record)
     return record
+
+
+def edit_inputs(cfg: DictConfig, size: int) -> tuple[dict[str, Any], float | None]:
+    """init_image (and mask) as size x size RGB images for the pipeline, and the strength to use."""
+    from .backbone import resolve_path
+    from .data import open_rgb, to_square
+
+    if cfg.mask and not cfg.init_image:
+        raise ConfigError("mask= marks what to redraw in an image: give the image too (init_image=)")
+    if cfg.strength is not None and not cfg.init_image:
+        raise ConfigError("strength= is how far init_image is noised: give init_image= too")
+    if not cfg.init_image:
+        return {}, None
+    out = {}
+    for key, name in (("image", "init_image"), ("mask_image", "mask")):
+        if cfg[name]:
+            path = resolve_path(cfg[name])
+            image = open_rgb(path, size) if path.is_file() else None
+            if image is None:
+                raise ConfigError(
+                    f"{name}={cfg[name]}: {'not a readable image' if path.is_file() else 'no such file'}"
+                )
+            out[key] = to_square(image, size, center_crop=True)
+    if "mask_image" in out:
+        out["mask_image"] = out["mask_image"].convert("L")  # white: redraw; black: keep
+    strength = cfg.strength if cfg.strength is not None else (1.0 if cfg.mask else 0.75)
+    return out, float(strength)
 
 
 TEXT_KEYS = ("prompt", "negative_prompt")
