@@ -123,10 +123,12 @@ class MetricEvaluation(pl.Callback):
         self.class_word, self.kind = concept_class(data)
         self.real_images = real_images(data)
         self.real_digest = images_digest(self.real_images)
-        from .metrics import Encoders
+        from .metrics import encoder_identity
 
-        # Loaded here, before the backbone: an encoder that cannot load fails the run at once.
-        self.encoders = Encoders(encoders.clip, encoders.dino)
+        # Checked here, before the backbone loads: an encoder that cannot be found fails the run at once.
+        # The models load at the first evaluation the cache does not hold.
+        self.encoder_names = (encoders.clip, encoders.dino)
+        self.encoder_identity = encoder_identity(*self.encoder_names)
         self.scorer: Scorer | None = None
         self.best: dict[str, Any] = {}  # summary.json's `best`; kept in checkpoints (a resumed run knows it)
         self.done_step = -1
@@ -140,10 +142,6 @@ class MetricEvaluation(pl.Callback):
     @property
     def headline(self) -> tuple[str, ...]:
         return (f"{PREFIX}clip_i", f"{PREFIX}clip_t")
-
-    def setup(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
-        if self.scorer is None and trainer.is_global_zero:
-            self.scorer = Scorer(self.encoders.to(module.device), self.real_images)
 
     def on_train_start(self, trainer, module) -> None:
         if self.best and self.record is not None:
@@ -181,10 +179,14 @@ class MetricEvaluation(pl.Callback):
                 kind="metrics", backbone=backbone_identity(backbone), state=method_state(method, 1.0),
                 prompts=[(p.set, p.text, p.plain) for p in prompts], seeds=seeds, sampler="DDIM",
                 steps=self.protocol.num_inference_steps, guidance=self.protocol.guidance_scale,
-                encoders=self.scorer.encoders.describe(), real=self.real_digest,
+                encoders=self.encoder_identity, real=self.real_digest,
             )  # fmt: skip
             metrics = self.cache.get(key)
         if metrics is None:
+            if self.scorer is None:
+                from .metrics import Encoders
+
+                self.scorer = Scorer(Encoders(*self.encoder_names, device=module.device), self.real_images)
             was_training = method.training
             method.eval()
             try:

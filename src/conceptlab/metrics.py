@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,31 @@ def load_pretrained(cls, name: str, key: str, **kwargs):
             f"{key}={name}: could not load {cls.__name__} from {where} ({str(err).splitlines()[0]}); give a "
             "local folder saved with save_pretrained, or a hub id this machine can reach"
         ) from err
+
+
+def encoder_identity(clip: str | None, dino: str | None) -> dict[str, Any]:
+    """Check that each named encoder can be found (its config loads: a clear error before anything
+    else loads) and identify it without loading its weights: a local folder by its weight files'
+    names, sizes and times, a hub id by the cached snapshot's revision."""
+    from transformers import AutoConfig
+
+    from .backbone import resolve_path
+
+    out: dict[str, Any] = {"clip": clip, "dino": dino}
+    for key, name in (("clip", clip), ("dino", dino)):
+        if not name:
+            continue
+        load_pretrained(AutoConfig, name, f"encoders.{key}")
+        folder = resolve_path(name)
+        if folder.is_dir():
+            files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+            out[f"{key}_files"] = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+            out[f"{key}_revision"] = Path(cached).parent.name if isinstance(cached, str) else None
+    return out
 
 
 class Encoders:
