@@ -279,8 +279,13 @@ def concept_paths(run_dir: Path, which: str) -> tuple[list[str], str]:
     if which == "final":
         return [str(run_dir / "concepts")], "final"
     if which == "best":
-        summary = json.loads((run_dir / "summary.json").read_text())
-        best = summary.get("best") or {}
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"{run_dir}: its summary.json is unreadable ({err}); use concept=step=N"
+            ) from err
+        best = (summary.get("best") if isinstance(summary, dict) else None) or {}
         if not best.get("concepts"):
             raise ConfigError(
                 f"{run_dir}: its summary.json names no best step (the run evaluated no metrics during "
@@ -296,10 +301,8 @@ def concept_paths(run_dir: Path, which: str) -> tuple[list[str], str]:
 def step_folder(run_dir: Path, step: int) -> Path:
     folder = run_dir / "concepts" / "steps" / f"step_{step:06d}"
     if not folder.is_dir():
-        kept = sorted(
-            p.name.removeprefix("step_").lstrip("0") or "0"
-            for p in (run_dir / "concepts" / "steps").glob("step_*")
-        )
+        steps = (run_dir / "concepts" / "steps").glob("step_*")
+        kept = [str(k) for k in sorted(int(p.name[5:]) for p in steps if p.name[5:].isdigit())]
         raise ConfigError(
             f"{run_dir} kept no concept at step {step} (kept: {', '.join(kept) or 'none'}; concepts are kept "
             "at each evaluation step)"
