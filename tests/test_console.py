@@ -1,5 +1,6 @@
 """The console a person reads: where the run is, how it went, what it learned, and no noise."""
 
+import json
 import re
 import shlex
 import subprocess
@@ -41,6 +42,14 @@ def test_the_main_command_says_where_the_run_is_what_it_learned_and_how_to_use_i
     assert len(listed) == 2 and all(Path(f).is_file() for f in listed)
     [sync] = [line for line in out.splitlines() if line.startswith("  W&B (offline): wandb sync ")]
     assert Path(sync.rsplit(" ", 1)[-1]).is_dir()
+    # the metrics' images reach W&B as a table per evaluation (steps 10 and 20 at least: never cached)
+    tables = sorted(Path(sync.rsplit(" ", 1)[-1]).glob("files/media/table/metrics/images_*.table.json"))
+    assert len(tables) >= 2 and json.loads(tables[0].read_text())["columns"] == [
+        "step",
+        "prompt",
+        "seed",
+        "image",
+    ]
     assert not noisy_lines(out + proc.stderr), noisy_lines(out + proc.stderr)
 
     # The printed command works as typed.

@@ -323,6 +323,7 @@ def evaluate_concepts(
     from .generate import apply_tags, labelled_grid, load_concepts, resolve_prompt
 
     class_word, kind = concept_class(data_cfg)
+    scorer = _scorer(encoders, data_cfg)
     concepts = load_concepts(paths)
     backbone = load_backbone(model_cfg)
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -355,7 +356,6 @@ def evaluate_concepts(
                     with atomic_path(files[seeds.index(seed)]) as tmp:
                         image.save(tmp, format="PNG")
             images += [Image.open(f).convert("RGB") for f in files]
-        scorer = _scorer(encoders, data_cfg)
         results[multiplier_key(multiplier)] = {
             "multiplier": multiplier, "prompts": [p.text for p in prompts], **scorer.score(prompts, images, len(seeds), EVAL_PREFIX),
         }  # fmt: skip
@@ -368,7 +368,7 @@ def evaluate_concepts(
     record = {
         **(about or {}),
         "protocol": OmegaConf.to_container(protocol, resolve=True),
-        "encoders": _scorer(encoders, data_cfg).encoders.describe(),
+        "encoders": scorer.encoders.describe(),
         "concepts": [c.describe() for c in concepts],
         "class_word": class_word,
         "kind": kind,
@@ -382,19 +382,20 @@ def evaluate_concepts(
     return record
 
 
-_SCORERS: dict[str, Scorer] = {}
+_ENCODERS: dict[tuple[str | None, str | None], Any] = {}
+_SCORERS: dict[tuple[Any, str], Scorer] = {}
 
 
 def _scorer(encoders, data_cfg) -> Scorer:
-    """One Scorer per (encoders, image folder): a sweep loads its encoders once."""
+    """One Scorer per (encoders, image folder), the encoders loaded once: a sweep pays for them once."""
     from .metrics import Encoders
 
-    key = f"{encoders.clip}|{encoders.dino}|{data_cfg.path}"
+    names = (encoders.clip, encoders.dino)
+    if names not in _ENCODERS:
+        _ENCODERS[names] = Encoders(*names)
+    key = (names, str(data_cfg.path))
     if key not in _SCORERS:
-        cached = next(
-            (s.encoders for k, s in _SCORERS.items() if k.rsplit("|", 1)[0] == key.rsplit("|", 1)[0]), None
-        )
-        _SCORERS[key] = Scorer(cached or Encoders(encoders.clip, encoders.dino), real_images(data_cfg))
+        _SCORERS[key] = Scorer(_ENCODERS[names], real_images(data_cfg))
     return _SCORERS[key]
 
 
