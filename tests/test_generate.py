@@ -214,3 +214,44 @@ def test_image_to_image_and_its_bad_input(tmp_path):
             f"init_image={init_path}",
             f"mask={tmp_path / 'broken.png'}",
         )
+
+
+def test_weighted_spans_parse_as_automatic1111_writes_them():
+    from conceptlab.prompts import weighted_spans
+
+    assert weighted_spans("a photo of (<cat-a>:1.3) in (soft light:.5), (sic)") == [
+        ("a photo of ", 1.0), ("<cat-a>", 1.3), (" in ", 1.0), ("soft light", 0.5), (", (sic)", 1.0)
+    ]  # fmt: skip
+    assert weighted_spans("no weights (here)") == [("no weights (here)", 1.0)]
+
+
+def test_a_placeholders_weight_scales_its_own_tokens_context(backbone, concepts):
+    from conceptlab.generate import load_concepts
+
+    for concept in load_concepts([str(concepts["cat"])]):
+        concept.install(backbone)
+    text = concepts_text = "a photo of <cat-a> <cat-a>_1 on a hill"  # the two-vector word as rewritten
+    plain = backbone.encode_prompts([text])
+    # Weight 1 reads exactly as the plain prompt: the spans are tokenized on word boundaries.
+    assert torch.equal(backbone.encode_prompts(["a photo of (<cat-a> <cat-a>_1:1) on a hill"]), plain)
+    heavy = backbone.encode_prompts(["a photo of (<cat-a> <cat-a>_1:2) on a hill"])
+    ids, weights = backbone.tokenize_weighted("a photo of (<cat-a> <cat-a>_1:2) on a hill")
+    assert torch.equal(ids, backbone.tokenize([concepts_text])[0])
+    assert weights.tolist().count(2.0) == 2  # the word's two vectors, nothing else
+    ratio = heavy[0] / plain[0]
+    at_word, elsewhere = ratio[weights == 2.0], ratio[weights == 1.0]
+    # AUTOMATIC1111's emphasis: the word's context twice the rest, the whole rescaled by one factor (to
+    # its mean, where the context has one: the tiny text encoder's is ~0, so the factor is 1 here).
+    assert torch.allclose(at_word, 2 * elsewhere[0], rtol=1e-4) and torch.allclose(elsewhere, elsewhere[0])
+    assert heavy.isfinite().all()
+
+
+def test_generate_py_weighs_a_learned_word(tmp_path, concepts):
+    files = f"concepts=[{concepts['cat']}]"
+    _, plain = generate(tmp_path / "a", "prompt=a photo of <cat-a>", files)
+    _, same = generate(tmp_path / "b", "prompt=a photo of (<cat-a>:1)", files)
+    weighted_record, weighted = generate(tmp_path / "c", "prompt=a photo of (<cat-a>:1.6)", files)
+    assert weighted_record["text"] == "a photo of (<cat-a>:1.6)"
+    name = "images/00_seed0.png"
+    assert np.array_equal(pixels(plain / name), pixels(same / name))
+    assert not np.array_equal(pixels(plain / name), pixels(weighted / name))

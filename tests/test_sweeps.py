@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import FAST, ROOT, compose, run_train
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -364,3 +365,12 @@ def test_the_headline_names_each_methods_best_setting(tmp_path):
     sweep.axes = ["method", "lr", "seed"]
     page = write_report(sweep, tmp_path / "report").read_text()
     assert "<li>ti: lr=0.01 — 0.7 (1 runs)</li><li>hypernet: lr=0.1 — 0.6 (1 runs)</li>" in page
+
+
+def test_expected_jobs_count_a_command_line_value_instead_of_the_experiments_sweep(tmp_path):
+    from conceptlab.report import expected_job_count
+
+    record = {"hydra": {"overrides": {"task": ["+experiment=composition", "method=ti", "data=a,b"]},
+                        "sweeper": {"params": {"method": "ti,hypernet", "data": "x,y,z", "seed": "0,1,2"}}}}  # fmt: skip
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(record))
+    assert expected_job_count(tmp_path) == 1 * 2 * 3  # method pinned, data swept on the command line, 3 seeds

@@ -159,8 +159,41 @@ class Backbone(nn.Module):
         return torch.cat(out)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text contexts for prompts, in the UNet's dtype."""
-        return self.encode_text(self.tokenize(prompts).to(self.text_encoder.device)).to(self.unet.dtype)
+        """Text contexts for prompts, in the UNet's dtype. Weighted spans (`(<my-cat>:1.3)`) scale their
+        tokens' outputs as AUTOMATIC1111 does: each prompt's context times the weights, then rescaled to
+        its unweighted mean (where it has one)."""
+        from .prompts import has_weights
+
+        if not any(has_weights(p) for p in prompts):
+            return self.encode_text(self.tokenize(prompts).to(self.text_encoder.device)).to(self.unet.dtype)
+        ids, weights = zip(*(self.tokenize_weighted(p) for p in prompts))
+        device = self.text_encoder.device
+        context = self.encode_text(torch.stack(ids).to(device)).float()
+        scale = torch.stack(weights).to(device)[..., None]
+        weighted = context * scale
+        before, after = context.mean(dim=(1, 2), keepdim=True), weighted.mean(dim=(1, 2), keepdim=True)
+        # A context whose mean is ~0 (a final layer norm without bias) has no mean to restore.
+        usable = after.abs() > 1e-3 * context.abs().mean(dim=(1, 2), keepdim=True)
+        weighted = torch.where(usable, weighted * before / torch.where(usable, after, 1.0), weighted)
+        return weighted.to(self.unet.dtype)
+
+    def tokenize_weighted(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [77] of a prompt with weighted spans, and each token's weight [77] (1 for the start,
+        end and padding tokens); spans are tokenized one by one, so each weight lands on its own words."""
+        from .prompts import weighted_spans
+
+        tok = self.tokenizer
+        ids, weights = [tok.bos_token_id], [1.0]
+        for text, weight in weighted_spans(prompt):
+            pieces = tok(text, add_special_tokens=False).input_ids
+            ids += pieces
+            weights += [weight] * len(pieces)
+        length = tok.model_max_length
+        ids, weights = ids[: length - 1] + [tok.eos_token_id], weights[: length - 1] + [1.0]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids += [pad] * (length - len(ids))
+        weights += [1.0] * (length - len(weights))
+        return torch.tensor(ids), torch.tensor(weights)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Token ids [len(texts), 77], padded and truncated as Stable Diffusion's pipelines do."""

@@ -327,6 +327,12 @@ class StudyConfig:
     question: str = opt("", "what the study answers, in one sentence")
     metric: str = opt("train/loss", "the metric the report leads with and picks the best run by")
     goal: str | None = opt(None, "max | min for the metric; null = min for losses, max otherwise")
+    columns: list[str] = opt([], "more metrics the report's answer table shows beside the metric (mean ± sd)")
+    at_end: Any = opt(
+        None,
+        "a step over the whole sweep once its jobs have ended: a _target_ called with sweep_dir= and settings= "
+        "(the evaluate keys) and its own arguments (composition: the pairs of concepts sampled together)",
+    )
 
 
 @dataclass
@@ -356,7 +362,10 @@ class TrainConfig:
 @dataclass
 class GenerateConfig:
     model: ModelConfig = opt(MISSING, "the backbone (group: model)")
-    prompt: str = opt(MISSING, "the prompt: placeholder words (<my-cat>) and <tag:name:multiplier> allowed")
+    prompt: str = opt(
+        MISSING,
+        "the prompt: placeholder words (<my-cat>, weighted: (<my-cat>:1.3)) and <tag:name:multiplier> allowed",
+    )
     negative_prompt: str = opt("", "negative prompt")
     concepts: list[str] = opt([], "concept files (embeddings, hypernetworks, LoRAs) or run directories")
     seed: int = opt(0, "first seed")

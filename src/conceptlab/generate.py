@@ -1,6 +1,6 @@
 """Generate images with any mix of learned concepts, of any method: concept files or run directories;
-words like `<my-cat>` and tags like `<hypernet:name:0.7>` / `<lora:name:0.8>` in the prompt, as in
-AUTOMATIC1111. Each concept installs itself (methods.base.Concept); nothing here knows a method."""
+words like `<my-cat>` (weighted: `(<my-cat>:1.3)`) and tags like `<hypernet:name:0.7>` /
+`<lora:name:0.8>` in the prompt, as in AUTOMATIC1111. Each concept installs itself (methods.base.Concept); nothing here knows a method."""
 
 from __future__ import annotations
 
@@ -162,8 +162,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     for row, multiplier in enumerate(rows):
         apply_tags(concepts, uses, multiplier)
         out = pipe(
-            prompt=[text] * len(seeds),
-            negative_prompt=[cfg.negative_prompt] * len(seeds),
+            **prompt_inputs(pipe, backbone, text, cfg.negative_prompt, len(seeds)),
             num_inference_steps=cfg.steps,
             guidance_scale=cfg.guidance_scale,
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
@@ -205,6 +204,21 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     }
     write_json(out_dir / "generation.json", record)
     return record
+
+
+def prompt_inputs(pipe, backbone, text: str, negative: str, count: int) -> dict[str, Any]:
+    """The pipeline's text inputs: the prompts themselves, or with weighted spans (`(<my-cat>:1.3)`)
+    their contexts, weighted by the backbone (the pipeline would read the parentheses as words), after
+    the pipeline's own spelling out of multi-vector words (`<my-cat>` -> `<my-cat> <my-cat>_1`)."""
+    from .prompts import has_weights
+
+    if not (has_weights(text) or has_weights(negative)):
+        return {"prompt": [text] * count, "negative_prompt": [negative] * count}
+    text, negative = (pipe.maybe_convert_prompt(t, backbone.tokenizer) for t in (text, negative))
+    return {
+        "prompt_embeds": backbone.encode_prompts([text] * count),
+        "negative_prompt_embeds": backbone.encode_prompts([negative] * count),
+    }
 
 
 def edit_inputs(cfg: DictConfig, size: int) -> tuple[dict[str, Any], float | None]:

@@ -119,7 +119,8 @@ def slurm_request_problem(launcher: Any, nodes: list[Node] | None) -> str | None
 
 
 class SweepSummary(Callback):
-    """At a sweep's end: the table of its jobs (status and the study's metric) and the report command.
+    """At a sweep's end: the study's sweep-wide step (`study.at_end`: composition), the table of its
+    jobs (status and the study's metric) and the report command.
 
     The local launcher runs the jobs in this process: the table follows the last job, so a sweep with
     a failed job (which Hydra then reports as an error) shows it too. Other launchers (SLURM) wait for
@@ -137,11 +138,32 @@ class SweepSummary(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir)
         if config.hydra.job.num + 1 >= (expected_job_count(sweep_dir) or 0):
+            finish_study(config, sweep_dir)
             print_sweep_table(sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if "BasicLauncher" not in str(config.hydra.launcher.get("_target_", "")):
+            finish_study(config, Path(config.hydra.sweep.dir))
             print_sweep_table(Path(config.hydra.sweep.dir))
+
+
+def finish_study(config: DictConfig, sweep_dir: Path) -> None:
+    """The study's step over the whole sweep (`study.at_end`, e.g. composition's pairs of runs)."""
+    step = config.get("study", {}).get("at_end")
+    if not step:
+        return
+    from hydra.utils import call
+
+    from .errors import ConceptLabError, error_line
+
+    print(f"{config.study.name or 'study'}: {step._target_} over {sweep_dir} ...", flush=True)
+    try:
+        result = call(step, sweep_dir=sweep_dir, settings=config.evaluate)
+    except (ConceptLabError, OSError, KeyError) as err:  # the runs' own records stay as they are
+        print(f"the study's last step failed: {error_line(err)}", flush=True)
+        return
+    if result is not None:
+        print(f"{config.study.name or 'study'}: {result}", flush=True)
 
 
 def print_sweep_table(sweep_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """Prompt syntax: `<tag:name:multiplier>` for methods applied with a strength (AUTOMATIC1111's
-`<hypernet:ink:0.7>`, `<lora:ink:0.8>`; the tags are the methods' `prompt_tag`s) and placeholder words
-like `<my-cat>`."""
+`<hypernet:ink:0.7>`, `<lora:ink:0.8>`; the tags are the methods' `prompt_tag`s), placeholder words
+like `<my-cat>`, and AUTOMATIC1111's weighted spans `(<my-cat>:1.3)` / `(a red hat:0.8)`."""
 
 from __future__ import annotations
 
@@ -51,3 +51,27 @@ def parse_prompt(prompt: str, tags: Iterable[str]) -> tuple[str, list[TagUse]]:
 def placeholders(text: str) -> list[str]:
     """Angle-bracket words in a prompt (`<my-cat>`), which must name loaded embeddings."""
     return PLACEHOLDER.findall(text)
+
+
+WEIGHTED = re.compile(r"\(([^()]+):\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*\)")
+
+
+def weighted_spans(text: str) -> list[tuple[str, float]]:
+    """The prompt cut into (text, weight) spans: `(words:w)` weighs its words by w (AUTOMATIC1111's
+    emphasis), everything else 1. Parentheses without `:number` are ordinary text."""
+    spans, pos = [], 0
+    for match in WEIGHTED.finditer(text):
+        if match.start() > pos:
+            spans.append((text[pos : match.start()], 1.0))
+        weight = float(match.group(2))
+        if not math.isfinite(weight):
+            raise ConfigError(f"weight {match.group(2)!r} in {match.group(0)} is not a finite number")
+        spans.append((match.group(1), weight))
+        pos = match.end()
+    if pos < len(text):
+        spans.append((text[pos:], 1.0))
+    return spans
+
+
+def has_weights(text: str) -> bool:
+    return WEIGHTED.search(text) is not None

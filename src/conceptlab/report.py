@@ -65,8 +65,9 @@ def expected_job_count(root: Path) -> int | None:
     swept_on_command_line = set()
     counts = []
     for override in OverridesParser.create().parse_overrides(overrides):
+        # A key the command line sets replaces the experiment's sweep of it (`seed=0` runs one seed).
+        swept_on_command_line.add(override.key_or_group)
         if override.is_sweep_override():
-            swept_on_command_line.add(override.key_or_group)
             counts.append(len(list(override.sweep_string_iterator())))
     for key, values in params.items():
         if key not in swept_on_command_line:
@@ -185,6 +186,8 @@ class Headline:
     table: pd.DataFrame
     best_run: dict[str, Any]
     note: str = ""  # why the table shows another metric than the study names, if it does
+    # The study's other columns (`study.columns`), per row of `table`: {column: (means, sds)}.
+    extra: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
 
 
 def headline(sweep: Sweep) -> Headline | None:
@@ -220,7 +223,15 @@ def headline(sweep: Sweep) -> Headline | None:
         .sort_values("mean", ascending=goal == "min", kind="stable")
     )
     best = done.loc[done[metric].idxmin() if goal == "min" else done[metric].idxmax()]
-    return Headline(metric, goal, table, best.to_dict(), note)
+    extra = {}
+    keyed = done.assign(**{a: done[a].astype(str) for a in settings})
+    for column in sweep.study.get("columns") or []:
+        if column in keyed and column != metric and keyed[column].notna().any():
+            stats = keyed.groupby(settings)[column].agg(["mean", "std"])
+            index = [tuple(r[a] for a in settings) if len(settings) > 1 else r[settings[0]]
+                     for _, r in table.iterrows()]  # fmt: skip
+            extra[column] = (stats["mean"].reindex(index).tolist(), stats["std"].reindex(index).tolist())
+    return Headline(metric, goal, table, best.to_dict(), note, extra)
 
 
 # DreamBooth paper (Ruiz et al. 2023, Table 1): its protocol (30 subjects x 25 prompts x 4 images),
@@ -368,7 +379,8 @@ def write_report(sweep: Sweep, out: str | Path) -> Path:
         if (p := plot_axis(sweep, axis, out, m))
     ]
     grids = copy_sample_grids(sweep, out)
-    page = render_html(sweep, plots, grids, answer)
+    study = render_study(sweep, out)
+    page = render_html(sweep, plots, grids, answer, study)
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(page)
     return out / "report.html"
@@ -499,6 +511,120 @@ def copy_sample_grids(sweep: Sweep, out: Path) -> dict[str, str]:
     return grids
 
 
+def plot_distributions(sweep: Sweep, out: Path) -> str | None:
+    """Bias reduction: per attribute, the judge's readings of the bare prompt (`study/base_dist_*`) and of
+    each method's learned word (`study/dist_*`), mean over seeds, against the uniform share."""
+    import matplotlib.pyplot as plt
+
+    done = _completed(sweep.runs)
+    columns = [c for c in done.columns if c.startswith("study/dist_") and done[c].notna().any()]
+    if not columns:
+        return None
+    attributes = list(dict.fromkeys(c.removeprefix("study/dist_").split("_", 1)[0] for c in columns))
+    fig, axes = plt.subplots(1, len(attributes), figsize=(6 * len(attributes), 4), squeeze=False)
+    for ax, attribute in zip(axes[0], attributes):
+        values = [
+            c.removeprefix(f"study/dist_{attribute}_")
+            for c in columns
+            if c.startswith(f"study/dist_{attribute}_")
+        ]
+        bars = {"bare prompt": done[[f"study/base_dist_{attribute}_{v}" for v in values]].fillna(0).mean()}
+        for method, group in done.groupby("method"):
+            bars[str(method)] = group[[f"study/dist_{attribute}_{v}" for v in values]].fillna(0).mean()
+        width = 0.8 / len(bars)
+        for i, (label, shares) in enumerate(bars.items()):
+            ax.bar(
+                [x + i * width for x in range(len(values))], shares.values, width, label=label, color=f"C{i}"
+            )
+        uniform = 1 / len([v for v in values if v != "other"])
+        ax.axhline(uniform, color="black", linestyle=":", label="uniform")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(values))], values)
+        ax.set_ylabel("share of samples (judge)")
+        ax.set_title(f"{attribute}: bare prompt vs learned word")
+        ax.legend(fontsize=8)
+    return _save(fig, out / "plots" / "study_distributions.png", out)
+
+
+def composition_table(root: Path) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """<sweep>/composition/composition.json (the composition study): its rows, and per pair of concepts
+    and methods the mean and sd over seeds."""
+    path = root / "composition" / "composition.json"
+    if not path.is_file():
+        return None
+    record = read_summary(path)
+    if isinstance(record, str) or not record.get("rows"):
+        log.warning("%s is unreadable or empty: the composition table is left out", path)
+        return None
+    rows = pd.DataFrame(record["rows"])
+    keys = ["pair", "first_method", "second_method"]
+    scores = ["both", "first_only", "second_only", "neither"]
+    stats = rows.groupby(keys, sort=False)[scores].agg(["mean", "std"])
+    stats.columns = [f"{m}_{s}" for m, s in stats.columns]
+    stats["runs"] = rows.groupby(keys, sort=False).size()
+    return rows, stats.reset_index()
+
+
+def render_composition(sweep: Sweep, out: Path) -> str:
+    found = composition_table(sweep.root)
+    if found is None:
+        return ""
+    rows, stats = found
+    esc = html.escape
+    scores = ["both", "first_only", "second_only", "neither"]
+    body = []
+    for _, r in stats.iterrows():
+        cells = "".join(
+            f"<td>{r[f'{m}_mean']:.3f}"
+            + ("" if pd.isna(r[f"{m}_std"]) else f" ± {r[f'{m}_std']:.3f}")
+            + "</td>"
+            for m in scores
+        )
+        body.append(
+            f"<tr><td>{esc(r['pair'])}</td><td>{esc(str(r['first_method']))}</td>"
+            f"<td>{esc(str(r['second_method']))}</td>{cells}<td>{int(r['runs'])}</td></tr>"
+        )
+    conflicting = sorted({p for p, c in zip(rows["pair"], rows["conflicting"]) if c})
+    note = (
+        f"<p class=note>{esc(', '.join(conflicting))}: the two concepts fix the same attribute differently, so no "
+        "single object of the toy world (one object per picture) can show both: these rows say which one wins.</p>"
+        if conflicting else ""
+    )  # fmt: skip
+    (out / "samples" / "composition").mkdir(parents=True, exist_ok=True)
+    figures = []
+    for (pair, first, second), group in rows.groupby(["pair", "first_method", "second_method"], sort=False):
+        grid = sweep.root / "composition" / str(group.iloc[0]["grid"])
+        if grid.is_file():
+            shutil.copyfile(grid, out / "samples" / "composition" / grid.name)
+            label = f"{pair}: {first} + {second}, seed {group.iloc[0]['seed']} ({group.iloc[0]['prompt']})"
+            figures.append(
+                f"<figure><img src='samples/composition/{esc(grid.name)}' alt='{esc(label)}'>"
+                f"<figcaption>{esc(label)}</figcaption></figure>"
+            )
+    return (
+        "<h2>Composition: both concepts in one prompt</h2><p>Share of samples (judge) showing both concepts, "
+        "only the first, only the second, or neither; mean ± sd over seeds.</p>"
+        "<div class=wide><table><tr><th>concepts</th><th>first by</th><th>second by</th><th>both</th>"
+        f"<th>first only</th><th>second only</th><th>neither</th><th>runs</th></tr>{''.join(body)}</table></div>"
+        f"{note}{''.join(figures)}"
+    )
+
+
+def copy_study_grids(sweep: Sweep, out: Path) -> dict[str, str]:
+    """The study's own samples (<run>/study/*_after.png) of the first run of each setting."""
+    done = _completed(sweep.runs)
+    settings = [a for a in sweep.axes if a != "seed" and a in done] or ["method"]
+    grids = {}
+    for key, group in done.groupby(settings, sort=False) if not done.empty else []:
+        run_dir = group.iloc[0]["run_dir"]
+        for grid in sorted((sweep.root / run_dir / "study").glob("*_after.png")):
+            (out / "samples" / "study").mkdir(parents=True, exist_ok=True)
+            name = f"{_file_safe(str(run_dir))}_{grid.name}"
+            shutil.copyfile(grid, out / "samples" / "study" / name)
+            label = ", ".join(f"{a}={v}" for a, v in zip(settings, key if isinstance(key, tuple) else (key,)))
+            grids[f"{label} ({run_dir}, {grid.stem.removesuffix('_after')})"] = f"samples/study/{name}"
+    return grids
+
+
 def render_headline(answer: Headline | None) -> str:
     if answer is None:
         return "<p>No completed runs: no answer yet.</p>"
@@ -507,13 +633,21 @@ def render_headline(answer: Headline | None) -> str:
     head = (
         "".join(f"<th>{esc(c)}</th>" for c in settings)
         + f"<th>{esc(answer.metric)} (mean ± sd)</th><th>runs</th>"
+        + "".join(f"<th>{esc(c)}</th>" for c in answer.extra)
     )
+
+    def with_spread(mean: float, sd: float) -> str:
+        if pd.isna(mean):
+            return "–"
+        return f"{mean:.4g}" + ("" if pd.isna(sd) else f" ± {sd:.3g}")
+
     rows = []
     for i, (_, r) in enumerate(answer.table.iterrows()):
         cells = "".join(f"<td>{esc(str(r[c]))}</td>" for c in settings)
-        spread = "" if pd.isna(r["std"]) else f" ± {r['std']:.3g}"
+        more = "".join(f"<td>{with_spread(m[i], sd[i])}</td>" for m, sd in answer.extra.values())
         rows.append(
-            f"<tr{' class=best' if i == 0 else ''}>{cells}<td>{r['mean']:.4g}{spread}</td><td>{int(r['count'])}</td></tr>"
+            f"<tr{' class=best' if i == 0 else ''}>{cells}<td>{with_spread(r['mean'], r['std'])}</td>"
+            f"<td>{int(r['count'])}</td>{more}</tr>"
         )
     top = answer.table.iloc[0]
     best_setting = ", ".join(f"{c}={top[c]}" for c in settings)
@@ -591,7 +725,31 @@ def render_similarity(sweep: Sweep) -> str:
     )
 
 
-def render_html(sweep: Sweep, plots: list[str], grids: dict[str, str], answer: Headline | None = None) -> str:
+def render_study(sweep: Sweep, out: Path) -> str:
+    """What an application study adds to its answer: the distributions (bias reduction), the pairs
+    (composition) and the samples its scores were read from."""
+    esc = html.escape
+    parts = []
+    distributions = plot_distributions(sweep, out)
+    if distributions:
+        parts.append(
+            "<h2>Distributions before and after</h2><p>Share of each value the judge reads; dotted: uniform.</p>"
+            f"<img src='{esc(distributions)}' alt='distributions of the bare prompt and the learned words'>"
+        )
+    parts.append(render_composition(sweep, out))
+    grids = copy_study_grids(sweep, out)
+    if grids:
+        figures = "".join(
+            f"<figure><img src='{esc(src)}' alt='study samples of {esc(label)}'><figcaption>{esc(label)}</figcaption></figure>"
+            for label, src in grids.items()
+        )
+        parts.append(f"<h2>The study's samples (after training, first seed of each setting)</h2>{figures}")
+    return "".join(parts)
+
+
+def render_html(
+    sweep: Sweep, plots: list[str], grids: dict[str, str], answer: Headline | None = None, study: str = ""
+) -> str:
     runs = sweep.runs
     counts = runs["status"].value_counts().to_dict() if "status" in runs else {}
     title = sweep.study.get("name") or sweep.root.name
@@ -649,6 +807,7 @@ window.addEventListener("load", () => {{
 <p>{len(runs)} runs{expected}: {status}. Folder: <code>{esc(str(sweep.root))}</code>.
 Swept: {esc(", ".join(sweep.axes) or "nothing")}. Table: <a href="runs.csv">runs.csv</a>.</p>
 <h2>Answer</h2>{render_headline(answer)}
+{study}
 <h2>What each method learned (DINO, CLIP-I, CLIP-T)</h2>{render_similarity(sweep)}
 <h2>Runs</h2><div class=wide><table><tr>{head}</tr>{"".join(body)}</table></div>
 <h2>Plots</h2>{plot_html or "<p>No completed runs to plot.</p>"}
