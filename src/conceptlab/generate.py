@@ -104,7 +104,7 @@ def labelled_grid(images: list, rows: list[str], cols: list[str]):
     from PIL import Image, ImageDraw
 
     width, height = images[0].size
-    left = 90 if any(rows) else 0
+    left = max(90, 6 * max(map(len, rows)) + 10) if any(rows) else 0  # the default font: ~6 px a letter
     top = 20
     grid = Image.new("RGB", (left + width * len(cols), top + height * len(rows)), "white")
     draw = ImageDraw.Draw(grid)

@@ -71,7 +71,7 @@ def normalized_entropy(values: list[str], classes: list[str]) -> float:
     shares = [p for p in Counter(values).values()]
     total = sum(shares)
     entropy = -sum(c / total * math.log(c / total) for c in shares)
-    return entropy / math.log(len(classes)) if len(classes) > 1 else 0.0
+    return max(0.0, entropy) / math.log(len(classes)) if len(classes) > 1 else 0.0  # not -0.0
 
 
 def distance_to_uniform(shares: dict[str, float], classes: list[str]) -> float:
@@ -145,7 +145,7 @@ class Study(pl.Callback):
         images = sample_images(
             backbone, texts, self.seeds, self.cfg.num_inference_steps, self.cfg.guidance_scale
         )
-        return images, texts, {}
+        return images, [row_label(p) for p in self.prompts], {}
 
     def scores(self, read: dict[str, list[str]], extra: dict[str, Any]) -> dict[str, float]:
         raise NotImplementedError
@@ -218,10 +218,17 @@ class Study(pl.Callback):
 
         pictures = to_pil((images + 1) / 2)
         cols = len(pictures) // len(rows)
-        grid = labelled_grid(pictures, [r[-14:] for r in rows], [f"{i}" for i in range(cols)])
+        grid = labelled_grid(pictures, rows, [str(i) for i in range(cols)])  # columns: seeds
         name = "before" if prefix.startswith("study_before") else "after"
         with atomic_path(Path(self.record.run_dir) / "study" / f"{self.name}_{name}.png") as tmp:
             grid.save(tmp, format="PNG")
+
+
+def row_label(prompt: str) -> str:
+    """A grid row's label: what the prompt names besides the concept ("large orange ring"), short."""
+    named = named_attributes(prompt)
+    words = [named[a] for a in ("size", "colour", "shape") if a in named]
+    return " ".join(words) or "learned word"
 
 
 @contextmanager
@@ -324,7 +331,7 @@ class BiasReduction(Study):
         with method.at_multiplier(0.0):  # the bare model (a placeholder word is simply not in its prompt)
             base = sample_images(backbone, [self.baseline], self.seeds, self.cfg.num_inference_steps,
                                  self.cfg.guidance_scale)  # fmt: skip
-        return torch.cat([base, images]), [self.baseline, *rows], {"baseline_count": len(base)}
+        return torch.cat([base, images]), ["bare prompt", *rows], {"baseline_count": len(base)}
 
     def scores(self, read, extra):
         n = extra["baseline_count"]
