@@ -1,0 +1,91 @@
+"""Do fewer DDIM steps change the judge's scores by more than sampling noise? (one benchmark run)
+
+    python train.py -m +experiment=text_guided                    # 9 runs: TI, hypernetwork, LoRA x 3 seeds
+    python scripts/bench_judge_steps.py outputs/multirun/<date>_<time>/*/ --steps 10 15
+
+For every run (its concept installed at full strength), the judge scores the concept set's own prompts
+at seeds 0..n-1 with the reference number of DDIM steps (25, the evaluation default), at seeds n..2n-1
+with the same steps (the sampling noise: another draw of the same evaluation) and at seeds 0..n-1 with
+each candidate number of steps. Prints JSON: per run and candidate the change of judge/concept and
+judge/prompt, and over all runs the mean absolute change beside the noise's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+
+def scores_for(run_dir: Path, step_counts: list[int], samples: int, reference: int, guidance: float) -> dict:
+    from conceptlab.backbone import load_backbone
+    from conceptlab.config import ModelConfig
+    from conceptlab.generate import apply_tags, load_concepts, resolve_prompt
+    from conceptlab.toyworld.checkpoint import load_judge
+    from conceptlab.toyworld.concepts import TOY_CONCEPTS
+    from conceptlab.toyworld.evaluate import sample_images, score
+
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    backbone = load_backbone(OmegaConf.merge(OmegaConf.structured(ModelConfig), config["model"]))
+    judge = load_judge(Path(backbone.path))
+    name = json.loads((run_dir / "summary.json").read_text())["concept"]
+    concept = TOY_CONCEPTS[name]
+    concepts = load_concepts([str(run_dir / "concepts")])
+    for c in concepts:
+        c.install(backbone)
+    word = " ".join(f"<{c.tag}:{c.name}:1>" for c in concepts if c.tag)
+    texts = []
+    for (
+        prompt
+    ) in concept.prompts:  # a placeholder word where TI learned one; the run's name plus its tag else
+        filled = prompt.replace("{}", concepts[0].name if not concepts[0].tag else name)
+        text, uses = resolve_prompt(f"{filled} {word}".strip(), concepts, backbone.tokenizer)
+        texts.append(text)
+    apply_tags(concepts, uses, None)
+
+    def judged(seeds: list[int], steps: int) -> dict[str, float]:
+        images = sample_images(backbone, texts, seeds, steps, guidance)
+        return score(judge, images, list(concept.prompts), dict(concept.truth)).metrics("")
+
+    first, second = list(range(samples)), list(range(samples, 2 * samples))
+    out = {"reference": judged(first, reference), "noise": judged(second, reference)}
+    for steps in step_counts:
+        out[f"steps_{steps}"] = judged(first, steps)
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders of the toy world (model=toy)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 15], help="candidate DDIM step counts")
+    parser.add_argument("--reference", type=int, default=25, help="the DDIM steps evaluations use now")
+    parser.add_argument("--samples", type=int, default=16, help="seeds per prompt (evaluate.num_samples)")
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    per_run = {}
+    for run in args.runs:
+        per_run[str(run)] = scores_for(run, args.steps, args.samples, args.reference, args.guidance)
+    summary = {}
+    for key in ("concept", "prompt"):
+        for what in ["noise", *(f"steps_{s}" for s in args.steps)]:
+            changes = [r[what][key] - r["reference"][key] for r in per_run.values() if key in r["reference"]]
+            summary[f"{key}/{what}"] = {
+                "mean_abs_change": round(sum(abs(c) for c in changes) / len(changes), 4),
+                "mean_change": round(sum(changes) / len(changes), 4),
+                "runs": len(changes),
+            }
+    report = {"reference_steps": args.reference, "samples": args.samples, "summary": summary, "runs": per_run}
+    print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
