@@ -1,4 +1,4 @@
-"""Do fewer DDIM steps change the judge's scores by more than sampling noise? (one benchmark run)
+"""Do fewer DDIM steps change the judge's scores (and CLIP-I) by more than sampling noise? (one benchmark run)
 
     python train.py -m +experiment=text_guided                    # 9 runs: TI, hypernetwork, LoRA x 3 seeds
     python scripts/bench_judge_steps.py outputs/multirun/<date>_<time>/*/ --steps 10 15
@@ -6,8 +6,10 @@
 For every run (its concept installed at full strength), the judge scores the concept set's own prompts
 at seeds 0..n-1 with the reference number of DDIM steps (25, the evaluation default), at seeds n..2n-1
 with the same steps (the sampling noise: another draw of the same evaluation) and at seeds 0..n-1 with
-each candidate number of steps. Prints JSON: per run and candidate the change of judge/concept and
-judge/prompt, and over all runs the mean absolute change beside the noise's.
+each candidate number of steps; the same images' CLIP-I against the concept's pictures with the toy
+world's CLIP (`--clip`, what `protocol=toy` metrics read). Prints JSON: per run and candidate the
+change of judge/concept, judge/prompt and clip_i, and over all runs the mean absolute change beside
+the noise's.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import yaml
 from omegaconf import OmegaConf
 
 
-def scores_for(run_dir: Path, step_counts: list[int], samples: int, reference: int, guidance: float) -> dict:
+def scores_for(
+    run_dir: Path, step_counts: list[int], samples: int, reference: int, guidance: float, encoders=None
+) -> dict:
     from conceptlab.backbone import load_backbone
     from conceptlab.config import ModelConfig
     from conceptlab.generate import apply_tags, load_concepts, resolve_prompt
@@ -47,9 +51,25 @@ def scores_for(run_dir: Path, step_counts: list[int], samples: int, reference: i
         texts.append(text)
     apply_tags(concepts, uses, None)
 
+    real = None
+    if encoders is not None:
+        from PIL import Image
+
+        from conceptlab.data import resolve_data_path
+
+        pictures = sorted(resolve_data_path(f"bundled:{name}").glob("*.png"))
+        real = encoders.image_features([Image.open(p).convert("RGB") for p in pictures])
+
     def judged(seeds: list[int], steps: int) -> dict[str, float]:
         images = sample_images(backbone, texts, seeds, steps, guidance)
-        return score(judge, images, list(concept.prompts), dict(concept.truth)).metrics("")
+        out = score(judge, images, list(concept.prompts), dict(concept.truth)).metrics("")
+        if real is not None:
+            from conceptlab.evaluate import to_pil
+            from conceptlab.metrics import score_images
+
+            values = score_images(encoders, to_pil((images + 1) / 2), real).values["clip_i"]
+            out["clip_i"] = sum(values) / len(values)
+        return out
 
     first, second = list(range(samples)), list(range(samples, 2 * samples))
     out = {"reference": judged(first, reference), "noise": judged(second, reference)}
@@ -65,19 +85,29 @@ def main(argv=None) -> dict:
     parser.add_argument("--reference", type=int, default=25, help="the DDIM steps evaluations use now")
     parser.add_argument("--samples", type=int, default=16, help="seeds per prompt (evaluate.num_samples)")
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--clip", default="pkg://conceptlab.toyworld/checkpoint/clip",
+                        help="CLIP model for clip_i (the toy world's); 'none' to skip")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    encoders = None
+    if args.clip != "none":
+        from conceptlab.metrics import Encoders
+
+        encoders = Encoders(clip=args.clip, dino=None)
     per_run = {}
     for run in args.runs:
-        per_run[str(run)] = scores_for(run, args.steps, args.samples, args.reference, args.guidance)
+        per_run[str(run)] = scores_for(run, args.steps, args.samples, args.reference, args.guidance, encoders)
     summary = {}
-    for key in ("concept", "prompt"):
+    for key in ("concept", "prompt", "clip_i"):
         for what in ["noise", *(f"steps_{s}" for s in args.steps)]:
             changes = [r[what][key] - r["reference"][key] for r in per_run.values() if key in r["reference"]]
+            if not changes:
+                continue
             summary[f"{key}/{what}"] = {
                 "mean_abs_change": round(sum(abs(c) for c in changes) / len(changes), 4),
                 "mean_change": round(sum(changes) / len(changes), 4),
+                "largest_change": round(max(abs(c) for c in changes), 4),
                 "runs": len(changes),
             }
     report = {"reference_steps": args.reference, "samples": args.samples, "summary": summary, "runs": per_run}
