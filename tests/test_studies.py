@@ -182,3 +182,28 @@ def test_a_word_learned_from_the_balanced_set_draws_closer_to_uniform_than_the_b
     assert metrics["study/base_tv"] > 0.2  # the bare model's skew: mostly large, many stars
     assert metrics["study/tv"] < metrics["study/base_tv"]
     assert metrics["study/tv_shape"] < metrics["study/base_tv_shape"]
+
+
+@pytest.mark.slow
+def test_a_study_read_from_the_cache_still_leaves_its_grids(tmp_path, monkeypatch):
+    """The same run again (same seed, same starting word): every study score and grid is read from the
+    evaluation cache - nothing is sampled - and the run folder still gets its grids."""
+    import conceptlab.toyworld.studies as studies
+
+    args = ["+experiment=text_guided", "model=toy", "method=ti", "trainer.max_steps=2",
+            "evaluate.every_n_steps=0", "evaluators.study.num_samples=2", "samples.every_n_steps=0"]  # fmt: skip
+    run_train(tmp_path / "first", *args)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the study sampled although its scores were cached")
+
+    monkeypatch.setattr(studies, "sample_images", no_sampling)
+    run_train(tmp_path / "second", *args)
+    first, second = read_summary(tmp_path / "first")["metrics"], read_summary(tmp_path / "second")["metrics"]
+    assert {k: v for k, v in first.items() if k.startswith("study")} == {
+        k: v for k, v in second.items() if k.startswith("study")
+    }
+    for name in ("text_guided_before.png", "text_guided_after.png"):
+        assert (tmp_path / "second" / "study" / name).read_bytes() == (
+            tmp_path / "first" / "study" / name
+        ).read_bytes()

@@ -197,10 +197,18 @@ class Study(pl.Callback):
             if found is None:
                 images, rows, extra = self.samples(module.backbone, module.method)
                 found = self.scores(self.judge.read(images), {**extra, "images": images})
+                grid = self.grid(images, rows)
                 if self.cache is not None:
                     self.cache.put(key, found, about={"study": self.name, "step": step})
-                if self.record is not None:
-                    self.save_grid(images, rows, prefix, step)
+                    self.cache.put_bytes(key, ".png", grid)
+            else:  # the samples' grid was kept with the scores
+                grid = self.cache.get_bytes(key, ".png")
+        if self.record is not None and grid is not None:
+            from ..atomic import atomic_path
+
+            name = "before" if prefix.startswith("study_before") else "after"
+            with atomic_path(Path(self.record.run_dir) / "study" / f"{self.name}_{name}.png") as tmp:
+                tmp.write_bytes(grid)
         metrics = {f"{prefix}{k}": v for k, v in found.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -211,17 +219,19 @@ class Study(pl.Callback):
         """Everything that defines the study's samples (the cache key)."""
         return {"prompts": self.prompts, "seeds": self.seeds, "truth": self.truth}
 
-    def save_grid(self, images: torch.Tensor, rows: list[str], prefix: str, step: int) -> None:
-        from ..atomic import atomic_path
+    @staticmethod
+    def grid(images: torch.Tensor, rows: list[str]) -> bytes:
+        """The samples as a labelled PNG grid (rows: `rows`, columns: seeds)."""
+        import io
+
         from ..evaluate import to_pil
         from ..generate import labelled_grid
 
         pictures = to_pil((images + 1) / 2)
         cols = len(pictures) // len(rows)
-        grid = labelled_grid(pictures, rows, [str(i) for i in range(cols)])  # columns: seeds
-        name = "before" if prefix.startswith("study_before") else "after"
-        with atomic_path(Path(self.record.run_dir) / "study" / f"{self.name}_{name}.png") as tmp:
-            grid.save(tmp, format="PNG")
+        buffer = io.BytesIO()
+        labelled_grid(pictures, rows, [str(i) for i in range(cols)]).save(buffer, format="PNG")
+        return buffer.getvalue()
 
 
 def row_label(prompt: str) -> str:
