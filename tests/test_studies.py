@@ -207,3 +207,38 @@ def test_a_study_read_from_the_cache_still_leaves_its_grids(tmp_path, monkeypatc
         assert (tmp_path / "second" / "study" / name).read_bytes() == (
             tmp_path / "first" / "study" / name
         ).read_bytes()
+
+
+def test_the_report_shows_a_studys_columns_and_its_distributions(tmp_path):
+    """The answer table carries `study.columns` (mean ± sd per setting, in the table's order); a bias
+    study gets its before/after distributions plotted, a value one run never drew counting as 0."""
+    import pandas as pd
+
+    from conceptlab.report import Sweep, headline, write_report
+
+    def run(i, method, tv, base_small, small, other=None):
+        row = {"run_dir": str(i), "status": "completed", "method": method, "seed": i % 2, "concept": "toy_balanced",
+               "study/tv": tv, "study/base_tv": 0.26, "study/base_dist_size_small": base_small,
+               "study/base_dist_size_large": 1 - base_small, "study/dist_size_small": small,
+               "study/dist_size_large": 1 - small}  # fmt: skip
+        if other is not None:
+            row["study/dist_size_other"] = other
+        return row
+
+    rows = [run(0, "ti", 0.2, 0.25, 0.4), run(1, "ti", 0.1, 0.25, 0.5, other=0.0),
+            run(2, "hypernet", 0.3, 0.25, 0.3), run(3, "hypernet", 0.3, 0.25, 0.3)]  # fmt: skip
+    study = {
+        "name": "bias_reduction",
+        "metric": "study/tv",
+        "goal": "min",
+        "columns": ["study/base_tv", "nope"],
+    }
+    sweep = Sweep(root=tmp_path, runs=pd.DataFrame(rows), axes=["method", "seed"], study=study)
+    answer = headline(sweep)
+    assert list(answer.table["method"]) == ["ti", "hypernet"]  # lower is better
+    assert list(answer.extra) == ["study/base_tv"]  # a column the runs lack is left out
+    assert answer.extra["study/base_tv"][0] == pytest.approx([0.26, 0.26])
+    page = write_report(sweep, tmp_path / "report").read_text()
+    assert "<th>study/base_tv</th>" in page and "0.26 ± 0" in page
+    assert "plots/study_distributions.png" in page
+    assert (tmp_path / "report" / "plots" / "study_distributions.png").stat().st_size > 1000

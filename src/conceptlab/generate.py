@@ -1,6 +1,7 @@
 """Generate images with any mix of learned concepts, of any method: concept files or run directories;
 words like `<my-cat>` (weighted: `(<my-cat>:1.3)`) and tags like `<hypernet:name:0.7>` /
-`<lora:name:0.8>` in the prompt, as in AUTOMATIC1111. Each concept installs itself (methods.base.Concept); nothing here knows a method."""
+`<lora:name:0.8>` in the prompt, as in AUTOMATIC1111. Each concept installs itself
+(methods.base.Concept); nothing here knows a method."""
 
 from __future__ import annotations
 

@@ -528,9 +528,11 @@ def plot_distributions(sweep: Sweep, out: Path) -> str | None:
             for c in columns
             if c.startswith(f"study/dist_{attribute}_")
         ]
-        bars = {"bare prompt": done[[f"study/base_dist_{attribute}_{v}" for v in values]].fillna(0).mean()}
+        # A value some runs never drew (`other`) has no column in theirs: a share of 0.
+        bars = {"bare prompt": done.reindex(columns=[f"study/base_dist_{attribute}_{v}" for v in values])}
         for method, group in done.groupby("method"):
-            bars[str(method)] = group[[f"study/dist_{attribute}_{v}" for v in values]].fillna(0).mean()
+            bars[str(method)] = group.reindex(columns=[f"study/dist_{attribute}_{v}" for v in values])
+        bars = {label: table.fillna(0).mean() for label, table in bars.items()}
         width = 0.8 / len(bars)
         for i, (label, shares) in enumerate(bars.items()):
             ax.bar(
