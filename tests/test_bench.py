@@ -25,3 +25,34 @@ def test_bench_step_reports_both_steps(tiny_dir, capsys):
         report["conceptlab"]["steps_per_s"] / hypernet["steps_per_s"], rel=1e-2
     )
     assert '"speedup"' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_judge_steps_compares_fewer_steps_with_sampling_noise(tmp_path):
+    """scripts/bench_judge_steps.py on a short toy-world run: per run the reference, the noise draw and
+    each candidate are scored; the summary's changes are those of the runs."""
+    from conftest import FAST, compose, read_summary, run_train
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "run"
+    args = [
+        "model=toy",
+        "method=ti",
+        "trainer.max_steps=2",
+        "evaluate.every_n_steps=0",
+        "samples.every_n_steps=0",
+    ]
+    run_train(run_dir, *args)
+    assert read_summary(run_dir)["status"] == "completed"
+    # What train.py's Hydra leaves beside the run (run_train runs it in-process): the composed config.
+    (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(compose([*FAST, *args])))
+    spec = importlib.util.spec_from_file_location("bench_judge", ROOT / "scripts" / "bench_judge_steps.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main([str(run_dir), "--steps", "2", "--reference", "3", "--samples", "2"])
+    (run,) = report["runs"].values()
+    assert set(run) == {"reference", "noise", "steps_2"}
+    for key in ("concept", "prompt", "clip_i"):
+        change = run["steps_2"][key] - run["reference"][key]
+        assert report["summary"][f"{key}/steps_2"]["mean_change"] == pytest.approx(change, abs=1e-4)
+        assert report["summary"][f"{key}/noise"]["runs"] == 1
