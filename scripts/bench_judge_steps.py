@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -89,6 +90,8 @@ def main(argv=None) -> dict:
                         help="CLIP model for clip_i (the toy world's); 'none' to skip")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
+    from conceptlab.errors import ConceptLabError, error_line
+
     torch.manual_seed(0)
     encoders = None
     if args.clip != "none":
@@ -97,7 +100,21 @@ def main(argv=None) -> dict:
         encoders = Encoders(clip=args.clip, dino=None)
     per_run = {}
     for run in args.runs:
-        per_run[str(run)] = scores_for(run, args.steps, args.samples, args.reference, args.guidance, encoders)
+        if not ((run / "summary.json").is_file() and (run / ".hydra" / "config.yaml").is_file()):
+            print(
+                f"skipped {run}: not a run folder (no summary.json and .hydra/config.yaml)", file=sys.stderr
+            )
+            continue
+        try:
+            per_run[str(run)] = scores_for(
+                run, args.steps, args.samples, args.reference, args.guidance, encoders
+            )
+        except (ConceptLabError, KeyError) as err:  # another model's run, a concept set without a truth
+            print(f"skipped {run}: {error_line(err)}", file=sys.stderr)
+    if not per_run:
+        raise SystemExit(
+            "no run folders among the arguments: pass the runs of a toy-world sweep (<sweep>/*/)"
+        )
     summary = {}
     for key in ("concept", "prompt", "clip_i"):
         for what in ["noise", *(f"steps_{s}" for s in args.steps)]:
