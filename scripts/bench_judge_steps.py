@@ -20,36 +20,29 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
-from omegaconf import OmegaConf
 
 
 def scores_for(
     run_dir: Path, step_counts: list[int], samples: int, reference: int, guidance: float, encoders=None
 ) -> dict:
     from conceptlab.backbone import load_backbone
-    from conceptlab.config import ModelConfig
-    from conceptlab.generate import apply_tags, load_concepts, resolve_prompt
+    from conceptlab.evaluate import run_config
+    from conceptlab.generate import apply_tags, load_concepts, resolve_prompt, tag_text
     from conceptlab.toyworld.checkpoint import load_judge
     from conceptlab.toyworld.concepts import TOY_CONCEPTS
     from conceptlab.toyworld.evaluate import sample_images, score
 
-    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
-    backbone = load_backbone(OmegaConf.merge(OmegaConf.structured(ModelConfig), config["model"]))
+    backbone = load_backbone(run_config(run_dir).model)
     judge = load_judge(Path(backbone.path))
     name = json.loads((run_dir / "summary.json").read_text())["concept"]
     concept = TOY_CONCEPTS[name]
     concepts = load_concepts([str(run_dir / "concepts")])
     for c in concepts:
         c.install(backbone)
-    word = " ".join(f"<{c.tag}:{c.name}:1>" for c in concepts if c.tag)
-    texts = []
-    for (
-        prompt
-    ) in concept.prompts:  # a placeholder word where TI learned one; the run's name plus its tag else
-        filled = prompt.replace("{}", concepts[0].name if not concepts[0].tag else name)
-        text, uses = resolve_prompt(f"{filled} {word}".strip(), concepts, backbone.tokenizer)
-        texts.append(text)
+    # A placeholder word where TI learned one; the name a tagged method trained with, and its tag, else.
+    filled = [f"{p.replace('{}', concepts[0].name)} {tag_text(concepts)}".strip() for p in concept.prompts]
+    resolved = [resolve_prompt(p, concepts, backbone.tokenizer) for p in filled]
+    texts, uses = [t for t, _ in resolved], resolved[0][1]
     apply_tags(concepts, uses, None)
 
     real = None

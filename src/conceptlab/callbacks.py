@@ -127,12 +127,8 @@ class SampleGrid(pl.Callback):
         if step == self.last_step or not trainer.is_global_zero:
             return
         self.last_step = step
-        was_training = module.method.training
-        module.method.eval()  # no dropout in samples; hypernetworks use their inference multiplier
-        try:
+        with module.method.inference():  # no dropout in samples; hypernetworks at their inference multiplier
             png = self.cached_grid(module)
-        finally:
-            module.method.train(was_training)
         path = self.folder / f"step_{step:06d}.png"
         with atomic_path(path) as tmp:
             tmp.write_bytes(png)

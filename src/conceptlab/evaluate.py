@@ -187,16 +187,11 @@ class MetricEvaluation(pl.Callback):
                 from .metrics import Encoders
 
                 self.scorer = Scorer(Encoders(*self.encoder_names, device=module.device), self.real_images)
-            was_training = method.training
-            method.eval()
-            try:
-                with method.at_multiplier(1.0):
-                    pixels = backbone.sample(
-                        [p.text for p in prompts for _ in seeds], [s for _ in prompts for s in seeds],
-                        self.protocol.num_inference_steps, self.protocol.guidance_scale, progress=f"metrics at step {step}",
-                    )  # fmt: skip
-            finally:
-                method.train(was_training)
+            with method.inference(1.0):
+                pixels = backbone.sample(
+                    [p.text for p in prompts for _ in seeds], [s for _ in prompts for s in seeds],
+                    self.protocol.num_inference_steps, self.protocol.guidance_scale, progress=f"metrics at step {step}",
+                )  # fmt: skip
             images = to_pil(pixels)
             metrics = self.scorer.score(prompts, images, len(seeds))["flat"]
             log_image_table(trainer, step, [(p.text, s) for p in prompts for s in seeds], images)
@@ -320,7 +315,7 @@ def evaluate_concepts(
 
     from .backbone import load_backbone, resolve_dtype
     from .data import concept_class
-    from .generate import apply_tags, labelled_grid, load_concepts, resolve_prompt
+    from .generate import apply_tags, labelled_grid, load_concepts, resolve_prompt, tag_text
 
     class_word, kind = concept_class(data_cfg)
     scorer = _scorer(encoders, data_cfg)
@@ -336,7 +331,7 @@ def evaluate_concepts(
     seeds = [protocol.seed + k for k in range(protocol.images_per_prompt)]
     results: dict[str, Any] = {}
     for multiplier in multipliers:
-        tags = " ".join(f"<{c.tag}:{c.name}:{multiplier:g}>" for c in tagged)
+        tags = tag_text(tagged, multiplier)
         prompts = build_prompts(getattr(protocol, kind), words, class_word, tags)
         folder = out_dir / "images" / multiplier_key(multiplier)
         images = []
@@ -407,15 +402,20 @@ def explicit(prefix: str) -> bool:
     return any(re.match(rf"^\+*{re.escape(prefix)}[.=]", o) for o in overrides)
 
 
+def run_config(run_dir: Path):
+    """The config train.py composed for a run (its .hydra/config.yaml)."""
+    from omegaconf import OmegaConf
+
+    saved = Path(run_dir) / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"{run_dir}: no .hydra/config.yaml there; give a run directory train.py made")
+    return OmegaConf.load(saved)
+
+
 def evaluate_run(run_dir: Path, cfg) -> dict[str, Any]:
     """The protocol on one training run: its model, images and class from its config; encoders and
     protocol from its config too unless the command line names them."""
-    from omegaconf import OmegaConf
-
-    saved_path = run_dir / ".hydra" / "config.yaml"
-    if not saved_path.is_file():
-        raise ConfigError(f"run={run_dir}: no .hydra/config.yaml there; give a run directory train.py made")
-    saved = OmegaConf.load(saved_path)
+    saved = run_config(run_dir)
     pick = {
         name: (cfg[name] if explicit(name) or name not in saved else saved[name])
         for name in ("encoders", "protocol")

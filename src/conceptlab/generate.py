@@ -100,6 +100,11 @@ def apply_tags(concepts: list[Concept], uses: list[TagUse], multiplier: float | 
         concept.activate(use.multiplier if multiplier is None else multiplier)
 
 
+def tag_text(concepts: list[Concept], multiplier: float = 1.0) -> str:
+    """The prompt tags that switch every tagged concept on at `multiplier` (`<hypernet:ink:1>`)."""
+    return " ".join(f"<{c.tag}:{c.name}:{multiplier:g}>" for c in concepts if c.tag)
+
+
 def labelled_grid(images: list, rows: list[str], cols: list[str]):
     """A grid of equally sized images with a label above each column and left of each row."""
     from PIL import Image, ImageDraw

@@ -95,6 +95,14 @@ class RunSummary:
     wall_time_s: float | None = None
 
 
+def publish(trainer: pl.Trainer, record: RunRecord | None, step: int, metrics: dict[str, float]) -> None:
+    """An evaluator's metrics at `step`: to every logger (metrics.csv, W&B) and to the run record."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+    if record is not None:
+        record.report(trainer, metrics={"step": step, **metrics})
+
+
 class RunRecord(pl.Callback):
     """Accumulates the RunSummary and rewrites summary.json whole each time it is written."""
 

@@ -80,6 +80,21 @@ class Method(nn.Module, ABC):
         """Apply the method at this inference strength for the duration (a no-op without one)."""
         yield
 
+    @contextmanager
+    def inference(self, multiplier: float | None = None) -> Iterator[None]:
+        """Sample with the method as generation would (eval mode: no dropout; at `multiplier`, or its own
+        inference strength when None), then back as it was: what every sampling during training does."""
+        was_training = self.training
+        self.eval()
+        try:
+            if multiplier is None:
+                yield
+            else:
+                with self.at_multiplier(multiplier):
+                    yield
+        finally:
+            self.train(was_training)
+
     def usage(self, prompt: str) -> str:
         """`prompt` ({} = the concept) as generation writes it with this method's concept file."""
         text = prompt.replace("{}", self.prompt_text)

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ConfigError
 from ..evalcache import EvaluationCache, backbone_identity, default_cache_dir, method_state
+from ..records import publish
 from .concepts import TOY_CONCEPTS, toy_concept_of
 from .judge import Judge
 from .world import ATTRIBUTES, BACKGROUNDS, COLOURS, NAMED_SHAPES, NAMED_STYLES, SIZES
@@ -134,34 +135,29 @@ def evaluate_concept(
     seeds = list(range(cfg.num_samples))
     multipliers = list(cfg.multipliers) if method.has_multiplier and all_multipliers else [1.0]
     metrics: dict[str, float] = {}
-    was_training = method.training
-    method.eval()
-    try:
-        for multiplier in multipliers:
-            prefix = "judge/" if multiplier == 1.0 else f"judge_m{multiplier:g}/"
-            key = None
-            if cache is not None:
-                # Everything the scores depend on; the bare model's texts are its words without the method.
-                key = cache.key(
-                    kind="toy-judge", backbone=backbone_identity(backbone), judge=judge.digest,
-                    state=method_state(method, multiplier), prompts=prompts, truth=truth, texts=texts,
-                    seeds=seeds, steps=cfg.num_inference_steps, guidance=cfg.guidance_scale, sampler="DDIM",
-                )  # fmt: skip
-                found = cache.get(key)
-                if found is not None:
-                    metrics.update({f"{prefix}{k}": v for k, v in found.items()})
-                    continue
-            with method.at_multiplier(multiplier):
-                images = sample_images(
-                    backbone, texts, seeds, cfg.num_inference_steps, cfg.guidance_scale,
-                    progress=f"{progress} (x{multiplier:g})" if progress else None,
-                )  # fmt: skip
-            scores = score(judge, images, prompts, truth).metrics("")
-            if cache is not None:
-                cache.put(key, scores, about={"texts": texts, "multiplier": multiplier})
-            metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
-    finally:
-        method.train(was_training)
+    for multiplier in multipliers:
+        prefix = "judge/" if multiplier == 1.0 else f"judge_m{multiplier:g}/"
+        key = None
+        if cache is not None:
+            # Everything the scores depend on; the bare model's texts are its words without the method.
+            key = cache.key(
+                kind="toy-judge", backbone=backbone_identity(backbone), judge=judge.digest,
+                state=method_state(method, multiplier), prompts=prompts, truth=truth, texts=texts,
+                seeds=seeds, steps=cfg.num_inference_steps, guidance=cfg.guidance_scale, sampler="DDIM",
+            )  # fmt: skip
+            found = cache.get(key)
+            if found is not None:
+                metrics.update({f"{prefix}{k}": v for k, v in found.items()})
+                continue
+        with method.inference(multiplier):
+            images = sample_images(
+                backbone, texts, seeds, cfg.num_inference_steps, cfg.guidance_scale,
+                progress=f"{progress} (x{multiplier:g})" if progress else None,
+            )  # fmt: skip
+        scores = score(judge, images, prompts, truth).metrics("")
+        if cache is not None:
+            cache.put(key, scores, about={"texts": texts, "multiplier": multiplier})
+        metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
     return metrics
 
 
@@ -227,7 +223,4 @@ class JudgeEvaluation(pl.Callback):
             module.backbone, module.method, self.judge, list(self.concept.prompts), dict(self.concept.truth),
             self.cfg, all_multipliers=full, progress=f"judging step {step}", cache=self.cache,
         )  # fmt: skip
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        if self.record is not None:
-            self.record.report(trainer, metrics={"step": step, **metrics})
+        publish(trainer, self.record, step, metrics)

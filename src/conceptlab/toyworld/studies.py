@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 
 from ..errors import BackboneError, ConfigError
 from ..evalcache import EvaluationCache, backbone_identity, default_cache_dir, method_state
+from ..records import publish
 from .concepts import TOY_CONCEPTS, toy_concept_of
 from .evaluate import named_attributes, sample_images
 from .world import ATTRIBUTES, Scene, render
@@ -184,7 +184,7 @@ class Study(pl.Callback):
             return
         step = trainer.global_step
         self.judge.to(module.device)
-        with applied(module.method):
+        with module.method.inference(1.0):
             found = None
             if self.cache is not None:
                 key = self.cache.key(
@@ -209,11 +209,7 @@ class Study(pl.Callback):
             name = "before" if prefix.startswith("study_before") else "after"
             with atomic_path(Path(self.record.run_dir) / "study" / f"{self.name}_{name}.png") as tmp:
                 tmp.write_bytes(grid)
-        metrics = {f"{prefix}{k}": v for k, v in found.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        if self.record is not None:
-            self.record.report(trainer, metrics={"step": step, **metrics})
+        publish(trainer, self.record, step, {f"{prefix}{k}": v for k, v in found.items()})
 
     def describe(self) -> dict[str, Any]:
         """Everything that defines the study's samples (the cache key)."""
@@ -239,18 +235,6 @@ def row_label(prompt: str) -> str:
     named = named_attributes(prompt)
     words = [named[a] for a in ("size", "colour", "shape") if a in named]
     return " ".join(words) or "learned word"
-
-
-@contextmanager
-def applied(method):
-    """The method at full strength, in eval mode, for the duration."""
-    was_training = method.training
-    method.eval()
-    try:
-        with method.at_multiplier(1.0):
-            yield
-    finally:
-        method.train(was_training)
 
 
 class StyleTransfer(Study):
@@ -449,14 +433,10 @@ def compose_sweep(sweep_dir: Path, pairs: list[dict[str, Any]], settings) -> Pat
     settings.num_samples-1, its DDIM steps and guidance) and read by the judge; writes
     <sweep>/composition/composition.json (one row per pair of runs) and a grid per pair.
     The composition study's `study.at_end`."""
-    import yaml
-    from omegaconf import OmegaConf
-
     from ..atomic import atomic_path, write_json
     from ..backbone import load_backbone
-    from ..config import ModelConfig
-    from ..evaluate import to_pil
-    from ..generate import apply_tags, labelled_grid, load_concepts, resolve_prompt
+    from ..evaluate import run_config, to_pil
+    from ..generate import apply_tags, labelled_grid, load_concepts, resolve_prompt, tag_text
     from ..report import collect
     from .checkpoint import load_judge
 
@@ -478,18 +458,15 @@ def compose_sweep(sweep_dir: Path, pairs: list[dict[str, Any]], settings) -> Pat
         for _, a in runs[runs["concept"] == first].iterrows():
             for _, b in runs[(runs["concept"] == second) & (runs["seed"] == a["seed"])].iterrows():
                 run_a, run_b = Path(sweep_dir) / a["run_dir"], Path(sweep_dir) / b["run_dir"]
-                config = yaml.safe_load((run_a / ".hydra" / "config.yaml").read_text())
-                model = OmegaConf.merge(OmegaConf.structured(ModelConfig), config["model"])
-                backbone = load_backbone(model)  # a fresh one per pair: each installs its own two concepts
+                # A fresh backbone per pair: each installs its own two concepts.
+                backbone = load_backbone(run_config(run_a).model)
                 judge = judge or load_judge(Path(backbone.path))
                 concepts = load_concepts([str(run_a / "concepts"), str(run_b / "concepts")])
                 for concept in concepts:
                     concept.install(backbone)
-                words = {}
-                for key, concept in (("first", concepts[0]), ("second", concepts[1])):
-                    words[key] = concept.name  # a placeholder word, or the name a tagged method trained with
-                tags = " ".join(f"<{c.tag}:{c.name}:1>" for c in concepts if c.tag)
-                prompt = f"{template.format(**words)} {tags}".strip()
+                # A placeholder word, or the name a tagged method trained with (and its tag).
+                words = template.format(first=concepts[0].name, second=concepts[1].name)
+                prompt = f"{words} {tag_text(concepts)}".strip()
                 text, uses = resolve_prompt(prompt, concepts, backbone.tokenizer)
                 apply_tags(concepts, uses, None)
                 images = sample_images(backbone, [text], seeds, steps, guidance)
