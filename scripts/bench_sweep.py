@@ -22,6 +22,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument(
+        "--launcher", choices=["local", "packed", "both"], default="local",
+        help="hydra/launcher: local (Hydra's, one job after another), packed (conceptlab's), or both (the ratio)",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-sweep-s", type=float, default=None, help="exit non-zero above this (target: 300)"
     )
     parser.add_argument(

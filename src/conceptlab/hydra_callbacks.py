@@ -123,28 +123,36 @@ class SweepSummary(Callback):
     jobs (status and the study's metric) and the report command.
 
     The local launcher runs the jobs in this process: the table follows the last job, so a sweep with
-    a failed job (which Hydra then reports as an error) shows it too. Other launchers (SLURM) wait for
-    their jobs and end the sweep here.
+    a failed job (which Hydra then reports as an error) shows it too. The packed launcher ends its sweep
+    itself (end_sweep). Other launchers (SLURM) wait for their jobs and end the sweep here.
     """
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.types import RunMode
 
-        if config.hydra.mode != RunMode.MULTIRUN or "BasicLauncher" not in str(
-            config.hydra.launcher._target_
-        ):
+        if config.hydra.mode != RunMode.MULTIRUN or launcher_kind(config) != "local":
             return
         from .report import expected_job_count
 
         sweep_dir = Path(config.hydra.sweep.dir)
         if config.hydra.job.num + 1 >= (expected_job_count(sweep_dir) or 0):
-            finish_study(config, sweep_dir)
-            print_sweep_table(sweep_dir)
+            end_sweep(config, sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if "BasicLauncher" not in str(config.hydra.launcher.get("_target_", "")):
-            finish_study(config, Path(config.hydra.sweep.dir))
-            print_sweep_table(Path(config.hydra.sweep.dir))
+        if launcher_kind(config) == "other":
+            end_sweep(config, Path(config.hydra.sweep.dir))
+
+
+def launcher_kind(config: DictConfig) -> str:
+    """local (Hydra's basic launcher), packed (conceptlab's: it ends its sweep itself), or other."""
+    target = str(config.hydra.launcher.get("_target_", ""))
+    return "local" if "BasicLauncher" in target else "packed" if "PackedLauncher" in target else "other"
+
+
+def end_sweep(config: DictConfig, sweep_dir: Path) -> None:
+    """The study's sweep-wide step, then the table of the sweep's jobs."""
+    finish_study(config, sweep_dir)
+    print_sweep_table(sweep_dir)
 
 
 def finish_study(config: DictConfig, sweep_dir: Path) -> None:

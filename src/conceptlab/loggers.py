@@ -85,6 +85,9 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
             mode=mode,
             config=flatten(config),
             settings=wandb.Settings(init_timeout=cfg.init_timeout, silent=True),
+            # A run of its own, never the process's current one: the jobs of a packed sweep run side by
+            # side in one process, each with its W&B run (finished by train.finish_wandb).
+            reinit="create_new",
         )
         # Lightning always passes W&B's deprecated `anonymous` setting (None), which makes W&B warn on
         # every run; the setting does nothing, so it is not passed (console.py lists what is hidden).

@@ -7,7 +7,9 @@ embedding), never the frozen weights, which come from the model's own folder.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -18,6 +20,48 @@ from .config import OptimConfig
 from .errors import TrainingError
 from .methods.base import Method
 from .schedules import rate_at
+
+if TYPE_CHECKING:
+    from .packing import Member
+
+Route = Callable[[list[int], list[int]], AbstractContextManager]
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def diffusion_losses(
+    backbone: Backbone, batches: list[dict[str, torch.Tensor]], route: Route | None = None
+) -> list[torch.Tensor]:
+    """The latent-diffusion loss of each batch, all of them in one text-encoder pass (for batches without
+    cached contexts) and one UNet pass. `route(which, sizes)`, entered around each pass, is told which
+    batches it holds and their sizes (a packed sweep sends each job's rows through its own modules)."""
+    route = route or (lambda which, sizes: nullcontext())
+    contexts = [batch.get("context") for batch in batches]
+    # Methods that leave the text encoding alone get contexts cached by the data module.
+    to_encode = [k for k, batch in enumerate(batches) if "context" not in batch]
+    if to_encode:
+        ids = [batches[k]["input_ids"] for k in to_encode]
+        sizes = [i.shape[0] for i in ids]
+        with route(to_encode, sizes):
+            encoded = backbone.encode_text(_joined(ids))
+        for k, context in zip(to_encode, encoded.split(sizes)):
+            contexts[k] = context
+    latents, noise, timesteps = (
+        _joined([batch[key] for batch in batches]) for key in ("latents", "noise", "timesteps")
+    )
+    sizes = [batch["latents"].shape[0] for batch in batches]
+    scheduler, unet = backbone.scheduler, backbone.unet
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    context = _joined([c.to(unet.dtype) for c in contexts])
+    with route(list(range(len(batches))), sizes):
+        prediction = unet(noisy.to(unet.dtype), timesteps, context).sample
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return [F.mse_loss(p.float(), t.float()) for p, t in zip(prediction.split(sizes), target.split(sizes))]
 
 
 class ConceptModule(pl.LightningModule):
@@ -34,6 +78,7 @@ class ConceptModule(pl.LightningModule):
         self.run_info = run_info or {}
         # Checkpoints hold what trains only; the frozen backbone comes from its own folder.
         self.strict_loading = False
+        self.pack_member: Member | None = None  # set by the pack in a packed sweep (packing.Member.bind)
         self._resume_rng: dict[str, Any] | None = None  # a checkpoint's random state, until the first step
         self._first_bad_step: torch.Tensor | None = (
             None  # on the device: the first step whose loss was not finite
@@ -45,18 +90,10 @@ class ConceptModule(pl.LightningModule):
         return trainable | set(self.method.state_dict(prefix="method."))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
-        scheduler = self.backbone.scheduler
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        # Methods that leave the text encoding alone get contexts cached by the data module.
-        context = batch["context"] if "context" in batch else self.backbone.encode_text(batch["input_ids"])
-        unet = self.backbone.unet
-        prediction = unet(noisy.to(unet.dtype), timesteps, context.to(unet.dtype)).sample
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
+        if self.pack_member is not None:  # a packed sweep: one pass for every job of the pack
+            loss = self.pack_member.loss(batch)
         else:
-            target = noise
-        loss = F.mse_loss(prediction.float(), target.float())
+            loss = diffusion_losses(self.backbone, [batch])[0]
         # No host sync in the step: a non-finite loss marks a device flag (the first such step), which
         # is read at logging points, before any checkpoint and before the concept is exported.
         bad = ~torch.isfinite(loss.detach())
@@ -64,8 +101,21 @@ class ConceptModule(pl.LightningModule):
             self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
         unseen = self._first_bad_step < 0
         self._first_bad_step = torch.where(bad & unseen, self.global_step, self._first_bad_step)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=latents.shape[0])
+        self.log(
+            "train/loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+            batch_size=batch["latents"].shape[0],
+        )
         return loss
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        if self.pack_member is not None:
+            self.pack_member.backward(loss)  # one backward for the pack, once every job has its loss
+        else:
+            super().backward(loss, *args, **kwargs)
 
     def configure_optimizers(self):
         from diffusers.optimization import get_scheduler

@@ -56,12 +56,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
     from pytorch_lightning.utilities import rank_zero_only
 
+    from .packing import job_log
     from .runfolder import remove_stray_temporaries, run_folder_lock
 
     if rank_zero_only.rank != 0:  # DDP ranks started by re-running the command: rank zero holds the folder
         return run_in_folder(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with run_folder_lock(run_dir):
+    with run_folder_lock(run_dir), job_log(run_dir, HydraConfig.get().job.name):
         remove_stray_temporaries(run_dir)
         return run_in_folder(cfg)
 
@@ -76,8 +77,6 @@ def run_in_folder(cfg: DictConfig) -> dict[str, Any]:
         fit(cfg, record)
     except BaseException as err:
         record.finish("interrupted" if isinstance(err, KeyboardInterrupt | SystemExit) else "failed", err)
-        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-            sys.modules["wandb"].finish(exit_code=1)  # the next job of a sweep gets a run of its own
         if record.summary.sweep_dir and rank_zero_only.rank == 0:
             say(job_line(record))
         raise
@@ -143,9 +142,9 @@ def fit(cfg: DictConfig, record: RunRecord) -> None:
     """The run, part by part: checks, data, backbone, method, trainer, training, the record."""
     import pytorch_lightning as pl
 
-    from .backbone import load_backbone
     from .console import say
     from .data import ConceptDataModule, read_concept_images
+    from .packing import job_backbone
 
     run_dir, concept = record.run_dir, record.summary.concept
     check_settings(cfg, concept)
@@ -154,7 +153,7 @@ def fit(cfg: DictConfig, record: RunRecord) -> None:
     # Cheap checks first: a bad image folder or evaluator setting fails before any model loads.
     evaluators = make_evaluators(cfg, record)
     images = read_concept_images(cfg.data)
-    backbone = load_backbone(cfg.model)
+    backbone = job_backbone(cfg.model)  # in a packed sweep: this job's copy of the pack's
     method = make_method(cfg, concept, backbone)
     resolution = cfg.data.resolution or backbone.native_resolution
     data = ConceptDataModule(
@@ -188,13 +187,16 @@ def fit(cfg: DictConfig, record: RunRecord) -> None:
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training")
         warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty")
         # weights_only explicitly: a checkpoint never runs code, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
-        trainer.fit(
-            module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
-        )
+        try:
+            trainer.fit(
+                module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
+            )
+        except BaseException:
+            finish_wandb(trainer, None)  # the job's W&B run ends failed (the next job gets a run of its own)
+            raise
     record.collect(trainer)
     record.update(files=run_files(record))
-    if cfg.logger.wandb:
-        finish_wandb(record.data)
+    finish_wandb(trainer, record.data)
 
 
 def start_record(cfg: DictConfig) -> RunRecord:
@@ -367,6 +369,7 @@ def make_module(cfg: DictConfig, trainer, backbone, method, record: RunRecord):
     """The LightningModule: the backbone in its training dtype, the method's learning-rate schedule."""
     from .backbone import resolve_dtype
     from .module import ConceptModule
+    from .packing import current_member
     from .records import package_versions
     from .schedules import parse_lr_schedule, scaled
 
@@ -393,7 +396,11 @@ def make_module(cfg: DictConfig, trainer, backbone, method, record: RunRecord):
         lr_schedule=", ".join(f"{rate:g}:{until}" if until else f"{rate:g}" for rate, until in schedule),
     )
     run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "versions": package_versions()}
-    return ConceptModule(backbone, method, cfg.optim, schedule, cfg.trainer.max_steps, run_info=run_info)
+    module = ConceptModule(backbone, method, cfg.optim, schedule, cfg.trainer.max_steps, run_info=run_info)
+    member = current_member()
+    if member is not None:  # a packed sweep: the steps go through the pack's shared pass
+        member.bind(module)
+    return module
 
 
 def run_files(record: RunRecord) -> dict[str, Any]:
@@ -440,16 +447,24 @@ def wandb_group(cfg: DictConfig, record) -> str | None:
     return cfg.study.name
 
 
-def finish_wandb(summary: dict[str, Any]) -> None:
-    """Final metrics into the W&B run's summary and a one-row table; then close the run (one per job)."""
-    import wandb
+def finish_wandb(trainer, summary: dict[str, Any] | None) -> None:
+    """The job's W&B run (if it logs to W&B), finished: with the final metrics in its summary and a
+    one-row table when the job completed (`summary`), as failed otherwise."""
+    from pytorch_lightning.loggers import WandbLogger
 
-    if wandb.run is not None:
-        final = {k: summary.get(k) for k in ("final_loss", "mean_loss", "steps_per_s", "steps", "lr")}
-        final.update({k: v for k, v in (summary.get("metrics") or {}).items() if k != "step"})
-        wandb.run.summary.update(final)
-        wandb.run.log({"final_metrics": wandb.Table(columns=list(final), data=[list(final.values())])})
-    wandb.finish()
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            import wandb
+
+            run = logger.experiment
+            if summary is None:
+                run.finish(exit_code=1)
+                continue
+            final = {k: summary.get(k) for k in ("final_loss", "mean_loss", "steps_per_s", "steps", "lr")}
+            final.update({k: v for k, v in (summary.get("metrics") or {}).items() if k != "step"})
+            run.summary.update(final)
+            run.log({"final_metrics": wandb.Table(columns=list(final), data=[list(final.values())])})
+            run.finish()
 
 
 def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path | None:

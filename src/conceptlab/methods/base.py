@@ -95,6 +95,14 @@ class Method(nn.Module, ABC):
         finally:
             self.train(was_training)
 
+    def packed_modules(self, backbone: Backbone) -> list[str] | None:
+        """Where this method acts, for packed sweeps (`hydra/launcher=packed`): the paths in `backbone`
+        ("unet.<module>", "text_encoder.<module>") of the modules it installed or changed, each taking
+        batch-first tensors and treating samples independently. A pack of jobs shares one pass through
+        every other layer and runs each job's own module on that job's samples here. None (the
+        default): the method cannot share a pass, and its jobs run one by one."""
+        return None
+
     def usage(self, prompt: str) -> str:
         """`prompt` ({} = the concept) as generation writes it with this method's concept file."""
         text = prompt.replace("{}", self.prompt_text)

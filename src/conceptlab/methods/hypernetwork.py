@@ -290,6 +290,16 @@ class Hypernetwork(Method):
         self._stack = install_hypernetworks(backbone.unet)
         self._stack.entries = [(self.net, 1.0)]
 
+    def packed_modules(self, backbone: Backbone) -> list[str]:
+        """The attention layers whose key/value inputs a module pair of this hypernetwork transforms."""
+        return [
+            f"unet.{name}"
+            for name, module in backbone.unet.named_modules()
+            if isinstance(getattr(module, "processor", None), HypernetworkProcessor)
+            and module.processor.stack is self._stack
+            and self.pair(module.to_k.in_features) is not None
+        ]
+
     @contextmanager
     def at_multiplier(self, multiplier: float) -> Iterator[None]:
         entries = self._stack.entries

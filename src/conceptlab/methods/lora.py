@@ -128,6 +128,9 @@ class LoRA(Method):
             layer.lora_B[ADAPTER].requires_grad_(True)
         self.train(self.training)
 
+    def packed_modules(self, backbone: Backbone) -> list[str]:
+        return [f"{part}.{name}" for part, name, _ in lora_layers(backbone, ADAPTER)]
+
     def _load_initial(self, backbone: Backbone) -> None:
         """Copy a LoRA file's adapters into ours (same rank; every one of our modules must be in it)."""
         file = read_tensor_file(self.init_from)

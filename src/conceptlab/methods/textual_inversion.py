@@ -242,6 +242,13 @@ class TextualInversion(Method):
         self.vectors = nn.Parameter(init.float().clone())
         text_encoder.set_input_embeddings(PlaceholderEmbedding(table, self))
 
+    def packed_modules(self, backbone: Backbone) -> list[str]:
+        return [
+            f"text_encoder.{name}"
+            for name, module in backbone.text_encoder.named_modules()
+            if isinstance(module, PlaceholderEmbedding) and module._method is self
+        ]
+
     def _check_new_word(self, tokenizer) -> None:
         vocab = tokenizer.get_vocab()
         taken = [t for t in self.tokens if t in vocab]

@@ -1,0 +1,500 @@
+"""Packed sweeps (`hydra/launcher=packed`): the jobs of a sweep that share a backbone train in one
+process, with one batched UNet (and text-encoder) pass per step.
+
+Each job is still a whole job: Hydra's `run_job` runs train.py's task in a thread of its own, with its
+own Lightning trainer, callbacks, run record, checkpoints, concept files, loggers and W&B run. The
+threads take turns (one runs at a time, the next in job order when it waits; each has its own random
+state and Hydra config) and meet twice per step: every job's training_step hands its batch to the pack,
+which runs one pass over all of them and gives each its own loss, and every job's backward hands that
+loss back, which runs one backward for all. The frozen backbone is loaded once; each job gets a copy of
+its module tree that shares every weight, and its method installs itself there as it would alone (so
+its sampling and evaluation are its own). In the shared pass each job's samples go through the job's
+own modules where its method acts (`Method.packed_modules`) and through the one shared layer
+everywhere else; no layer of the UNet mixes samples, so a job's loss and gradients are those it would
+get alone, up to float rounding. A job that fails (a NaN loss, a bad image folder) leaves the pack and
+fails alone; a job that is done leaves it; the others go on.
+
+Jobs that cannot share a pass (another backbone or resolution, several devices, `trainer.compile`, a
+method without `packed_modules`) form packs of their own; `pack_size` bounds a pack (memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import random
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from .errors import TrainingError
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
+    from .module import ConceptModule
+
+log = logging.getLogger(__name__)
+_local = threading.local()
+JOB_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log format
+
+
+def current_member() -> Member | None:
+    """The pack member this thread runs (None outside a packed sweep)."""
+    return getattr(_local, "member", None)
+
+
+def job_backbone(cfg_model) -> Backbone:
+    """The frozen backbone for a job: loaded from `cfg_model`, or in a pack the job's own copy of the
+    pack's (same weights, its own modules)."""
+    from .backbone import load_backbone
+
+    member = current_member()
+    return member.backbone(cfg_model) if member is not None else load_backbone(cfg_model)
+
+
+# ------------------------------------------------------------------------------------------ launcher
+
+
+def launch_packed(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+    """The packed launcher's work (hydra_plugins.conceptlab_launcher): compose every job, pack them, run
+    the packs one after another (a pack of one as Hydra's local launcher would), then end the sweep."""
+    from .hydra_callbacks import end_sweep
+
+    setup_globals()
+    config, context = launcher.config, launcher.hydra_context
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+        job = context.config_loader.load_sweep_config(config, list(overrides))
+        with open_dict(job):
+            job.hydra.job.id = idx
+            job.hydra.job.num = idx
+        jobs.append(job)
+    packs = plan_packs(jobs, launcher.pack_size)
+    log.info("Launching %d jobs in %d pack(s) of at most %d", len(jobs), len(packs), launcher.pack_size)
+
+    def run(job: DictConfig, configure_logging: bool) -> JobReturn:
+        return run_job(
+            hydra_context=context, task_function=launcher.task_function, config=job,
+            job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir", configure_logging=configure_logging,
+        )  # fmt: skip
+
+    returns: dict[int, JobReturn] = {}
+    for pack in packs:
+        for job in pack:
+            log.info("\t#%d : %s", job.hydra.job.num, " ".join(filter_overrides(job.hydra.overrides.task)))
+        if len(pack) == 1:
+            results = [run(pack[0], configure_logging=True)]
+        else:
+            results = Pack(pack, lambda job: run(job, configure_logging=False)).run()
+        returns.update(zip((int(job.hydra.job.num) for job in pack), results))
+        configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    end_sweep(config, sweep_dir)
+    return [returns[num] for num in sorted(returns)]
+
+
+def pack_key(config: DictConfig) -> str | None:
+    """What the jobs of one pack share (backbone, resolution, precision, device); None: the job runs alone."""
+    from .methods import Method, registered_methods
+
+    method = registered_methods().get(str(config.method.name))
+    if method is None or method.packed_modules is Method.packed_modules:
+        return None  # the method does not say where it acts
+    trainer = config.trainer
+    one_device = str(trainer.get("devices", 1)) == "1" and int(trainer.get("num_nodes", 1)) == 1
+    if not one_device or trainer.get("strategy", "auto") not in ("auto", None) or trainer.get("compile"):
+        return None
+    if config.data.get("num_workers", 0):
+        return None  # forked data-loader workers and the pack's threads do not mix
+    try:
+        model = OmegaConf.to_container(config.model, resolve=True)
+    except Exception:  # noqa: BLE001 - a value only the job can resolve: it runs alone, and says so there
+        return None
+    shared = {
+        "model": model,
+        "resolution": config.data.get("resolution"),
+        "precision": str(trainer.get("precision")),
+        "accelerator": str(trainer.get("accelerator")),
+    }
+    return json.dumps(shared, sort_keys=True, default=str)
+
+
+def plan_packs(jobs: list[DictConfig], pack_size: int) -> list[list[DictConfig]]:
+    """Jobs grouped by pack_key (in job order), each group cut into packs of at most pack_size."""
+    groups: dict[str, list[DictConfig]] = {}
+    alone: list[list[DictConfig]] = []
+    for config in jobs:
+        key = pack_key(config)
+        if key is None:
+            alone.append([config])
+        else:
+            groups.setdefault(key, []).append(config)
+    packs = [group[i : i + pack_size] for group in groups.values() for i in range(0, len(group), pack_size)]
+    return sorted(packs + alone, key=lambda pack: int(pack[0].hydra.job.num))
+
+
+# -------------------------------------------------------------------------------------------- a pack
+
+
+def _modes() -> tuple[bool, list[tuple[str, torch.dtype]]]:
+    """This thread's grad mode and autocast settings (both are per thread)."""
+    autocast = [
+        (device, torch.get_autocast_dtype(device))
+        for device in ("cpu", "cuda")
+        if torch.is_autocast_enabled(device)
+    ]
+    return torch.is_grad_enabled(), autocast
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Pack:
+    """Jobs trained together: their threads, turns, and the shared pass."""
+
+    def __init__(self, jobs: list[DictConfig], run_job_fn: Callable[[DictConfig], JobReturn]):
+        self.run_job_fn = run_job_fn
+        # One lock; each job's thread and the pack's own wait on conditions of their own, woken one at a
+        # time (waking every thread at every turn would cost more than the turn).
+        self.lock = threading.Lock()
+        self.cv = threading.Condition(self.lock)  # the pack's thread: a shared pass to run, or all done
+        self.members = [Member(self, index, config) for index, config in enumerate(jobs)]
+        self.alive = list(range(len(jobs)))
+        self.turn: int | None = 0
+        self.requests: dict[str, dict[int, Any]] = {"forward": {}, "backward": {}}
+        self.results: dict[tuple[str, int], Any] = {}
+        self.work: tuple | None = None  # a shared pass for the pack's thread to run
+        self.lead: Backbone | None = None  # loaded once, never changed by a method: the shared pass runs here
+        self.split_paths: set[str] = set()
+        self.passing: list[tuple[Member, slice]] = []  # who is in the running pass, and where
+        self._slices: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self._runs: dict[str, list[tuple[nn.Module, slice]]] = {}
+        self.stopped: BaseException | None = None
+
+    def run(self) -> list[JobReturn]:
+        """Start the jobs' threads, run the shared passes they ask for here, in this thread (the one
+        thread that computes them: a thread's own OpenMP team would contend with the others' on a CPU),
+        and return when every job has ended."""
+        threads = [
+            threading.Thread(target=self._job, args=(m,), name=f"job-{m.config.hydra.job.num}", daemon=True)
+            for m in self.members
+        ]
+        with (
+            warnings.catch_warnings()
+        ):  # the jobs' own catch_warnings interleave: the filters are restored here
+            for thread in threads:
+                thread.start()
+            try:
+                with self.lock:
+                    while self.alive:
+                        self.cv.wait_for(lambda: self.work is not None or not self.alive, timeout=1.0)
+                        if self.work is not None:
+                            self._do_work()
+            except KeyboardInterrupt as stop:
+                with self.lock:
+                    self.stopped = stop
+                    for m in self.members:
+                        m.cv.notify()
+                raise
+            for thread in threads:
+                thread.join()
+        return [m.job_return for m in self.members]
+
+    def _do_work(self) -> None:
+        """One shared pass, with the grad and autocast modes of the job thread that asked for it."""
+        kind, op, requests, (grad, autocast), asking = self.work
+        try:
+            with torch.set_grad_enabled(grad), contextlib.ExitStack() as modes:
+                for device, dtype in autocast:
+                    modes.enter_context(torch.autocast(device, dtype=dtype))
+                outcome = op(requests)
+        except Exception as err:  # noqa: BLE001 - every job of the pass gets it
+            outcome = dict.fromkeys(requests, _Failed(err))
+        self.results.update({(kind, index): result for index, result in outcome.items()})
+        self.work = None
+        asking.cv.notify()  # the job that handed in last waits for it
+
+    def _job(self, member: Member) -> None:
+        _local.member = member
+        # One core for the job's own work (its sampling, its optimizer): OpenMP keeps a team of workers
+        # per thread that computes, and more of them than cores makes every team's parallel regions slow,
+        # the pack's shared pass (which uses them all) first of all.
+        torch.set_num_threads(1)
+        with self.lock:
+            member.cv.wait_for(lambda: self.turn == member.index or self.stopped is not None)
+        try:
+            if self.stopped is None:
+                member.job_return = self.run_job_fn(member.config)
+        except BaseException as err:  # noqa: BLE001 - run_job's own failure: this job's, reported as such
+            member.job_return = JobReturn(status=JobStatus.FAILED, _return_value=err)
+        finally:
+            with self.lock:
+                self.alive.remove(member.index)
+                if self.turn == member.index:
+                    self.turn = self._next(member.index)
+                    if self.turn is not None:
+                        self.members[self.turn].cv.notify()
+                if not self.alive:
+                    self.cv.notify()
+
+    def _next(self, index: int) -> int | None:
+        later = [i for i in self.alive if i > index] or [i for i in self.alive if i != index]
+        return later[0] if later else (index if index in self.alive else None)
+
+    def _switch(self, member: Member) -> None:
+        """Give the turn to the next job and wait for it to come back (holding self.lock)."""
+        following = self._next(member.index)
+        if following == member.index:
+            return
+        member.save()
+        self.turn = following
+        self.members[following].cv.notify()
+        member.cv.wait_for(lambda: self.turn == member.index or self.stopped is not None)
+        if self.stopped is not None:
+            raise KeyboardInterrupt
+        member.restore()
+
+    def meet(
+        self, kind: str, member: Member, request: Any, op: Callable[[dict[int, Any]], dict[int, Any]]
+    ) -> Any:
+        """Hand in this job's part of a shared step; when every job has, the pack's thread runs it for all."""
+        with self.lock:
+            self.requests[kind][member.index] = request
+            while (kind, member.index) not in self.results:
+                if set(self.requests[kind]) >= set(self.alive):
+                    requests, self.requests[kind] = dict(sorted(self.requests[kind].items())), {}
+                    self.work = (kind, op, requests, _modes(), member)
+                    self.cv.notify()
+                    member.cv.wait_for(lambda: self.work is None or self.stopped is not None)
+                    if self.stopped is not None:
+                        raise KeyboardInterrupt
+                else:
+                    self._switch(member)
+            result = self.results.pop((kind, member.index))
+        if isinstance(result, _Failed):
+            raise TrainingError(f"the pack's shared {kind} pass failed: {result.error}") from result.error
+        return result
+
+    # ------------------------------------------------------------------------------- the shared pass
+
+    def lead_backbone(self, cfg_model) -> Backbone:
+        from .backbone import load_backbone
+
+        if self.lead is None:
+            self.lead = load_backbone(cfg_model)
+        return self.lead
+
+    def forward(self, requests: dict[int, dict[str, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        from .module import diffusion_losses
+
+        members = [self.members[i] for i in requests]
+        lead = self.lead
+        dtype = members[0].module.backbone.unet.dtype
+        if lead.unet.dtype != dtype:  # the jobs cast the shared weights; the lead's own buffers follow
+            lead.to(dtype)
+        for m in members:
+            self._split_at(m.paths())
+        losses = diffusion_losses(
+            lead,
+            list(requests.values()),
+            route=lambda which, sizes: self._route([members[k] for k in which], sizes),
+        )
+        return dict(zip(requests, losses))
+
+    @staticmethod
+    def backward(requests: dict[int, torch.Tensor]) -> dict[int, None]:
+        torch.autograd.backward(list(requests.values()))
+        return dict.fromkeys(requests)
+
+    def _split_at(self, paths: list[str]) -> None:
+        """Split modules into the lead backbone at `paths` (outermost only), once."""
+        for path in sorted(paths, key=len):
+            if path in self.split_paths or any(path.startswith(p + ".") for p in self.split_paths):
+                continue
+            parent, _, name = path.rpartition(".")
+            holder = self.lead.get_submodule(parent)
+            holder.add_module(name, _Split(self, path, getattr(holder, name)))
+            self.split_paths.add(path)
+
+    @contextmanager
+    def _route(self, members: list[Member], sizes: list[int]) -> Iterator[None]:
+        """During one shared pass: which job owns which rows of the batch."""
+        starts = np.cumsum([0, *sizes])
+        self.passing = [(m, slice(int(a), int(b))) for m, a, b in zip(members, starts[:-1], starts[1:])]
+        try:
+            yield
+        finally:
+            self.passing, self._slices, self._runs = [], {}, {}
+
+    def runs(self, path: str, original: nn.Module) -> list[tuple[nn.Module, slice]]:
+        """Who computes which rows at `path` in this pass: each job whose method acts there (at, inside or
+        around it) its own module on its rows; neighbouring jobs whose method does not act there, the one
+        shared module on all their rows at once."""
+        runs = self._runs.get(path)
+        if runs is None:
+            runs = []
+            for member, part in self.passing:
+                if member.acts_at(path):
+                    runs.append((member.module_at(path), part))
+                elif runs and runs[-1][0] is original and runs[-1][1].stop == part.start:
+                    runs[-1] = (original, slice(runs[-1][1].start, part.stop))
+                else:
+                    runs.append((original, part))
+            self._runs[path] = runs
+        return runs
+
+    def rows(self, value: Any, total: int, parts: tuple[slice, ...]) -> list[Any]:
+        """`value` in `parts`: rows of a batch-first tensor, else itself. A tensor read by many layers
+        (the text context) is split once, so per-tensor caches (the hypernetworks') still hit."""
+        if not (isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == total):
+            return [value] * len(parts)
+        key = (id(value), tuple((part.start, part.stop) for part in parts))
+        cached = self._slices.get(key)
+        if cached is None or cached[0] is not value:
+            cached = (value, [value[part] for part in parts])
+            self._slices[key] = cached
+        return cached[1]
+
+
+class _Split(nn.Module):
+    """In the lead backbone, where methods act: each job's own module on its own rows (the original
+    module, which it replaces there, on the rows of jobs whose method does not act there)."""
+
+    def __init__(self, pack: Pack, path: str, original: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "pack", pack)  # not a submodule: the pack is not part of the backbone
+        self.path = path
+        self.original = original
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        passing = self.pack.passing
+        if not passing:
+            raise RuntimeError(f"{self.path}: the pack's lead backbone is only for the shared pass")
+        total = passing[-1][1].stop
+        runs = self.pack.runs(self.path, self.original)
+        if len(runs) == 1 and runs[0][0] is self.original:
+            return self.original(*args, **kwargs)
+        parts = tuple(part for _, part in runs)
+        per_arg = [self.pack.rows(a, total, parts) for a in args]
+        per_kwarg = {k: self.pack.rows(v, total, parts) for k, v in kwargs.items()}
+        outputs = [
+            module(*(a[j] for a in per_arg), **{k: v[j] for k, v in per_kwarg.items()})
+            for j, (module, _) in enumerate(runs)
+        ]
+        if not all(isinstance(o, torch.Tensor) for o in outputs):
+            raise TypeError(f"{self.path}: a module where a method acts must return one tensor to be packed")
+        return torch.cat(outputs)
+
+
+class Member:
+    """One job of a pack: its config, thread state, backbone copy and LightningModule."""
+
+    def __init__(self, pack: Pack, index: int, config: DictConfig):
+        self.pack, self.index, self.config = pack, index, config
+        self.cv = threading.Condition(pack.lock)  # this job's thread waits here for its turn
+        self.job_return: JobReturn | None = None
+        self.module: ConceptModule | None = None
+        self._paths: list[str] | None = None
+        self._modules: dict[str, nn.Module] = {}
+        self._state: tuple | None = None
+
+    # the job's view of the shared things
+    def backbone(self, cfg_model) -> Backbone:
+        """This job's copy of the pack's backbone: its own modules (its method installs into them),
+        the pack's weights."""
+        return shared_copy(self.pack.lead_backbone(cfg_model))
+
+    def bind(self, module: ConceptModule) -> None:
+        self.module = module
+        module.pack_member = self
+
+    def paths(self) -> list[str]:
+        if self._paths is None:
+            self._paths = list(self.module.method.packed_modules(self.module.backbone) or [])
+        return self._paths
+
+    def acts_at(self, path: str) -> bool:
+        """Whether this job's method acts at `path`, inside the module there, or around it."""
+        return any(p == path or p.startswith(path + ".") or path.startswith(p + ".") for p in self.paths())
+
+    def module_at(self, path: str) -> nn.Module:
+        module = self._modules.get(path)
+        if module is None:
+            module = self._modules[path] = self.module.backbone.get_submodule(path)
+        return module
+
+    # the job's part of a step
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.pack.meet("forward", self, batch, self.pack.forward)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.pack.meet("backward", self, loss, self.pack.backward)
+
+    # the process-wide state that is the job's own: saved when it waits, restored when it runs again
+    def save(self) -> None:
+        cuda = (
+            torch.cuda.get_rng_state_all()
+            if torch.cuda.is_available() and torch.cuda.is_initialized()
+            else None
+        )
+        self._state = (
+            torch.get_rng_state(), cuda, np.random.get_state(), random.getstate(),
+            HydraConfig.instance().cfg, os.environ.get("PL_GLOBAL_SEED"),
+        )  # fmt: skip
+
+    def restore(self) -> None:
+        if self._state is None:
+            return
+        torch_rng, cuda, numpy_rng, python_rng, hydra_cfg, seed = self._state
+        torch.set_rng_state(torch_rng)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        np.random.set_state(numpy_rng)
+        random.setstate(python_rng)
+        HydraConfig.instance().cfg = hydra_cfg
+        if seed is None:
+            os.environ.pop("PL_GLOBAL_SEED", None)
+        else:
+            os.environ["PL_GLOBAL_SEED"] = seed
+
+
+@contextmanager
+def job_log(run_dir: Path, job_name: str) -> Iterator[None]:
+    """In a pack (Hydra's job logging is the process's, not the thread's): this thread's log records
+    into the job's own `<job name>.log`, as Hydra writes it for a job that runs alone."""
+    if current_member() is None:
+        yield
+        return
+    handler = logging.FileHandler(run_dir / f"{job_name}.log")
+    handler.setFormatter(logging.Formatter(JOB_LOG_FORMAT))
+    thread = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == thread)
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def shared_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` whose parameters and buffers are the original's tensors."""
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo)

@@ -1,0 +1,141 @@
+"""Packed sweeps (hydra/launcher=packed): jobs that share a backbone train in one process, one batched
+pass per step, and each leaves exactly the records it leaves when it runs alone."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import FAST, ROOT, compose
+from omegaconf import open_dict
+
+from conceptlab.formats import read_tensor_file
+from conceptlab.packing import pack_key, plan_packs
+
+
+def sweep(tmp_path, *args):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", *FAST, *args, f"output_root={tmp_path}"],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    [folder] = list((tmp_path / "multirun").iterdir())
+    return proc, folder
+
+
+def job_config(num: int, *overrides: str):
+    config = compose([*FAST, *overrides], with_hydra=True)
+    with open_dict(config):
+        config.hydra.job.num = num
+    return config
+
+
+def test_jobs_pack_when_they_share_backbone_resolution_and_device():
+    jobs = [
+        job_config(0, "method=ti"),
+        job_config(1, "method=hypernet", "method.lr=1e-3"),
+        job_config(2, "method=lora", "seed=3"),
+        job_config(3, "method=ti", "data.resolution=32"),  # another latent shape
+        job_config(4, "method=ti", "trainer.compile=true"),  # compiled: alone
+        job_config(5, "method=ti", "trainer.devices=2"),  # several devices: alone
+        job_config(6, "method=ti", "model.dtype=bfloat16"),  # another backbone setting
+        job_config(7, "method=ti", "seed=9"),
+    ]
+    assert pack_key(jobs[0]) == pack_key(jobs[1]) == pack_key(jobs[2]) == pack_key(jobs[7])
+    assert pack_key(jobs[4]) is None and pack_key(jobs[5]) is None
+    assert len({pack_key(jobs[0]), pack_key(jobs[3]), pack_key(jobs[6])}) == 3
+    packs = [[int(j.hydra.job.num) for j in pack] for pack in plan_packs(jobs, pack_size=3)]
+    assert packs == [[0, 1, 2], [3], [4], [5], [6], [7]]  # job order; pack_size cuts the first group
+    assert [[int(j.hydra.job.num) for j in p] for p in plan_packs(jobs, pack_size=16)][0] == [0, 1, 2, 7]
+
+
+def test_a_method_that_does_not_say_where_it_acts_runs_alone(monkeypatch):
+    from conceptlab.methods.base import Method
+    from conceptlab.methods.lora import LoRA
+
+    config = job_config(0, "method=lora")
+    assert pack_key(config) is not None
+    monkeypatch.setattr(LoRA, "packed_modules", Method.packed_modules)
+    assert pack_key(config) is None
+
+
+def test_pack_size_must_be_a_positive_whole_number(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", *FAST, "seed=0,1", "hydra/launcher=packed",
+         "hydra.launcher.pack_size=0", f"output_root={tmp_path}"],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "hydra.launcher.pack_size=0: give a whole number of jobs" in proc.stderr
+
+
+def concept_tensors(run_dir):
+    found = {}
+    for path in sorted((run_dir / "concepts").glob("*.safetensors")):
+        found[path.name] = read_tensor_file(path).data
+    return found
+
+
+@pytest.mark.slow
+def test_packed_and_one_by_one_sweeps_leave_the_same_records(tmp_path):
+    args = ["method=ti,hypernet,lora", "seed=0,1", "trainer.max_steps=6"]
+    one_by_one, alone = sweep(tmp_path / "local", *args)
+    packed, together = sweep(tmp_path / "packed", *args, "hydra/launcher=packed", "logger=wandb")
+    assert one_by_one.returncode == 0, one_by_one.stderr[-3000:]
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    assert "Launching 6 jobs in 1 pack(s)" in packed.stdout + packed.stderr
+    assert "sweep: 6 jobs in" in packed.stdout and f"report: conceptlab-report {together}" in packed.stdout
+    jobs = sorted(p.name for p in alone.iterdir() if p.is_dir())
+    assert jobs == sorted(p.name for p in together.iterdir() if p.is_dir()) and len(jobs) == 6
+    for job in jobs:
+        a, b = alone / job, together / job
+        sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+        assert sa["status"] == sb["status"] == "completed"
+        for key in ("run_name", "steps", "swept", "num_images", "trainable_params", "lr", "files"):
+            assert sa[key] == sb[key], (job, key)
+        assert sb["final_loss"] == pytest.approx(sa["final_loss"], rel=1e-5)
+        # every step's loss, from each job's own metrics.csv
+        losses = [[float(r["train/loss"]) for r in csv.DictReader((d / "metrics.csv").open()) if r.get("train/loss")]
+                  for d in (a, b)]  # fmt: skip
+        assert len(losses[0]) == 6 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+        ta, tb = concept_tensors(a), concept_tensors(b)
+        assert ta.keys() == tb.keys() and ta
+        for name in ta:
+            for key, value in ta[name].items():
+                # float rounding of the batched pass, through Adam (which divides by the gradient's size)
+                torch.testing.assert_close(tb[name][key], value, rtol=1e-3, atol=1e-5)
+        checkpoint = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)
+        assert checkpoint["global_step"] == 6 and checkpoint["state_dict"]
+        assert sorted(p.name for p in (b / "samples").glob("*.png")) == sorted(
+            p.name for p in (a / "samples").glob("*.png")
+        )
+        # its own W&B run, started in the same process as the others
+        [run] = list(b.glob("wandb/offline-run-*"))
+        assert run.name.endswith((b / "wandb_run_id").read_text())
+        assert (b / "train.log").is_file()
+    runs = {next(together.glob(f"{job}/wandb/offline-run-*")).name for job in jobs}
+    assert len(runs) == 6
+
+
+@pytest.mark.slow
+def test_a_job_that_fails_in_a_pack_fails_alone(tmp_path):
+    # lr 1e30 turns the loss into NaN after a step; a two-token initializer fails as the method attaches
+    proc, folder = sweep(
+        tmp_path, "hydra/launcher=packed", "method.lr=5e-4,1e30", "method.scale_lr=false",
+        "method.initializer_token=object,two words", "trainer.max_steps=12", "samples.every_n_steps=0",
+    )  # fmt: skip
+    assert proc.returncode != 0
+    summaries = {
+        (float(s["swept"]["method.lr"]), s["swept"]["method.initializer_token"] == "object"): s
+        for s in (json.loads(p.read_text()) for p in folder.glob("*/summary.json"))
+    }
+    assert len(summaries) == 4
+    good = summaries[(5e-4, True)]
+    assert good["status"] == "completed" and good["steps"] == 12 and good["final_loss"] > 0
+    diverged = summaries[(1e30, True)]
+    assert diverged["status"] == "failed" and "loss became nan or inf" in diverged["error"]
+    for lr in (5e-4, 1e30):
+        refused = summaries[(lr, False)]
+        assert refused["status"] == "failed" and "initializer_token='two words'" in refused["error"]
+    assert good["files"]["concepts"] and good["files"]["checkpoint"]
+    assert "sweep: 4 jobs in" in proc.stdout  # the table of the sweep, failures included
