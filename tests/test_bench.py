@@ -56,3 +56,20 @@ def test_bench_judge_steps_compares_fewer_steps_with_sampling_noise(tmp_path):
         change = run["steps_2"][key] - run["reference"][key]
         assert report["summary"][f"{key}/steps_2"]["mean_change"] == pytest.approx(change, abs=1e-4)
         assert report["summary"][f"{key}/noise"]["runs"] == 1
+
+
+@pytest.mark.slow
+def test_bench_sweep_times_both_launchers_on_the_same_jobs(capsys):
+    spec = importlib.util.spec_from_file_location("bench_sweep", ROOT / "scripts" / "bench_sweep.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--seeds", "1", "--steps", "3", "--launcher", "both"])
+    assert not report["failed"]
+    for launcher in ("local", "packed"):
+        assert report[launcher]["jobs"] == report[launcher]["completed"] == 2
+        assert report[launcher]["time_to_first_step_s"]["max"] > 0
+    assert report["same_final_losses"] is True
+    assert report["packed_speedup"] == pytest.approx(
+        report["local"]["sweep_wall_s"] / report["packed"]["sweep_wall_s"], rel=0.05
+    )
+    assert '"packed_speedup"' in capsys.readouterr().out
