@@ -49,7 +49,9 @@ def main(argv=None) -> dict:
         if args.max_first_step_s is not None and (not first or first["max"] > args.max_first_step_s):
             failed = True
     if len(launchers) == 2:
-        report["packed_speedup"] = round(report["local"]["sweep_wall_s"] / report["packed"]["sweep_wall_s"], 2)
+        report["packed_speedup"] = round(
+            report["local"]["sweep_wall_s"] / report["packed"]["sweep_wall_s"], 2
+        )
         same = losses["local"].keys() == losses["packed"].keys() and all(
             abs(losses["local"][job] - losses["packed"][job]) <= 1e-4 * abs(losses["local"][job])
             for job in losses["local"]
@@ -87,7 +89,9 @@ def time_sweep(seeds: int, steps: int, launcher: str) -> tuple[dict, dict[str, f
         if first
         else None,
     }
-    return result, {Path(s["run_dir"]).name: s["final_loss"] for s in summaries if s.get("final_loss") is not None}
+    return result, {
+        Path(s["run_dir"]).name: s["final_loss"] for s in summaries if s.get("final_loss") is not None
+    }
 
 
 if __name__ == "__main__":

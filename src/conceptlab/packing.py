@@ -494,7 +494,29 @@ def job_log(run_dir: Path, job_name: str) -> Iterator[None]:
         handler.close()
 
 
-def shared_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of `module` whose parameters and buffers are the original's tensors."""
-    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    return copy.deepcopy(module, memo)
+def shared_copy(backbone: Backbone) -> Backbone:
+    """The backbone again for one job: module objects of its own (its method installs into them: tokens,
+    processors, adapters), every parameter and buffer the backbone's own tensor, its own tokenizer and
+    model configs (a new word resizes a vocabulary). The VAE and the noise scheduler, which no method
+    changes, are shared as they are."""
+    memo: dict[int, nn.Module] = {id(backbone.vae): backbone.vae}
+    clone = _module_copy(backbone, memo)
+    clone.tokenizer = copy.deepcopy(backbone.tokenizer)
+    return clone
+
+
+def _module_copy(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
+    if id(module) in memo:
+        return memo[id(module)]
+    clone = copy.copy(module)  # a new object whose attributes are the original's
+    memo[id(module)] = clone
+    for name in ("_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                 "_state_dict_hooks", "_load_state_dict_pre_hooks"):  # fmt: skip
+        if name in module.__dict__:
+            setattr(clone, name, copy.copy(module.__dict__[name]))
+    if "config" in module.__dict__:
+        clone.__dict__["config"] = copy.deepcopy(module.__dict__["config"])
+    clone._modules = {
+        name: None if child is None else _module_copy(child, memo) for name, child in module._modules.items()
+    }
+    return clone
