@@ -37,6 +37,7 @@ def installed(tmp_path_factory) -> Path:
     names = set(zipfile.ZipFile(wheel).namelist())
     for packaged in ("conceptlab/conf/train.yaml", "conceptlab/conf/method/lora.yaml",
                      "conceptlab/conf/experiment/ti_vs_hypernet.yaml", "conceptlab/conf/hydra/launcher/slurm.yaml",
+                     "conceptlab/conf/hydra/launcher/packed.yaml", "hydra_plugins/conceptlab_launcher/packed_launcher.py",
                      "conceptlab/toyworld/checkpoint/unet/diffusion_pytorch_model.safetensors",
                      "conceptlab/toyworld/checkpoint/judge/config.json", "conceptlab/examples/robot/00.png",
                      "conceptlab/single_file_configs/sd15/unet/config.json",
@@ -106,8 +107,9 @@ def test_a_users_experiment_sweeps_their_own_data_set_with_their_own_configs(ins
         "study:\n  name: mug_lr\n  question: Which rate learns my mug?\n  metric: train/loss\n\n"
         "hydra:\n  sweeper:\n    params:\n      method.lr: 1e-3,5e-3\n"
     )
+    # packed: the launcher plugin works from the installed wheel (Hydra finds it in hydra_plugins)
     run([str(installed / "bin" / "conceptlab-train"), "-m", "--config-dir", str(conf), "+experiment=mug_lr",
-         "model=tiny", *SMALL], tmp_path)  # fmt: skip
+         "model=tiny", "hydra/launcher=packed", *SMALL], tmp_path)  # fmt: skip
     summaries = [
         json.loads(p.read_text()) for p in sorted(tmp_path.glob("outputs/multirun/*/*/summary.json"))
     ]
