@@ -206,6 +206,16 @@ def train_subprocess(
     return proc, sorted(after - before)
 
 
+def sweep(tmp_path: Path, *args: str):
+    """`python train.py -m` (FAST settings) into tmp_path; returns (completed process, the sweep folder)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", *FAST, *args, f"output_root={tmp_path}"],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    [folder] = list((tmp_path / "multirun").iterdir())
+    return proc, folder
+
+
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 

@@ -8,20 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import FAST, ROOT, compose
+from conftest import FAST, ROOT, compose, sweep
 from omegaconf import open_dict
 
 from conceptlab.formats import read_tensor_file
 from conceptlab.packing import pack_key, plan_packs
-
-
-def sweep(tmp_path, *args):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", *FAST, *args, f"output_root={tmp_path}"],
-        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    [folder] = list((tmp_path / "multirun").iterdir())
-    return proc, folder
 
 
 def job_config(num: int, *overrides: str):

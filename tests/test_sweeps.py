@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import FAST, ROOT, compose, run_train
+from conftest import ROOT, compose, run_train, sweep
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conceptlab.errors import ConfigError
@@ -85,15 +85,6 @@ def test_run_names_read_like_the_sweep():
         "method.name": "ti",
         "seed": 0,
     }
-
-
-def sweep(tmp_path, *args):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", *FAST, *args, f"output_root={tmp_path}"],
-        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    [folder] = list((tmp_path / "multirun").iterdir())
-    return proc, folder
 
 
 @pytest.mark.slow
