@@ -6,7 +6,8 @@ own Lightning trainer, callbacks, run record, checkpoints, concept files, logger
 threads take turns (one runs at a time, the next in job order when it waits; each has its own random
 state and Hydra config) and meet twice per step: every job's training_step hands its batch to the pack,
 which runs one pass over all of them and gives each its own loss, and every job's backward hands that
-loss back, which runs one backward for all. The frozen backbone is loaded once; each job gets a copy of
+loss back, which runs one backward for all (both in the launcher's thread, the one that computes with
+every core). The frozen backbone is loaded once; each job gets a copy of
 its module tree that shares every weight, and its method installs itself there as it would alone (so
 its sampling and evaluation are its own). In the shared pass each job's samples go through the job's
 own modules where its method acts (`Method.packed_modules`) and through the one shared layer
@@ -112,18 +113,18 @@ def pack_key(config: DictConfig) -> str | None:
     """What the jobs of one pack share (backbone, resolution, precision, device); None: the job runs alone."""
     from .methods import Method, registered_methods
 
-    method = registered_methods().get(str(config.method.name))
-    if method is None or method.packed_modules is Method.packed_modules:
-        return None  # the method does not say where it acts
-    trainer = config.trainer
-    one_device = str(trainer.get("devices", 1)) == "1" and int(trainer.get("num_nodes", 1)) == 1
-    if not one_device or trainer.get("strategy", "auto") not in ("auto", None) or trainer.get("compile"):
-        return None
-    if config.data.get("num_workers", 0):
-        return None  # forked data-loader workers and the pack's threads do not mix
     try:
+        method = registered_methods().get(str(config.method.name))
+        if method is None or method.packed_modules is Method.packed_modules:
+            return None  # the method does not say where it acts
+        trainer = config.trainer
+        one_device = str(trainer.get("devices", 1)) == "1" and str(trainer.get("num_nodes", 1)) == "1"
+        if not one_device or trainer.get("strategy", "auto") not in ("auto", None) or trainer.get("compile"):
+            return None
+        if config.data.get("num_workers", 0):
+            return None  # forked data-loader workers and the pack's threads do not mix
         model = OmegaConf.to_container(config.model, resolve=True)
-    except Exception:  # noqa: BLE001 - a value only the job can resolve: it runs alone, and says so there
+    except Exception:  # noqa: BLE001 - a setting only the job can judge: it runs alone, and says so there
         return None
     shared = {
         "model": model,
