@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 from conftest import FAST, ROOT, compose, sweep
+from hydra.core.utils import JobStatus
 from omegaconf import open_dict
 
 from conceptlab.formats import read_tensor_file
-from conceptlab.packing import pack_key, plan_packs
+from conceptlab.errors import TrainingError
+from conceptlab.packing import Pack, current_member, pack_key, plan_packs
 
 
 def job_config(num: int, *overrides: str):
@@ -58,6 +60,78 @@ def test_pack_size_must_be_a_positive_whole_number(tmp_path):
         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert proc.returncode != 0 and "hydra.launcher.pack_size=0: give a whole number of jobs" in proc.stderr
+
+
+def fake_jobs(n: int):
+    from omegaconf import OmegaConf
+
+    return [OmegaConf.create({"hydra": {"job": {"num": i}}}) for i in range(n)]
+
+
+def test_a_packs_jobs_take_turns_meet_each_step_and_leave_alone():
+    """The pack's machinery without Lightning: every job hands in its part, the shared op runs once for
+    the jobs still there, each job keeps its own random stream, and one that ends or fails leaves."""
+    rounds = []
+
+    def op(requests):
+        rounds.append(sorted(requests))
+        return {index: value * 10 for index, value in requests.items()}
+
+    def job(config):
+        member = current_member()
+        torch.manual_seed(100 + member.index)
+        drawn, got = [], []
+        for step in range({0: 3, 1: 1, 2: 3}[member.index]):
+            drawn.append(torch.rand(1).item())  # between turns other jobs draw from the same process RNG
+            got.append(member.pack.meet("forward", member, member.index + step, op))
+        if member.index == 2:
+            raise ValueError("job 2 fails after its steps")
+        return drawn, got
+
+    results = Pack(fake_jobs(3), job).run()
+    assert rounds == [[0, 1, 2], [0, 2], [0, 2]]  # job 1 left after its one step
+    for index in (0, 1):
+        drawn, got = results[index]
+        alone = torch.Generator().manual_seed(100 + index)
+        assert drawn == [torch.rand(1, generator=alone).item() for _ in drawn]
+        assert got == [(index + step) * 10 for step in range(len(got))]
+    assert results[2].status == JobStatus.FAILED and isinstance(results[2]._return_value, ValueError)
+
+
+def test_a_failing_shared_pass_fails_its_jobs_with_the_reason():
+    def op(requests):
+        raise RuntimeError("out of memory")
+
+    def job(config):
+        member = current_member()
+        return member.pack.meet("forward", member, 1, op)
+
+    results = Pack(fake_jobs(2), job).run()
+    for result in results:
+        assert result.status == JobStatus.FAILED
+        error = result._return_value
+        assert isinstance(error, TrainingError) and "shared forward pass failed: out of memory" in str(error)
+
+
+def test_the_shared_pass_runs_with_the_jobs_grad_and_autocast_modes():
+    seen = []
+
+    def op(requests):
+        seen.append(
+            (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+        )
+        return dict.fromkeys(requests)
+
+    def job(config):
+        member = current_member()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            member.pack.meet("forward", member, None, op)
+        with torch.no_grad():
+            member.pack.meet("forward", member, None, op)
+
+    Pack(fake_jobs(1), job).run()
+    assert seen[0] == (True, True, torch.bfloat16)
+    assert seen[1][:2] == (False, False)
 
 
 def concept_tensors(run_dir):
