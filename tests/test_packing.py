@@ -12,8 +12,8 @@ from conftest import FAST, ROOT, compose, sweep
 from hydra.core.utils import JobStatus
 from omegaconf import open_dict
 
-from conceptlab.formats import read_tensor_file
 from conceptlab.errors import TrainingError
+from conceptlab.formats import read_tensor_file
 from conceptlab.packing import Pack, current_member, pack_key, plan_packs
 
 
