@@ -113,7 +113,11 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
                         "`wandb sync %s`", reason, fresh, run_dir / "wandb")  # fmt: skip
             if id_file.is_file():
                 id_file.unlink()
-            # Stop W&B's service, which would otherwise keep retrying the dead server until the process exits.
-            wandb.teardown()
+            # Stop W&B's service, which would otherwise keep retrying the dead server until the process exits
+            # (not in a packed sweep: the other jobs' runs live in that service too).
+            from .packing import current_member
+
+            if current_member() is None:
+                wandb.teardown()
             return start("offline", fresh)
     return start(mode, run_id)
