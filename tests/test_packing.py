@@ -3,16 +3,14 @@ pass per step, and each leaves exactly the records it leaves when it runs alone.
 
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import FAST, ROOT, compose, sweep
+from conftest import FAST, compose, sweep
 from hydra.core.utils import JobStatus
 from omegaconf import open_dict
 
-from conceptlab.errors import TrainingError
+from conceptlab.errors import ConfigError, TrainingError
 from conceptlab.formats import read_tensor_file
 from conceptlab.packing import Pack, current_member, pack_key, plan_packs
 
@@ -53,13 +51,13 @@ def test_a_method_that_does_not_say_where_it_acts_runs_alone(monkeypatch):
     assert pack_key(config) is None
 
 
-def test_pack_size_must_be_a_positive_whole_number(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", *FAST, "seed=0,1", "hydra/launcher=packed",
-         "hydra.launcher.pack_size=0", f"output_root={tmp_path}"],
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    assert proc.returncode != 0 and "hydra.launcher.pack_size=0: give a whole number of jobs" in proc.stderr
+@pytest.mark.parametrize("size", [0, -1, 2.5, True])
+def test_pack_size_must_be_a_positive_whole_number(size):
+    from hydra_plugins.conceptlab_launcher.packed_launcher import PackedLauncher
+
+    with pytest.raises(ConfigError, match=rf"hydra.launcher.pack_size={size}: give a whole number of jobs"):
+        PackedLauncher(pack_size=size)
+    assert PackedLauncher(pack_size=4).pack_size == 4
 
 
 def fake_jobs(n: int):
