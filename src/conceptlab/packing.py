@@ -311,7 +311,10 @@ class Pack:
         if lead.unet.dtype != dtype:  # the jobs cast the shared weights; the lead's own buffers follow
             lead.to(dtype)
         for m in members:
-            self._split_at(m.paths())
+            if not m.split:
+                m.module.method.prepare_pack_lead(lead)
+                self._split_at(m.paths())
+                m.split = True
         losses = diffusion_losses(
             lead,
             list(requests.values()),
@@ -325,13 +328,17 @@ class Pack:
         return dict.fromkeys(requests)
 
     def _split_at(self, paths: list[str]) -> None:
-        """Split modules into the lead backbone at `paths` (outermost only), once."""
+        """Splitters into the lead backbone at `paths` (outermost only), once each."""
         for path in sorted(paths, key=len):
             if path in self.split_paths or any(path.startswith(p + ".") for p in self.split_paths):
                 continue
             parent, _, name = path.rpartition(".")
-            holder = self.lead.get_submodule(parent)
-            holder.add_module(name, _Split(self, path, getattr(holder, name)))
+            holder = reach(self.lead, parent)
+            split = _Split(self, path, getattr(holder, name))
+            if isinstance(holder, nn.Module):
+                holder.add_module(name, split)
+            else:  # an attribute of a plain object (a hypernetwork processor's stack)
+                setattr(holder, name, split)
             self.split_paths.add(path)
 
     @contextmanager
@@ -399,9 +406,13 @@ class _Split(nn.Module):
             module(*(a[j] for a in per_arg), **{k: v[j] for k, v in per_kwarg.items()})
             for j, (module, _) in enumerate(runs)
         ]
-        if not all(isinstance(o, torch.Tensor) for o in outputs):
-            raise TypeError(f"{self.path}: a module where a method acts must return one tensor to be packed")
-        return torch.cat(outputs)
+        if all(isinstance(o, torch.Tensor) for o in outputs):
+            return torch.cat(outputs)
+        if all(isinstance(o, tuple) and all(isinstance(t, torch.Tensor) for t in o) for o in outputs):
+            return tuple(torch.cat(parts) for parts in zip(*outputs))
+        raise TypeError(
+            f"{self.path}: where a method acts, a tensor or a tuple of tensors must come out to be packed"
+        )
 
 
 class Member:
@@ -413,6 +424,7 @@ class Member:
         self.job_return: JobReturn | None = None
         self.module: ConceptModule | None = None
         self._paths: list[str] | None = None
+        self.split = False  # the lead backbone has splitters where this job's method acts
         self._modules: dict[str, nn.Module] = {}
         self._state: tuple | None = None
 
@@ -438,7 +450,7 @@ class Member:
     def module_at(self, path: str) -> nn.Module:
         module = self._modules.get(path)
         if module is None:
-            module = self._modules[path] = self.module.backbone.get_submodule(path)
+            module = self._modules[path] = reach(self.module.backbone, path)
         return module
 
     # the job's part of a step
@@ -493,6 +505,17 @@ def job_log(run_dir: Path, job_name: str) -> Iterator[None]:
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+
+
+def reach(root: Any, path: str) -> Any:
+    """What a dotted path names below `root`: submodules, and attributes of plain objects (processors)."""
+    for part in path.split(".") if path else []:
+        root = (
+            root._modules[part]
+            if isinstance(root, nn.Module) and part in root._modules
+            else getattr(root, part)
+        )
+    return root
 
 
 def shared_copy(backbone: Backbone) -> Backbone:

@@ -100,8 +100,15 @@ class Method(nn.Module, ABC):
         ("unet.<module>", "text_encoder.<module>") of the modules it installed or changed, each taking
         batch-first tensors and treating samples independently. A pack of jobs shares one pass through
         every other layer and runs each job's own module on that job's samples here. None (the
-        default): the method cannot share a pass, and its jobs run one by one."""
+        default): the method cannot share a pass, and its jobs run one by one. A path may also name an
+        attribute of a plain object (a processor's `stack`); a module or callable there may return a
+        tuple of batch-first tensors."""
         return None
+
+    def prepare_pack_lead(self, backbone: Backbone) -> None:
+        """Give a packed sweep's lead backbone (the one its shared pass runs on; nothing trains or samples
+        there) whatever structure `packed_modules`' paths need, acting as the bare model: e.g. the
+        hypernetwork's processors with an empty stack. Nothing by default."""
 
     def usage(self, prompt: str) -> str:
         """`prompt` ({} = the concept) as generation writes it with this method's concept file."""

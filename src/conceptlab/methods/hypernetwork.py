@@ -291,14 +291,18 @@ class Hypernetwork(Method):
         self._stack.entries = [(self.net, 1.0)]
 
     def packed_modules(self, backbone: Backbone) -> list[str]:
-        """The attention layers whose key/value inputs a module pair of this hypernetwork transforms."""
+        """The stack of every attention layer whose key/value inputs a module pair of this hypernetwork
+        transforms: in a packed sweep only the pairs run per job; the attention itself runs once."""
         return [
-            f"unet.{name}"
+            f"unet.{name}.processor.stack"
             for name, module in backbone.unet.named_modules()
             if isinstance(getattr(module, "processor", None), HypernetworkProcessor)
             and module.processor.stack is self._stack
             and self.pair(module.to_k.in_features) is not None
         ]
+
+    def prepare_pack_lead(self, backbone: Backbone) -> None:
+        install_hypernetworks(backbone.unet)  # an empty stack: the bare model
 
     @contextmanager
     def at_multiplier(self, multiplier: float) -> Iterator[None]:
