@@ -53,10 +53,11 @@ def diffusion_losses(
     )
     sizes = [batch["latents"].shape[0] for batch in batches]
     scheduler, unet = backbone.scheduler, backbone.unet
+    dtype = unet.dtype  # once: diffusers finds it by walking the modules
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    context = _joined([c.to(unet.dtype) for c in contexts])
+    context = _joined([c.to(dtype) for c in contexts])
     with route(list(range(len(batches))), sizes):
-        prediction = unet(noisy.to(unet.dtype), timesteps, context).sample
+        prediction = unet(noisy.to(dtype), timesteps, context).sample
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:

@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _local = threading.local()
+# One core for a job's own work (its sampling, its optimizer), every core for the shared pass: OpenMP
+# keeps a team of workers per thread that computes, and more of them than cores slows every parallel
+# region. torch's setting is the process's, so each side sets its own when it runs.
+JOB_THREADS = 1
 JOB_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log format
 
 
@@ -182,8 +186,12 @@ class Pack:
         self.requests: dict[str, dict[int, Any]] = {"forward": {}, "backward": {}}
         self.results: dict[tuple[str, int], Any] = {}
         self.work: tuple | None = None  # a shared pass for the pack's thread to run
+        self.threads = (
+            torch.get_num_threads()
+        )  # the shared pass's (the process's setting when the pack starts)
         self.lead: Backbone | None = None  # loaded once, never changed by a method: the shared pass runs here
         self.split_paths: set[str] = set()
+        self.lead_cast = False
         self.passing: list[tuple[Member, slice]] = []  # who is in the running pass, and where
         self._slices: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._runs: dict[str, list[tuple[nn.Module, slice]]] = {}
@@ -221,6 +229,7 @@ class Pack:
     def _do_work(self) -> None:
         """One shared pass, with the grad and autocast modes of the job thread that asked for it."""
         kind, op, requests, (grad, autocast), asking = self.work
+        torch.set_num_threads(self.threads)
         try:
             with torch.set_grad_enabled(grad), contextlib.ExitStack() as modes:
                 for device, dtype in autocast:
@@ -234,10 +243,7 @@ class Pack:
 
     def _job(self, member: Member) -> None:
         _local.member = member
-        # One core for the job's own work (its sampling, its optimizer): OpenMP keeps a team of workers
-        # per thread that computes, and more of them than cores makes every team's parallel regions slow,
-        # the pack's shared pass (which uses them all) first of all.
-        torch.set_num_threads(1)
+        torch.set_num_threads(JOB_THREADS)
         with self.lock:
             member.cv.wait_for(lambda: self.turn == member.index or self.stopped is not None)
         try:
@@ -307,9 +313,9 @@ class Pack:
 
         members = [self.members[i] for i in requests]
         lead = self.lead
-        dtype = members[0].module.backbone.unet.dtype
-        if lead.unet.dtype != dtype:  # the jobs cast the shared weights; the lead's own buffers follow
-            lead.to(dtype)
+        if not self.lead_cast:  # the jobs cast the shared weights (make_module); the lead's buffers follow
+            lead.to(members[0].module.backbone.unet.dtype)
+            self.lead_cast = True
         for m in members:
             if not m.split:
                 m.module.method.prepare_pack_lead(lead)
@@ -476,6 +482,7 @@ class Member:
         if self._state is None:
             return
         torch_rng, cuda, numpy_rng, python_rng, hydra_cfg, seed = self._state
+        torch.set_num_threads(JOB_THREADS)
         torch.set_rng_state(torch_rng)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
