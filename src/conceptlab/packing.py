@@ -313,8 +313,9 @@ class Pack:
 
         members = [self.members[i] for i in requests]
         lead = self.lead
-        if not self.lead_cast:  # the jobs cast the shared weights (make_module); the lead's buffers follow
-            lead.to(members[0].module.backbone.unet.dtype)
+        if not self.lead_cast:  # the jobs moved and cast the shared weights; the lead's own buffers follow
+            first = members[0].module
+            lead.to(device=first.device, dtype=first.backbone.unet.dtype)
             self.lead_cast = True
         for m in members:
             if not m.split:
