@@ -73,3 +73,17 @@ def test_bench_sweep_times_both_launchers_on_the_same_jobs(capsys):
         report["local"]["sweep_wall_s"] / report["packed"]["sweep_wall_s"], rel=0.05
     )
     assert '"packed_speedup"' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_pack_times_the_shared_step_against_the_jobs_alone(tiny_dir, capsys):
+    spec = importlib.util.spec_from_file_location("bench_pack", ROOT / "scripts" / "bench_pack.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(
+        ["--jobs", "3", "--methods", "ti,hypernet", "--batch", "2", "--rounds", "2", "--warmup", "1"]
+    )
+    assert not report["failed"] and report["same_losses"] is True
+    assert report["jobs"] == 3 and report["packed_step_ms"] > 0 and report["alone_steps_ms"] > 0
+    assert report["speedup"] == pytest.approx(report["alone_steps_ms"] / report["packed_step_ms"], rel=0.05)
+    assert '"speedup"' in capsys.readouterr().out
