@@ -186,9 +186,8 @@ class Pack:
         self.requests: dict[str, dict[int, Any]] = {"forward": {}, "backward": {}}
         self.results: dict[tuple[str, int], Any] = {}
         self.work: tuple | None = None  # a shared pass for the pack's thread to run
-        self.threads = (
-            torch.get_num_threads()
-        )  # the shared pass's (the process's setting when the pack starts)
+        # The shared pass's threads: the process's setting when the pack starts (the jobs set their own).
+        self.threads = torch.get_num_threads()
         self.lead: Backbone | None = None  # loaded once, never changed by a method: the shared pass runs here
         self.split_paths: set[str] = set()
         self.lead_cast = False
@@ -205,9 +204,8 @@ class Pack:
             threading.Thread(target=self._job, args=(m,), name=f"job-{m.config.hydra.job.num}", daemon=True)
             for m in self.members
         ]
-        with (
-            warnings.catch_warnings()
-        ):  # the jobs' own catch_warnings interleave: the filters are restored here
+        # The jobs' own warnings.catch_warnings() interleave: the filters are restored here, once.
+        with warnings.catch_warnings():
             for thread in threads:
                 thread.start()
             try:
