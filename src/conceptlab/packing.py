@@ -26,6 +26,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import random
 import threading
 import warnings
@@ -191,6 +192,7 @@ class Pack:
         self.lead: Backbone | None = None  # loaded once, never changed by a method: the shared pass runs here
         self.split_paths: set[str] = set()
         self.lead_cast = False
+        self.tokenizer_blob: bytes | None = None  # the lead's tokenizer, pickled in this process
         self.passing: list[tuple[Member, slice]] = []  # who is in the running pass, and where
         self._slices: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._runs: dict[str, list[tuple[nn.Module, slice]]] = {}
@@ -437,7 +439,10 @@ class Member:
     def backbone(self, cfg_model) -> Backbone:
         """This job's copy of the pack's backbone: its own modules (its method installs into them),
         the pack's weights."""
-        return shared_copy(self.pack.lead_backbone(cfg_model))
+        lead = self.pack.lead_backbone(cfg_model)
+        if self.pack.tokenizer_blob is None:  # unpickling a copy takes half a deep copy's time
+            self.pack.tokenizer_blob = pickle.dumps(lead.tokenizer)
+        return shared_copy(lead, self.pack.tokenizer_blob)
 
     def bind(self, module: ConceptModule) -> None:
         self.module = module
@@ -524,14 +529,15 @@ def reach(root: Any, path: str) -> Any:
     return root
 
 
-def shared_copy(backbone: Backbone) -> Backbone:
+def shared_copy(backbone: Backbone, tokenizer_blob: bytes | None = None) -> Backbone:
     """The backbone again for one job: module objects of its own (its method installs into them: tokens,
     processors, adapters), every parameter and buffer the backbone's own tensor, its own tokenizer and
     model configs (a new word resizes a vocabulary). The VAE and the noise scheduler, which no method
     changes, are shared as they are."""
     memo: dict[int, nn.Module] = {id(backbone.vae): backbone.vae}
     clone = _module_copy(backbone, memo)
-    clone.tokenizer = copy.deepcopy(backbone.tokenizer)
+    # The tokenizer from this process's own pickle of it (tokenizer_blob), when given: no outside data.
+    clone.tokenizer = pickle.loads(tokenizer_blob) if tokenizer_blob else copy.deepcopy(backbone.tokenizer)
     return clone
 
 
