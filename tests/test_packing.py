@@ -3,10 +3,14 @@ pass per step, and each leaves exactly the records it leaves when it runs alone.
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from conftest import FAST, compose, sweep
+from conftest import FAST, ROOT, compose, sweep
 from hydra.core.utils import JobStatus
 from omegaconf import open_dict
 
@@ -202,3 +206,28 @@ def test_a_job_that_fails_in_a_pack_fails_alone(tmp_path):
         assert refused["status"] == "failed" and "initializer_token='two words'" in refused["error"]
     assert good["files"]["concepts"] and good["files"]["checkpoint"]
     assert "sweep: 4 jobs in" in proc.stdout  # the table of the sweep, failures included
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_every_job_of_a_pack_as_interrupted_with_its_record(tmp_path):
+    command = [sys.executable, str(ROOT / "train.py"), "-m", *FAST, "method=ti,hypernet", "hydra/launcher=packed",
+               "trainer.max_steps=100000", "samples.every_n_steps=0", f"output_root={tmp_path}"]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+    )
+    try:
+        for _ in range(
+            600
+        ):  # until both jobs have logged training steps (the run itself has no end in sight)
+            time.sleep(0.5)
+            logs = list(tmp_path.glob("multirun/*/*/metrics.csv"))
+            if len(logs) == 2 and all(len(p.read_text().splitlines()) > 3 for p in logs):
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=300) != 0
+    finally:
+        proc.kill()
+    summaries = [json.loads(p.read_text()) for p in tmp_path.glob("multirun/*/*/summary.json")]
+    assert len(summaries) == 2
+    for summary in summaries:
+        assert summary["status"] == "interrupted", summary.get("error")

@@ -167,6 +167,17 @@ def _modes() -> tuple[bool, list[tuple[str, torch.dtype]]]:
     return torch.is_grad_enabled(), autocast
 
 
+class PackStopped(SystemExit):
+    """The sweep was interrupted (Ctrl-C) while this job waited for its turn: the job ends as interrupted,
+    its record written (Lightning's own KeyboardInterrupt handling works in the main thread only)."""
+
+    def __init__(self) -> None:
+        super().__init__(130)
+
+    def __str__(self) -> str:
+        return "the packed sweep was interrupted (Ctrl-C) while this job waited for its turn"
+
+
 class _Failed:
     def __init__(self, error: BaseException):
         self.error = error
@@ -221,6 +232,10 @@ class Pack:
                     self.stopped = stop
                     for m in self.members:
                         m.cv.notify()
+                # Each job ends at its next turn and records itself as interrupted (a second Ctrl-C stops
+                # waiting for them).
+                for thread in threads:
+                    thread.join(timeout=120)
                 raise
             for thread in threads:
                 thread.join()
@@ -275,7 +290,7 @@ class Pack:
         self.members[following].cv.notify()
         member.cv.wait_for(lambda: self.turn == member.index or self.stopped is not None)
         if self.stopped is not None:
-            raise KeyboardInterrupt
+            raise PackStopped
         member.restore()
 
     def meet(
@@ -291,7 +306,7 @@ class Pack:
                     self.cv.notify()
                     member.cv.wait_for(lambda: self.work is None or self.stopped is not None)
                     if self.stopped is not None:
-                        raise KeyboardInterrupt
+                        raise PackStopped
                 else:
                     self._switch(member)
             result = self.results.pop((kind, member.index))
