@@ -209,7 +209,8 @@ def test_a_job_that_fails_in_a_pack_fails_alone(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_ends_every_job_of_a_pack_as_interrupted_with_its_record(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_ends_every_job_of_a_pack_as_interrupted_with_its_record(tmp_path, stop):
     command = [sys.executable, str(ROOT / "train.py"), "-m", *FAST, "method=ti,hypernet", "hydra/launcher=packed",
                "trainer.max_steps=100000", "samples.every_n_steps=0", f"output_root={tmp_path}"]  # fmt: skip
     proc = subprocess.Popen(
@@ -223,7 +224,7 @@ def test_ctrl_c_ends_every_job_of_a_pack_as_interrupted_with_its_record(tmp_path
             logs = list(tmp_path.glob("multirun/*/*/metrics.csv"))
             if len(logs) == 2 and all(len(p.read_text().splitlines()) > 3 for p in logs):
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         assert proc.wait(timeout=300) != 0
     finally:
         proc.kill()

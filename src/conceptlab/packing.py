@@ -28,6 +28,7 @@ import logging
 import os
 import pickle
 import random
+import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -157,6 +158,24 @@ def plan_packs(jobs: list[DictConfig], pack_size: int) -> list[list[DictConfig]]
 # -------------------------------------------------------------------------------------------- a pack
 
 
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`) stops a pack as Ctrl-C does: every job recorded as interrupted. (Lightning
+    handles SIGTERM for a job in the main thread; a pack's jobs run in threads of their own.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _modes() -> tuple[bool, list[tuple[str, torch.dtype]]]:
     """This thread's grad mode and autocast settings (both are per thread)."""
     autocast = [
@@ -168,14 +187,14 @@ def _modes() -> tuple[bool, list[tuple[str, torch.dtype]]]:
 
 
 class PackStopped(SystemExit):
-    """The sweep was interrupted (Ctrl-C) while this job waited for its turn: the job ends as interrupted,
+    """The sweep was interrupted (Ctrl-C, SIGTERM) while this job waited for its turn: the job ends as interrupted,
     its record written (Lightning's own KeyboardInterrupt handling works in the main thread only)."""
 
     def __init__(self) -> None:
         super().__init__(130)
 
     def __str__(self) -> str:
-        return "the packed sweep was interrupted (Ctrl-C) while this job waited for its turn"
+        return "the packed sweep was interrupted (Ctrl-C or SIGTERM) while this job waited for its turn"
 
 
 class _Failed:
@@ -218,7 +237,7 @@ class Pack:
             for m in self.members
         ]
         # The jobs' own warnings.catch_warnings() interleave: the filters are restored here, once.
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _terminate_as_interrupt():
             for thread in threads:
                 thread.start()
             try:
