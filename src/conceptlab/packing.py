@@ -129,6 +129,8 @@ def pack_key(config: DictConfig) -> str | None:
             return None
         if config.data.get("num_workers", 0):
             return None  # forked data-loader workers and the pack's threads do not mix
+        if config.hydra.job.get("chdir"):
+            return None  # the working directory is the process's, not a thread's
         model = OmegaConf.to_container(config.model, resolve=True)
     except Exception:  # noqa: BLE001 - a setting only the job can judge: it runs alone, and says so there
         return None
