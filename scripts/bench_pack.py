@@ -44,7 +44,7 @@ def make_method(kind: str, index: int):
     return Hypernetwork(name="hypernet", lr=5e-6, scale_lr=False, concept=f"c{index}")
 
 
-def jobs_on(lead, kinds: list[str], device, dtype) -> list[SimpleNamespace]:
+def jobs_on(lead, kinds: list[str], batch: int, device, dtype) -> list[SimpleNamespace]:
     """Each job: its backbone copy with its method attached, its optimizer, its batch."""
     jobs = []
     generator = torch.Generator().manual_seed(0)
@@ -65,13 +65,13 @@ def jobs_on(lead, kinds: list[str], device, dtype) -> list[SimpleNamespace]:
             kind=kind,
         ))  # fmt: skip
     for job in jobs:
-        latents = torch.randn(BATCH, 4, size, size, generator=generator).to(device, dtype)
+        latents = torch.randn(batch, 4, size, size, generator=generator).to(device, dtype)
         job.batch = {
             "latents": latents, "noise": torch.randn(latents.shape, generator=generator).to(device, dtype),
-            "timesteps": torch.randint(0, 1000, (BATCH,), generator=generator).to(device),
+            "timesteps": torch.randint(0, 1000, (batch,), generator=generator).to(device),
         }  # fmt: skip
         ids = job.backbone.tokenizer(
-            [f"a photo of {job.method.prompt_text}"] * BATCH,
+            [f"a photo of {job.method.prompt_text}"] * batch,
             padding="max_length",
             max_length=77,
             return_tensors="pt",
@@ -82,9 +82,6 @@ def jobs_on(lead, kinds: list[str], device, dtype) -> list[SimpleNamespace]:
             with torch.no_grad():
                 job.batch["context"] = job.backbone.encode_text(ids)
     return jobs
-
-
-BATCH = 4
 
 
 def synchronize(device) -> None:
@@ -106,7 +103,6 @@ def time_steps(step, rounds: int, warmup: int, device) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    global BATCH
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=["tiny", "sd15"], default="tiny")
     parser.add_argument("--device", default="cpu")
@@ -120,7 +116,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-speedup", type=float, default=None)
     args = parser.parse_args(argv)
-    BATCH = args.batch
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     kinds = [args.methods.split(",")[i % len(args.methods.split(","))] for i in range(args.jobs)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         lead = load_backbone(ModelConfig(path=str(folder)))
     lead.to(device=device, dtype=dtype)
-    jobs = jobs_on(lead, kinds, device, dtype)
+    jobs = jobs_on(lead, kinds, args.batch, device, dtype)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     pack = Pack(

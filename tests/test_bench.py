@@ -6,11 +6,17 @@ import pytest
 from conftest import ROOT
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
 def test_bench_step_reports_both_steps(tiny_dir, capsys):
-    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "scripts" / "bench_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_step")
     report = bench.main(["--steps", "2", "--rounds", "2", "--warmup", "1", "--num-vectors", "2"])
     assert report["conceptlab"]["trainable_params"] == 2 * 32
     assert report["diffusers_example"]["trainable_params"] == (49408 + 2) * 32  # the whole table trains
@@ -46,9 +52,7 @@ def test_bench_judge_steps_compares_fewer_steps_with_sampling_noise(tmp_path):
     assert read_summary(run_dir)["status"] == "completed"
     # What train.py's Hydra leaves beside the run (run_train runs it in-process): the composed config.
     (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(compose([*FAST, *args])))
-    spec = importlib.util.spec_from_file_location("bench_judge", ROOT / "scripts" / "bench_judge_steps.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_judge_steps")
     report = bench.main([str(run_dir), "--steps", "2", "--reference", "3", "--samples", "2"])
     (run,) = report["runs"].values()
     assert set(run) == {"reference", "noise", "steps_2"}
@@ -60,9 +64,7 @@ def test_bench_judge_steps_compares_fewer_steps_with_sampling_noise(tmp_path):
 
 @pytest.mark.slow
 def test_bench_sweep_times_both_launchers_on_the_same_jobs(capsys):
-    spec = importlib.util.spec_from_file_location("bench_sweep", ROOT / "scripts" / "bench_sweep.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_sweep")
     report = bench.main(["--seeds", "1", "--steps", "3", "--launcher", "both"])
     assert not report["failed"]
     for launcher in ("local", "packed"):
@@ -77,9 +79,7 @@ def test_bench_sweep_times_both_launchers_on_the_same_jobs(capsys):
 
 @pytest.mark.slow
 def test_bench_pack_times_the_shared_step_against_the_jobs_alone(tiny_dir, capsys):
-    spec = importlib.util.spec_from_file_location("bench_pack", ROOT / "scripts" / "bench_pack.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_pack")
     report = bench.main(
         ["--jobs", "3", "--methods", "ti,hypernet", "--batch", "2", "--rounds", "2", "--warmup", "1"]
     )

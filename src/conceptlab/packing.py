@@ -380,7 +380,7 @@ class Pack:
             split = _Split(self, path, getattr(holder, name))
             if isinstance(holder, nn.Module):
                 holder.add_module(name, split)
-            else:  # an attribute of a plain object (a hypernetwork processor's stack)
+            else:  # an attribute of a plain object (an attention processor's, say)
                 setattr(holder, name, split)
             self.split_paths.add(path)
 
@@ -413,7 +413,7 @@ class Pack:
 
     def rows(self, value: Any, total: int, parts: tuple[slice, ...]) -> list[Any]:
         """`value` in `parts`: rows of a batch-first tensor, else itself. A tensor read by many layers
-        (the text context) is split once, so per-tensor caches (the hypernetworks') still hit."""
+        (the text context) is split once, so a method's per-tensor caches still hit."""
         if not (isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == total):
             return [value] * len(parts)
         key = (id(value), tuple((part.start, part.stop) for part in parts))

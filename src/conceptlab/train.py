@@ -453,7 +453,7 @@ def finish_wandb(trainer, summary: dict[str, Any] | None) -> None:
     from pytorch_lightning.loggers import WandbLogger
 
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        if isinstance(logger, WandbLogger):  # started by make_wandb_logger
             import wandb
 
             run = logger.experiment
