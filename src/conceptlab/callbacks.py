@@ -18,6 +18,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from .atomic import atomic_path
 from .config import SamplesConfig
+from .sampling import Draw, draw_images
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ class PreemptionCheckpoint(pl.Callback):
 
 
 class SampleGrid(pl.Callback):
-    """A grid (rows: prompts, columns: seeds) at step 0, every N steps and at the end; saved and logged."""
+    """A grid (rows: prompts, columns: seeds) at step 0, every N steps and at the end; saved and logged.
+    With a SharedDraws (conceptlab.sampling) its images are drawn in one batch with the evaluators'."""
 
     def __init__(self, cfg: SamplesConfig, prompts: list[str], prompt_text: str, folder: Path, cache=None):
         self.cfg = cfg
@@ -108,27 +110,47 @@ class SampleGrid(pl.Callback):
         self.folder = folder
         self.cache = cache  # an EvaluationCache: a grid of a state drawn before is read, not drawn again
         self.last_step = -1
+        self.shared = None
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if self.cfg.every_n_steps > 0:
-            self.render(trainer, module)
+        self.render(trainer, module, "start")
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self.cfg.every_n_steps > 0 and trainer.global_step % self.cfg.every_n_steps == 0:
-            self.render(trainer, module)
+        self.render(trainer, module, "batch_end")
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if self.cfg.every_n_steps > 0:
-            self.render(trainer, module)
+        self.render(trainer, module, "end")
+
+    def due(self, trainer: pl.Trainer, event: str) -> bool:
+        every, step = self.cfg.every_n_steps, trainer.global_step
+        if every <= 0 or step == self.last_step or not trainer.is_global_zero:
+            return False
+        return event != "batch_end" or step % every == 0
+
+    @property
+    def draw(self) -> Draw:
+        pairs = [(prompt, seed) for prompt in self.prompts for seed in self.cfg.seeds]
+        return Draw(
+            tuple(p for p, _ in pairs), tuple(s for _, s in pairs), self.cfg.num_inference_steps,
+            self.cfg.guidance_scale, self.cfg.negative_prompt,
+        )  # fmt: skip
+
+    def draws(self, trainer: pl.Trainer, module: pl.LightningModule, event: str) -> list[Draw]:
+        if not self.due(trainer, event) or self.cached(module)[1] is not None:
+            return []
+        return [self.draw]
 
     @torch.no_grad()
-    def render(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        step = trainer.global_step
-        if step == self.last_step or not trainer.is_global_zero:
+    def render(self, trainer: pl.Trainer, module: pl.LightningModule, event: str) -> None:
+        if not self.due(trainer, event):
             return
-        self.last_step = step
-        with module.method.inference():  # no dropout in samples; hypernetworks at their inference multiplier
-            png = self.cached_grid(module)
+        step = self.last_step = trainer.global_step
+        key, png = self.cached(module)
+        if png is None:
+            images = draw_images(self, trainer, module, self.draw)
+            png = grid_png(images, len(self.prompts), len(self.cfg.seeds))
+            if key is not None:
+                self.cache.put_bytes(key, ".png", png)
         path = self.folder / f"step_{step:06d}.png"
         with atomic_path(path) as tmp:
             tmp.write_bytes(png)
@@ -139,40 +161,30 @@ class SampleGrid(pl.Callback):
             if hasattr(logger, "log_image"):
                 logger.log_image(key="samples", images=[grid], step=step, caption=[" | ".join(self.prompts)])
 
-    def cached_grid(self, module: pl.LightningModule) -> bytes:
-        """The grid as PNG bytes: drawn, or read from the cache when this very state was drawn before."""
-        key = None
-        if self.cache is not None:
-            from .evalcache import backbone_identity, method_state
+    def cached(self, module: pl.LightningModule) -> tuple[str | None, bytes | None]:
+        """The cache key of the grid of this very state, and its PNG bytes when it was drawn before."""
+        if self.cache is None:
+            return None, None
+        from .evalcache import backbone_identity, method_state
 
-            cfg = self.cfg
-            key = self.cache.key(
-                kind="sample-grid", backbone=backbone_identity(module.backbone), prompts=self.prompts,
-                state=method_state(module.method, 1.0), seeds=list(cfg.seeds), steps=cfg.num_inference_steps,
-                guidance=cfg.guidance_scale, negative=cfg.negative_prompt, sampler="DDIM",
-            )  # fmt: skip
-            found = self.cache.get_bytes(key, ".png")
-            if found is not None:
-                return found
-        buffer = io.BytesIO()
-        render_grid(module.backbone, self.prompts, self.cfg).save(buffer, format="PNG")
-        if key is not None:
-            self.cache.put_bytes(key, ".png", buffer.getvalue())
-        return buffer.getvalue()
+        cfg = self.cfg
+        key = self.cache.key(
+            kind="sample-grid", backbone=backbone_identity(module.backbone), prompts=self.prompts,
+            state=method_state(module.method, 1.0), seeds=list(cfg.seeds), steps=cfg.num_inference_steps,
+            guidance=cfg.guidance_scale, negative=cfg.negative_prompt, sampler="DDIM",
+        )  # fmt: skip
+        return key, self.cache.get_bytes(key, ".png")
 
 
-def render_grid(backbone, prompts: list[str], cfg: SamplesConfig):
-    """Sample every prompt at every seed with the backbone as it is now; one labelled PIL grid."""
+def grid_png(images: torch.Tensor, rows: int, cols: int) -> bytes:
+    """Images in [0, 1], row after row, as one PNG grid."""
     from diffusers.utils import make_image_grid
     from PIL import Image
 
-    pairs = [(prompt, seed) for prompt in prompts for seed in cfg.seeds]
-    images = backbone.sample(
-        [p for p, _ in pairs], [s for _, s in pairs], cfg.num_inference_steps, cfg.guidance_scale,
-        cfg.negative_prompt,
-    )  # fmt: skip
     pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
-    return make_image_grid([Image.fromarray(p) for p in pixels], rows=len(prompts), cols=len(cfg.seeds))
+    buffer = io.BytesIO()
+    make_image_grid([Image.fromarray(p) for p in pixels], rows=rows, cols=cols).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 class ConceptExport(pl.Callback):

@@ -26,6 +26,7 @@ import torch
 
 from .atomic import atomic_path, write_json
 from .errors import ConceptLabError, ConfigError, error_line
+from .sampling import Draw, draw_images
 
 log = logging.getLogger(__name__)
 PREFIX = "metrics/"  # during training (a few prompts); evaluate.py's full protocol: EVAL_PREFIX
@@ -132,6 +133,7 @@ class MetricEvaluation(pl.Callback):
         self.scorer: Scorer | None = None
         self.best: dict[str, Any] = {}  # summary.json's `best`; kept in checkpoints (a resumed run knows it)
         self.done_step = -1
+        self.shared = None  # a conceptlab.sampling.SharedDraws draws this callback's images with others'
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": dict(self.best)}
@@ -146,55 +148,70 @@ class MetricEvaluation(pl.Callback):
     def on_train_start(self, trainer, module) -> None:
         if self.best and self.record is not None:
             self.record.report(trainer, best=self.best)  # the best step before a resume
-        if self.cfg.every_n_steps > 0:
-            self.evaluate(trainer, module)
+        self.evaluate(trainer, module, "start")
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        step, every = trainer.global_step, self.cfg.every_n_steps
-        # The last step too, here rather than at the end: its best step then reaches the last checkpoint.
-        if (every > 0 and step % every == 0) or step >= trainer.max_steps:
-            self.evaluate(trainer, module)
+        self.evaluate(trainer, module, "batch_end")
 
     def on_train_end(self, trainer, module) -> None:
-        self.evaluate(trainer, module)  # a run that ended before max_steps (done already otherwise)
+        self.evaluate(trainer, module, "end")  # a run that ended before max_steps (done already otherwise)
 
-    @torch.no_grad()
-    def evaluate(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        step = trainer.global_step
+    def due(self, trainer: pl.Trainer, event: str) -> bool:
+        step, every = trainer.global_step, self.cfg.every_n_steps
         if step == self.done_step or not trainer.is_global_zero:
-            return
-        self.done_step = step
-        module.check_finite()
+            return False
+        if event == "start":
+            return every > 0
+        # The last step too, at its batch end rather than at the end: its best step then reaches the last
+        # checkpoint.
+        return event == "end" or (every > 0 and step % every == 0) or step >= trainer.max_steps
+
+    def plan(self, module: pl.LightningModule) -> tuple[list[Prompted], Draw, str | None]:
+        """The prompts, what to sample for them, and the cache key of their scores (None: no cache)."""
         method, backbone = module.method, module.backbone
         words = "" if method.prompt_tag else method.prompt_text
         prompts = build_prompts(
             getattr(self.protocol, self.kind), words, self.class_word, limit=self.cfg.metric_prompts
         )
         seeds = [self.protocol.seed + k for k in range(self.cfg.metric_samples)]
-        key = metrics = None
+        draw = Draw(
+            tuple(p.text for p in prompts for _ in seeds), tuple(s for _ in prompts for s in seeds),
+            self.protocol.num_inference_steps, self.protocol.guidance_scale,
+        )  # fmt: skip
+        key = None
         if self.cache is not None:  # step 0 from a shared starting state was scored before
             from .evalcache import backbone_identity, method_state
 
             key = self.cache.key(
                 kind="metrics", backbone=backbone_identity(backbone), state=method_state(method, 1.0),
-                prompts=[(p.set, p.text, p.plain) for p in prompts], seeds=seeds, sampler="DDIM",
+                prompts=[(p.set, p.text, p.plain) for p in prompts], seeds=list(seeds), sampler="DDIM",
                 steps=self.protocol.num_inference_steps, guidance=self.protocol.guidance_scale,
                 encoders=self.encoder_identity, real=self.real_digest,
             )  # fmt: skip
-            metrics = self.cache.get(key)
+        return prompts, draw, key
+
+    def draws(self, trainer: pl.Trainer, module: pl.LightningModule, event: str) -> list[Draw]:
+        if not self.due(trainer, event):
+            return []
+        _, draw, key = self.plan(module)
+        return [] if key is not None and self.cache.get(key) is not None else [draw]
+
+    @torch.no_grad()
+    def evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, event: str) -> None:
+        if not self.due(trainer, event):
+            return
+        step = self.done_step = trainer.global_step
+        module.check_finite()
+        prompts, draw, key = self.plan(module)
+        metrics = self.cache.get(key) if key is not None else None
         if metrics is None:
             if self.scorer is None:
                 from .metrics import Encoders
 
                 self.scorer = Scorer(Encoders(*self.encoder_names, device=module.device), self.real_images)
-            with method.inference(1.0):
-                pixels = backbone.sample(
-                    [p.text for p in prompts for _ in seeds], [s for _ in prompts for s in seeds],
-                    self.protocol.num_inference_steps, self.protocol.guidance_scale, progress=f"metrics at step {step}",
-                )  # fmt: skip
-            images = to_pil(pixels)
-            metrics = self.scorer.score(prompts, images, len(seeds))["flat"]
-            log_image_table(trainer, step, [(p.text, s) for p in prompts for s in seeds], images)
+            images = to_pil(draw_images(self, trainer, module, draw, progress=f"metrics at step {step}"))
+            metrics = self.scorer.score(prompts, images, self.cfg.metric_samples)["flat"]
+            log_image_table(trainer, step, list(zip(draw.texts, draw.seeds)), images)
             if key is not None:
                 self.cache.put(key, metrics, about={"prompts": [p.text for p in prompts]})
         for logger in trainer.loggers:

@@ -165,7 +165,8 @@ def fit(cfg: DictConfig, record: RunRecord) -> None:
         example_prompt=method.usage(list(cfg.data.sample_prompts)[0]),
     )
     # Evaluators first: what they record at a step (the best step) is in the checkpoint of that step.
-    trainer = make_trainer(cfg, record, evaluators + run_callbacks(cfg, record, method))
+    callbacks = evaluators + run_callbacks(cfg, record, method)
+    trainer = make_trainer(cfg, record, shared_draws(callbacks) + callbacks)
     module = make_module(cfg, trainer, backbone, method, record)
     say(
         f"conceptlab: {cfg.method.name} on {concept} · model={cfg.model.name} · {cfg.trainer.max_steps} steps · "
@@ -266,6 +267,15 @@ def make_evaluators(cfg: DictConfig, record: RunRecord) -> list:
         instantiate_checked(spec, settings=cfg.evaluate, data=cfg.data, record=record)
         for spec in cfg.evaluators.values()
     ]
+
+
+def shared_draws(callbacks: list) -> list:
+    """A SharedDraws for the callbacks that sample (judge, metrics, grid) when there are several: what
+    they draw at a step is sampled in one batch per sampler (conceptlab.sampling)."""
+    from .sampling import SharedDraws
+
+    users = [c for c in callbacks if hasattr(c, "draws")]
+    return [SharedDraws(users)] if len(users) > 1 else []
 
 
 def make_method(cfg: DictConfig, concept: str, backbone):

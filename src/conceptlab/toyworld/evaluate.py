@@ -7,6 +7,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -14,6 +15,7 @@ import torch
 from ..errors import ConfigError
 from ..evalcache import EvaluationCache, backbone_identity, default_cache_dir, method_state
 from ..records import publish
+from ..sampling import Draw, draw_images
 from .concepts import TOY_CONCEPTS, toy_concept_of
 from .judge import Judge
 from .world import ATTRIBUTES, BACKGROUNDS, COLOURS, NAMED_SHAPES, NAMED_STYLES, SIZES
@@ -113,6 +115,36 @@ def score(judge: Judge, images: torch.Tensor, prompts: list[str], truth: dict[st
     )
 
 
+def judge_plan(
+    backbone, method, prompts: list[str], judge_digest: str, truth: dict[str, str], cfg,
+    all_multipliers: bool = True, cache: EvaluationCache | None = None,
+) -> list[tuple[str, Draw, str | None, dict | None]]:  # fmt: skip
+    """What judging the backbone with `method` installed takes, at each of cfg.multipliers for a method
+    that has a strength (at 1.0 only with `all_multipliers=False`), else once: the metrics' prefix
+    (judge/ at 1.0, judge_m<m>/ at the others), the images to sample, the scores' cache key and the
+    scores themselves when the cache holds them (the bare model, a shared starting state)."""
+    texts = [p.replace("{}", method.prompt_text) for p in prompts]
+    seeds = list(range(cfg.num_samples))
+    multipliers = list(cfg.multipliers) if method.has_multiplier and all_multipliers else [1.0]
+    plan = []
+    for multiplier in multipliers:
+        draw = Draw(
+            tuple(t for t in texts for _ in seeds), tuple(s for _ in texts for s in seeds),
+            cfg.num_inference_steps, cfg.guidance_scale, multiplier=float(multiplier),
+        )  # fmt: skip
+        key = found = None
+        if cache is not None:
+            # Everything the scores depend on; the bare model's texts are its words without the method.
+            key = cache.key(
+                kind="toy-judge", backbone=backbone_identity(backbone), judge=judge_digest,
+                state=method_state(method, multiplier), prompts=prompts, truth=truth, texts=texts,
+                seeds=seeds, steps=cfg.num_inference_steps, guidance=cfg.guidance_scale, sampler="DDIM",
+            )  # fmt: skip
+            found = cache.get(key)
+        plan.append(("judge/" if multiplier == 1.0 else f"judge_m{multiplier:g}/", draw, key, found))
+    return plan
+
+
 def evaluate_concept(
     backbone,
     method,
@@ -123,41 +155,31 @@ def evaluate_concept(
     all_multipliers: bool = True,
     progress: str | None = None,
     cache: EvaluationCache | None = None,
+    draw: Callable[[Draw, str | None], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Judge metrics of the backbone with `method` installed, at each of cfg.multipliers for a method
-    that has a strength (judge/* at 1.0, judge_m<m>/* at the others), else once (judge/*).
+    """Judge metrics of the backbone with `method` installed (what `judge_plan` lists, scored).
 
     `prompts` keep their {} (the attributes a prompt names are read from its own words); `cfg` is an
-    EvaluateConfig. `all_multipliers=False` scores at 1.0 only (evaluations during training). With a
-    `cache`, scores whose inputs were scored before (the bare model, a shared starting state) are read.
+    EvaluateConfig. With a `cache`, scores whose inputs were scored before are read. `draw` gives a
+    Draw's images in [0, 1] (default: sampled here, the method at the Draw's multiplier).
     """
-    texts = [p.replace("{}", method.prompt_text) for p in prompts]
-    seeds = list(range(cfg.num_samples))
-    multipliers = list(cfg.multipliers) if method.has_multiplier and all_multipliers else [1.0]
     metrics: dict[str, float] = {}
-    for multiplier in multipliers:
-        prefix = "judge/" if multiplier == 1.0 else f"judge_m{multiplier:g}/"
-        key = None
-        if cache is not None:
-            # Everything the scores depend on; the bare model's texts are its words without the method.
-            key = cache.key(
-                kind="toy-judge", backbone=backbone_identity(backbone), judge=judge.digest,
-                state=method_state(method, multiplier), prompts=prompts, truth=truth, texts=texts,
-                seeds=seeds, steps=cfg.num_inference_steps, guidance=cfg.guidance_scale, sampler="DDIM",
-            )  # fmt: skip
-            found = cache.get(key)
-            if found is not None:
-                metrics.update({f"{prefix}{k}": v for k, v in found.items()})
-                continue
-        with method.inference(multiplier):
-            images = sample_images(
-                backbone, texts, seeds, cfg.num_inference_steps, cfg.guidance_scale,
-                progress=f"{progress} (x{multiplier:g})" if progress else None,
-            )  # fmt: skip
-        scores = score(judge, images, prompts, truth).metrics("")
-        if cache is not None:
-            cache.put(key, scores, about={"texts": texts, "multiplier": multiplier})
-        metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
+    plan = judge_plan(backbone, method, prompts, judge.digest, truth, cfg, all_multipliers, cache)
+    for prefix, images_of, key, found in plan:
+        if found is None:
+            label = f"{progress} (x{images_of.multiplier:g})" if progress else None
+            if draw is not None:
+                images = draw(images_of, label)
+            else:
+                with method.inference(images_of.multiplier):
+                    images = backbone.sample(
+                        list(images_of.texts), list(images_of.seeds), images_of.steps, images_of.guidance,
+                        progress=label,
+                    )  # fmt: skip
+            found = score(judge, images * 2 - 1, prompts, truth).metrics("")
+            if cache is not None:
+                cache.put(key, found, about={"texts": list(dict.fromkeys(images_of.texts)), "multiplier": images_of.multiplier})
+        metrics.update({f"{prefix}{k}": v for k, v in found.items()})
     return metrics
 
 
@@ -193,6 +215,7 @@ class JudgeEvaluation(pl.Callback):
         self.cache = EvaluationCache(default_cache_dir(cache_dir)) if settings.cache else None
         self.judge = None
         self.done: tuple[int, bool] | None = None  # (step, all multipliers) of the last evaluation
+        self.shared = None  # a conceptlab.sampling.SharedDraws draws this callback's images with others'
 
     def setup(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
         if self.concept is not None and self.judge is None:
@@ -201,26 +224,50 @@ class JudgeEvaluation(pl.Callback):
             self.judge = load_judge(Path(module.backbone.path))
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if self.cfg.every_n_steps > 0:
-            self.evaluate(trainer, module, full=trainer.global_step == 0)
+        self.evaluate(trainer, module, "start")
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.cfg.every_n_steps > 0 and step % self.cfg.every_n_steps == 0 and step < trainer.max_steps:
-            self.evaluate(trainer, module, full=False)
+        self.evaluate(trainer, module, "batch_end")
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.evaluate(trainer, module, full=True)
+        self.evaluate(trainer, module, "end")  # a run that ended before max_steps (done already otherwise)
+
+    def due(self, trainer: pl.Trainer, event: str) -> bool | None:
+        """Whether to judge at `event` of this step at every multiplier (True), at 1.0 only (False), or
+        not at all (None)."""
+        step, every = trainer.global_step, self.cfg.every_n_steps
+        if self.judge is None or not trainer.is_global_zero:
+            return None
+        if event == "start":
+            full = (step == 0) if every > 0 else None
+        elif event == "batch_end":
+            # The last step at its batch end (with the metrics and the grid: one batch of samples).
+            full = True if step >= trainer.max_steps else (False if every > 0 and step % every == 0 else None)
+        else:
+            full = True
+        return None if full is None or self.done in ((step, True), (step, full)) else full
+
+    def draws(self, trainer: pl.Trainer, module: pl.LightningModule, event: str) -> list[Draw]:
+        full = self.due(trainer, event)
+        if full is None:
+            return []
+        plan = judge_plan(
+            module.backbone, module.method, list(self.concept.prompts), self.judge.digest,
+            dict(self.concept.truth), self.cfg, full, self.cache,
+        )  # fmt: skip
+        return [draw for _, draw, _, found in plan if found is None]
 
     @torch.no_grad()
-    def evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, full: bool) -> None:
-        step = trainer.global_step
-        if self.judge is None or not trainer.is_global_zero or self.done in ((step, True), (step, full)):
+    def evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, event: str) -> None:
+        full = self.due(trainer, event)
+        if full is None:
             return
+        step = trainer.global_step
         self.done = (step, full)
         self.judge.to(module.device)
         metrics = evaluate_concept(
             module.backbone, module.method, self.judge, list(self.concept.prompts), dict(self.concept.truth),
             self.cfg, all_multipliers=full, progress=f"judging step {step}", cache=self.cache,
+            draw=lambda draw, label: draw_images(self, trainer, module, draw, label),
         )  # fmt: skip
         publish(trainer, self.record, step, metrics)
