@@ -107,6 +107,11 @@ def draw_images(
     if images is None:
         with module.method.inference(draw.multiplier):
             images = module.backbone.sample(
-                list(draw.texts), list(draw.seeds), draw.steps, draw.guidance, draw.negative, progress=progress
+                list(draw.texts),
+                list(draw.seeds),
+                draw.steps,
+                draw.guidance,
+                draw.negative,
+                progress=progress,
             )
     return images

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -178,7 +178,11 @@ def evaluate_concept(
                     )  # fmt: skip
             found = score(judge, images * 2 - 1, prompts, truth).metrics("")
             if cache is not None:
-                cache.put(key, found, about={"texts": list(dict.fromkeys(images_of.texts)), "multiplier": images_of.multiplier})
+                cache.put(
+                    key,
+                    found,
+                    about={"texts": list(dict.fromkeys(images_of.texts)), "multiplier": images_of.multiplier},
+                )
         metrics.update({f"{prefix}{k}": v for k, v in found.items()})
     return metrics
 
