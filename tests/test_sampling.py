@@ -83,10 +83,18 @@ def test_one_batched_call_per_sampler_and_each_user_gets_its_own_images(backbone
     shared.on_train_batch_end(trainer, module, None, None, 1)  # nobody wants anything at step 1
     assert counting.calls == 4
 
+    # At the end of training (a run that stopped before max_steps): drawn, and kept for the users' hooks.
+    users[2].wanted = {"end": [grid]}
+    trainer.global_step = 0
+    shared.on_train_end(trainer, module)
+    assert counting.calls == 5 and shared.take(trainer, grid) is not None
+    shared.teardown(trainer, module, "fit")
+    assert shared.take(trainer, grid) is None
+
     # Not the global-zero process (DDP): nothing is drawn ahead there (the evaluators do not run).
-    trainer.global_step, trainer.is_global_zero = 2, False
-    shared.on_train_batch_end(trainer, module, None, None, 2)
-    assert counting.calls == 4
+    trainer.is_global_zero = False
+    shared.on_train_end(trainer, module)
+    assert counting.calls == 5
 
 
 def _eval_rows(run_dir):

@@ -63,7 +63,9 @@ class SharedDraws(pl.Callback):
 
     def on_train_end(self, trainer, module) -> None:
         self.prepare(trainer, module, "end")
-        self.drawn = {}
+
+    def teardown(self, trainer, module, stage: str) -> None:
+        self.step, self.drawn = -1, {}
 
     @torch.no_grad()
     def prepare(self, trainer: pl.Trainer, module: pl.LightningModule, event: str) -> None:
