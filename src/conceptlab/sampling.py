@@ -81,15 +81,12 @@ class SharedDraws(pl.Callback):
                     if (*draw.sampler, *pair) not in self.drawn:
                         pairs[pair] = None
         for sampler, pairs in wanted.items():
-            if not pairs:
-                continue
-            steps, guidance, negative, multiplier = sampler
-            with module.method.inference(multiplier):
-                images = module.backbone.sample(
-                    [text for text, _ in pairs], [seed for _, seed in pairs], steps, guidance, negative,
-                    progress=f"sampling step {self.step}",
-                )  # fmt: skip
-            self.drawn.update({(*sampler, *pair): image for pair, image in zip(pairs, images)})
+            if pairs:
+                batch = Draw(tuple(text for text, _ in pairs), tuple(seed for _, seed in pairs), *sampler)
+                images = sample_draw(
+                    module.backbone, module.method, batch, progress=f"sampling step {self.step}"
+                )
+                self.drawn.update({(*sampler, *pair): image for pair, image in zip(pairs, images)})
 
     def take(self, trainer: pl.Trainer, draw: Draw) -> torch.Tensor | None:
         """The images of `draw` if they were drawn at this step, else None."""
@@ -106,14 +103,12 @@ def draw_images(
 ) -> torch.Tensor:
     """The images of `draw` in [0, 1]: drawn already by the user's SharedDraws, or sampled now."""
     images = user.shared.take(trainer, draw) if user.shared is not None else None
-    if images is None:
-        with module.method.inference(draw.multiplier):
-            images = module.backbone.sample(
-                list(draw.texts),
-                list(draw.seeds),
-                draw.steps,
-                draw.guidance,
-                draw.negative,
-                progress=progress,
-            )
-    return images
+    return sample_draw(module.backbone, module.method, draw, progress) if images is None else images
+
+
+def sample_draw(backbone, method, draw: Draw, progress: str | None = None) -> torch.Tensor:
+    """The images of `draw` in [0, 1], sampled now (the method in inference mode at the draw's multiplier)."""
+    with method.inference(draw.multiplier):
+        return backbone.sample(
+            list(draw.texts), list(draw.seeds), draw.steps, draw.guidance, draw.negative, progress=progress
+        )  # fmt: skip

@@ -15,7 +15,7 @@ import torch
 from ..errors import ConfigError
 from ..evalcache import EvaluationCache, backbone_identity, default_cache_dir, method_state
 from ..records import publish
-from ..sampling import Draw, draw_images
+from ..sampling import Draw, draw_images, sample_draw
 from .concepts import TOY_CONCEPTS, toy_concept_of
 from .judge import Judge
 from .world import ATTRIBUTES, BACKGROUNDS, COLOURS, NAMED_SHAPES, NAMED_STYLES, SIZES
@@ -168,14 +168,7 @@ def evaluate_concept(
     for prefix, images_of, key, found in plan:
         if found is None:
             label = f"{progress} (x{images_of.multiplier:g})" if progress else None
-            if draw is not None:
-                images = draw(images_of, label)
-            else:
-                with method.inference(images_of.multiplier):
-                    images = backbone.sample(
-                        list(images_of.texts), list(images_of.seeds), images_of.steps, images_of.guidance,
-                        progress=label,
-                    )  # fmt: skip
+            images = draw(images_of, label) if draw else sample_draw(backbone, method, images_of, label)
             found = score(judge, images * 2 - 1, prompts, truth).metrics("")
             if cache is not None:
                 cache.put(
