@@ -2,11 +2,13 @@
 
     python scripts/bench_eval.py                 # ~3 min on 2 CPU cores
     python scripts/bench_eval.py --max-ratio 1.25 --max-first-step 8
+    python scripts/bench_eval.py --repeat 3      # without / with evaluation three times each, in turns: medians
 
 * the README's main command (`python train.py`: textual inversion on the toy world) with evaluation and
   sample grids, against the same with `evaluate.enabled=false samples.every_n_steps=0`: wall time of
   each and their ratio, with an empty evaluation cache and with the one the first run left (another
-  seed: only what cannot differ between runs is reused);
+  seed: only what cannot differ between runs is reused; with --repeat, the median of that many of each,
+  run in turns);
 * the cost of the similarity metrics during training (CLIP-I / CLIP-T, evaluators/toy.yaml's `metrics`):
   the main command with the judge only (`~evaluators.metrics`) against both;
 * `method=hypernet data=styles`: seconds from the start of the process to the first training step,
@@ -46,6 +48,11 @@ def train(run_dir: Path, cache: Path, *overrides: str) -> dict:
     return {"wall_s": round(wall, 1), "first_step_s": round(imports + summary["time_to_first_step_s"], 1)}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median wall time (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
@@ -53,14 +60,23 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--max-first-step", type=float, default=None, help="fail above this (second hypernet run)"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1,
+        help="rounds of the main command without and with evaluation, in turns; medians (a busy machine varies)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     report: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        plain = train(tmp / "plain", tmp / "cache-plain", "evaluate.enabled=false", "samples.every_n_steps=0")
         judge_only = train(tmp / "judge", tmp / "cache-judge", "~evaluators.metrics")
         cold = train(tmp / "cold", tmp / "cache")
-        warm = train(tmp / "warm", tmp / "cache", "seed=1")
+        # Without evaluation and with the baselines cold left (other seeds), in turns: the medians.
+        plains, warms = [], []
+        for k in range(1, args.repeat + 1):
+            off = ("evaluate.enabled=false", "samples.every_n_steps=0")
+            plains.append(train(tmp / f"plain{k}", tmp / "cache-plain", *off, f"seed={k}"))
+            warms.append(train(tmp / f"warm{k}", tmp / "cache", f"seed={k}"))
+        plain, warm = median_run(plains), median_run(warms)
         report["main_command"] = {
             "without_evaluation": plain,
             "with_judge_only_empty_cache": judge_only,
@@ -70,6 +86,11 @@ def main(argv=None) -> dict:
             "ratio_empty_cache": round(cold["wall_s"] / plain["wall_s"], 2),
             "ratio_cached_baselines": round(warm["wall_s"] / plain["wall_s"], 2),
         }
+        if args.repeat > 1:
+            report["main_command"]["rounds"] = [
+                {"without_evaluation_s": a["wall_s"], "with_evaluation_s": b["wall_s"]}
+                for a, b in zip(plains, warms)
+            ]
         hypernet = ["method=hypernet", "data=styles", "trainer.max_steps=1"]
         first = train(tmp / "hn1", tmp / "cache-hn", *hypernet)
         second = train(tmp / "hn2", tmp / "cache-hn", *hypernet)
