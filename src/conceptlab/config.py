@@ -252,8 +252,8 @@ class EvaluateConfig:
     every_n_steps: int = opt(100, "also at step 0 and the end; 0 = only at the end", valid="[0, inf)")
     num_samples: int = opt(16, "samples per prompt, seeds 0..n-1 (the same every time)", valid="[1, inf)")
     num_inference_steps: int = opt(
-        8,
-        "DDIM steps (8: the judge's scores change less than sampling noise from 25, scripts/bench_judge_steps.py)",
+        10,
+        "DDIM steps (10: the judge's scores change less than sampling noise from 25, scripts/bench_judge_steps.py)",
         valid="[1, inf)",
     )
     guidance_scale: float = opt(4.0, "classifier-free guidance", valid="[0, inf)")
