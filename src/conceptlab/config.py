@@ -504,6 +504,7 @@ GROUP_NOTES = {
     "bundled": "bundled (chosen by model and data: data=objects|styles on a model with its own sets):",
     "recipe": "recipe (chosen by model and method: tuned settings on a model that needs its own):",
     "evaluators": "evaluators (chosen by model; evaluators=none turns evaluation off):",
+    "samples": "samples (chosen by model: grids with the model's own sampler; samples.* keys still win):",
 }
 HELP_HEADERS = {
     "train": "conceptlab train.py: teach a frozen Stable Diffusion model a concept.\n"
