@@ -1,13 +1,13 @@
 """Images drawn for evaluation during training, once per step for every callback that reads them.
 
-The judge, the similarity metrics and the sample grid each sample at the same steps (step 0, every N
-steps, the end). Drawn one callback after another, the small batches (a grid's four images, the
-metrics' ten) cost on a CPU two to three times as much per image as the judge's 48. `SharedDraws`,
-first among the callbacks, asks each of them what it will draw at this point (`draws`: what its cache
-does not hold), samples everything that shares a sampler and a multiplier in one batched call, and
-each callback then takes its own images (`take`) when its hook runs. An image depends only on its
-prompt, seed, sampler and the learned state (a generator per seed, a deterministic DDIM): a callback
-gets the images it would have drawn alone, up to floating-point rounding of a larger batch.
+The evaluators (the `evaluators` group) and the sample grid sample at the same steps (step 0, every N
+steps, the end). Drawn one callback after another, small batches (a grid's four images) cost on a CPU
+two to three times as much per image as a batch of 48. `SharedDraws`, first among the callbacks, asks
+each of them what it will draw at this point (`draws`: what its cache does not hold), samples
+everything that shares a sampler and a multiplier in one batched call, and each callback then takes
+its own images (`take`) when its hook runs. An image depends only on its prompt, seed, sampler and the
+learned state (a generator per seed, a deterministic DDIM): a callback gets the images it would have
+drawn alone, up to floating-point rounding of a larger batch.
 """
 
 from __future__ import annotations

@@ -270,8 +270,8 @@ def make_evaluators(cfg: DictConfig, record: RunRecord) -> list:
 
 
 def shared_draws(callbacks: list) -> list:
-    """A SharedDraws for the callbacks that sample (judge, metrics, grid) when there are several: what
-    they draw at a step is sampled in one batch per sampler (conceptlab.sampling)."""
+    """A SharedDraws for the callbacks that sample (evaluators, the sample grid) when there are several:
+    what they draw at a step is sampled in one batch per sampler (conceptlab.sampling)."""
     from .sampling import SharedDraws
 
     users = [c for c in callbacks if hasattr(c, "draws")]
