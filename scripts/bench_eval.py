@@ -48,9 +48,9 @@ def train(run_dir: Path, cache: Path, *overrides: str) -> dict:
     return {"wall_s": round(wall, 1), "first_step_s": round(imports + summary["time_to_first_step_s"], 1)}
 
 
-def median_run(runs: list[dict]) -> dict:
-    """The run of median wall time (the lower middle one of an even count)."""
-    return sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
+def median_run(runs: list[dict], key: str = "wall_s") -> dict:
+    """The run of median `key` (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r[key])[(len(runs) - 1) // 2]
 
 
 def main(argv=None) -> dict:

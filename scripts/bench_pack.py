@@ -12,6 +12,8 @@ on its batch, its backward), one after another. Lightning's per-job loop is not 
 
 Prints JSON: ms per step of the pack and of the jobs alone (all R of them), the speed-up, and whether
 every job's loss is the same both ways. With --min-speedup it exits 1 below the target (GPU: 8).
+With --profile, where the time goes (torch.profiler, after the timed steps): per kind of operator
+(attention, convolution, matmul, normalization, the rest), ms per step packed and alone and the gain.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from conceptlab.module import diffusion_losses
 from conceptlab.packing import Pack, shared_copy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import sd15_shaped_folder  # noqa: E402 - the SD-1.5-shaped folder bench_step builds
+from bench_step import sd15_folder  # noqa: E402 - the SD-1.5-shaped folder bench_step builds
 
 
 def make_method(kind: str, index: int):
@@ -102,6 +104,33 @@ def time_steps(step, rounds: int, warmup: int, device) -> list[float]:
     return times
 
 
+# Operator names (aten::..., as torch.profiler reports them) by kind, first match wins.
+KINDS = {
+    "attention": ("scaled_dot_product", "attention"),
+    "convolution": ("conv",),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"),
+    "normalization": ("norm",),
+}
+
+
+def ms_by_kind(step, rounds: int, device) -> dict[str, float]:
+    """Self time per step of each kind of operator (on a GPU, the kernels' time), over `rounds` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(rounds):
+            step()
+        synchronize(device)
+    totals = dict.fromkeys([*KINDS, "other"], 0.0)
+    for event in prof.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        name = event.key.lower()
+        kind = next((k for k, marks in KINDS.items() if any(m in name for m in marks)), "other")
+        totals[kind] += us
+    return {kind: round(us / 1000 / rounds, 1) for kind, us in totals.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=["tiny", "sd15"], default="tiny")
@@ -115,6 +144,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-speedup", type=float, default=None)
+    parser.add_argument("--profile", action="store_true", help="ms per step by kind of operator, both ways")
+    parser.add_argument(
+        "--folder",
+        type=Path,
+        default=None,
+        help="--shape sd15: keep the SD-1.5-shaped folder here (made once)",
+    )
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     kinds = [args.methods.split(",")[i % len(args.methods.split(","))] for i in range(args.jobs)]
@@ -122,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         folder = (
             ensure_tiny_backbone(ModelConfig())
             if args.shape == "tiny"
-            else sd15_shaped_folder(Path(tmp) / "sd15")
+            else sd15_folder(args.folder, Path(tmp))
         )
         lead = load_backbone(ModelConfig(path=str(folder)))
     lead.to(device=device, dtype=dtype)
@@ -170,6 +206,16 @@ def main(argv: list[str] | None = None) -> dict:
     for job, saved in zip(jobs, state):
         job.method.load_state_dict(saved)
     packed = time_steps(packed_step, args.rounds, args.warmup, device)
+    by_kind = None
+    if args.profile:
+        by_kind = {"packed": ms_by_kind(packed_step, args.rounds, device)}
+        for job, saved in zip(jobs, state):
+            job.method.load_state_dict(saved)
+        by_kind["alone"] = ms_by_kind(alone_step, args.rounds, device)
+        by_kind["gain"] = {
+            kind: round(by_kind["alone"][kind] / ms, 2) if ms else None
+            for kind, ms in by_kind["packed"].items()
+        }
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     report = {
         "shape": args.shape, "device": str(device),
@@ -181,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
         "same_losses": all(abs(a - b) <= tolerance * max(abs(b), 1e-6) for a, b in zip(first_packed, first_alone)),
         "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
     }  # fmt: skip
+    if by_kind is not None:
+        report["ms_per_step_by_kind"] = by_kind
     print(json.dumps(report, indent=2))
     report["failed"] = not report["same_losses"] or (
         args.min_speedup is not None and report["speedup"] < args.min_speedup

@@ -8,10 +8,16 @@ Both run in this one process, on the same backbone weights and batch size:
 
     python scripts/bench_step.py                                   # tiny backbone, CPU
     python scripts/bench_step.py --shape sd15 --device cuda        # SD-1.5 shapes (random weights), GPU
+    python scripts/bench_step.py --shape sd15 --device cuda --dtype bfloat16 --batch-size 1,4,16 \
+        --compile reduce-overhead --folder /tmp/sd15                 # every batch size, compiled too
 
 It also times conceptlab's hypernetwork step (A1111's default structure, cached text contexts) on
-the same backbone and batch. Prints one JSON object: steps/s of each, the ratios (conceptlab TI /
-baseline; hypernetwork step time / TI step time) and memory figures.
+the same backbone and batch, and with --compile conceptlab's TI step with the UNet compiled as
+`trainer.compile=<mode>` compiles it. Prints one JSON object: steps/s and images/s of each, the ratios
+(conceptlab TI / baseline; hypernetwork step time / TI step time), memory figures, and each step's
+FLOPs (counted by torch.utils.flop_counter over one step) with the rate achieved and, on a GPU whose
+bf16 peak is known (or given with --peak-tflops), the fraction of that peak. With several batch sizes,
+one such object per size under "batches".
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ from conceptlab.data import ConceptDataModule, read_concept_images, resolve_data
 from conceptlab.methods.hypernetwork import Hypernetwork
 from conceptlab.methods.textual_inversion import TextualInversion
 from conceptlab.module import ConceptModule
+from conceptlab.train import COMPILE_MODES, compile_unet
+
+# Dense bf16 tensor-core peaks (TFLOP/s, the vendors' figures without sparsity), by a part of the
+# name torch.cuda.get_device_name gives; --peak-tflops for any other device.
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
 
 
 def sd15_shaped_folder(folder: Path) -> Path:
@@ -59,7 +70,14 @@ def sd15_shaped_folder(folder: Path) -> Path:
     return save_sd_folder(folder, text_encoder, vae, unet)
 
 
-def conceptlab_step(folder, images, args, device, dtype, method_name="ti"):
+def sd15_folder(kept: Path | None, tmp: Path) -> Path:
+    """The SD-1.5-shaped folder: the one kept at `kept` by an earlier run, else made there (or in tmp)."""
+    if kept is not None and (kept / "model_index.json").exists():
+        return kept
+    return sd15_shaped_folder(kept or tmp / "sd15")
+
+
+def conceptlab_step(folder, images, args, device, dtype, method_name="ti", compile_mode=None):
     backbone = load_backbone(ModelConfig(path=str(folder))).to(device, dtype)
     if method_name == "ti":
         method = TextualInversion(
@@ -69,6 +87,7 @@ def conceptlab_step(folder, images, args, device, dtype, method_name="ti"):
         method = Hypernetwork(name="hypernet", lr=1e-5, scale_lr=False, concept="bench")
     method.attach(backbone)
     method.to(device)
+    compile_unet(backbone, compile_mode or False)  # as trainer.compile=<mode> does it (train.make_module)
     cfg = DataConfig(path=args.images, batch_size=args.batch_size)
     data = ConceptDataModule(
         cfg, images, backbone, method.prompt_text, seed=0, resolution=args.resolution,
@@ -152,9 +171,20 @@ def baseline_step(folder, image_paths, args, device, dtype):
     return step, optimizer, [table.weight]
 
 
+def step_flops(step) -> int:
+    """The floating-point operations of one step (matrix products, convolutions, attention; forward
+    and backward), as torch.utils.flop_counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def measure(makers: dict, args, device) -> dict[str, dict]:
-    """Steps/s of each variant, timed in interleaved blocks (median), so drift hits all alike."""
-    built, results = {}, {}
+    """Steps/s of each variant, timed in interleaved blocks (median), so drift hits all alike; and the
+    FLOPs of one step of each eager variant (a compiled variant: those of `flops_of`'s)."""
+    built, results, flops = {}, {}, {}
     for name, make in makers.items():
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -163,6 +193,10 @@ def measure(makers: dict, args, device) -> dict[str, dict]:
         step, optimizer, params = built[name] = make()
         for _ in range(args.warmup):
             step()
+        if name in args.flops_of:  # compiled: the same arithmetic as the eager variant it names
+            flops[name] = flops[args.flops_of[name]]
+        else:
+            flops[name] = step_flops(step)
         state_bytes = sum(
             t.numel() * t.element_size()
             for s in optimizer.state.values()
@@ -188,7 +222,13 @@ def measure(makers: dict, args, device) -> dict[str, dict]:
                 torch.cuda.synchronize()
             rates[name].append(block / (time.perf_counter() - start))
     for name, values in rates.items():
-        results[name]["steps_per_s"] = round(statistics.median(values), 3)
+        rate = statistics.median(values)
+        results[name]["steps_per_s"] = round(rate, 3)
+        results[name]["images_per_s"] = round(rate * args.batch_size, 2)
+        results[name]["gflops_per_step"] = float(f"{flops[name] / 1e9:.4g}")
+        results[name]["achieved_tflops"] = float(f"{flops[name] * rate / 1e12:.4g}")
+        if args.peak_tflops:
+            results[name]["peak_fraction"] = float(f"{flops[name] * rate / 1e12 / args.peak_tflops:.3g}")
     rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return {name: {**result, "process_peak_rss_mb": rss} for name, result in results.items()}
 
@@ -199,69 +239,103 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="frozen parts' dtype (default: float16 on CUDA, float32 on CPU)")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", default="4", help="one size, or several: 1,4,16")
     parser.add_argument("--num-vectors", type=int, default=1)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per variant")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved timing blocks per variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--images", default="bundled:robot")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                        help="also time the TI step with the UNet compiled in this torch.compile mode")  # fmt: skip
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak for the peak fraction (default: known bf16 peaks of GPUs)")  # fmt: skip
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="--shape sd15: keep the SD-1.5-shaped folder here (made once, then reused)")  # fmt: skip
     parser.add_argument("--min-speedup", type=float, default=None,
                         help="exit non-zero if conceptlab is not at least this many times faster (target: 1.5)")  # fmt: skip
     parser.add_argument("--max-hypernet-cost", type=float, default=None,
                         help="exit non-zero if a hypernetwork step costs more than this many TI steps (target: 1.15)")  # fmt: skip
     args = parser.parse_args(argv)
-
+    try:
+        sizes = [int(size) for size in args.batch_size.split(",")]
+    except ValueError:
+        parser.error(f"--batch-size {args.batch_size}: give whole numbers, e.g. 4 or 1,4,16")
     device = torch.device(args.device)
     dtype = (
         getattr(torch, args.dtype)
         if args.dtype
         else (torch.float16 if device.type == "cuda" else torch.float32)
     )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    if args.peak_tflops is None and device.type == "cuda":
+        args.peak_tflops = next((tf for part, tf in BF16_PEAK_TFLOPS.items() if part in name), None)
+    args.flops_of = {"conceptlab_compiled": "conceptlab"}
+    args.resolution = 64 if args.shape == "tiny" else 512
     with tempfile.TemporaryDirectory() as tmp:
         folder = (
             ensure_tiny_backbone(ModelConfig())
             if args.shape == "tiny"
-            else sd15_shaped_folder(Path(tmp) / "sd15")
+            else sd15_folder(args.folder, Path(tmp))
         )
-        args.resolution = 64 if args.shape == "tiny" else 512
         cfg = DataConfig(path=args.images, resolution=args.resolution)
         images = read_concept_images(cfg)
         paths = sorted(p for p in resolve_data_path(args.images).iterdir() if p.suffix == ".png")
-        timed = measure(
-            {
-                "conceptlab": lambda: conceptlab_step(folder, images, args, device, dtype),
-                "diffusers_example": lambda: baseline_step(folder, paths, args, device, dtype),
-                "hypernet": lambda: conceptlab_step(folder, images, args, device, dtype, "hypernet"),
-            },
-            args,
-            device,
-        )
-        ours, theirs, hypernet = timed["conceptlab"], timed["diffusers_example"], timed["hypernet"]
+        batches = {}
+        for size in sizes:
+            args.batch_size = size
+            batches[size] = time_batch(folder, images, paths, args, device, dtype)
     report = {
-        "shape": args.shape,
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "shape": args.shape, "device": name, "dtype": str(dtype).removeprefix("torch."),
+        "num_vectors": args.num_vectors, "steps": args.steps, "compile": args.compile,
+        "peak_tflops": args.peak_tflops,
+    }  # fmt: skip
+    if len(sizes) == 1:
+        report.update(batches[sizes[0]])
+    else:
+        report["batches"] = {str(size): found for size, found in batches.items()}
+    print(json.dumps(report, indent=2))
+    for size, found in batches.items():
+        if args.min_speedup is not None and found["speedup"] < args.min_speedup:
+            print(
+                f"batch {size}: speedup {found['speedup']} is below the target {args.min_speedup}",
+                file=sys.stderr,
+            )
+            report["failed"] = True
+        if args.max_hypernet_cost is not None and found["hypernet_step_cost_vs_ti"] > args.max_hypernet_cost:
+            print(
+                f"batch {size}: hypernetwork step cost {found['hypernet_step_cost_vs_ti']} is above "
+                f"{args.max_hypernet_cost}",
+                file=sys.stderr,
+            )
+            report["failed"] = True
+    return report
+
+
+def time_batch(folder, images, paths, args, device, dtype) -> dict:
+    """Every variant at args.batch_size: its figures, and the ratios between them."""
+    makers = {
+        "conceptlab": lambda: conceptlab_step(folder, images, args, device, dtype),
+        "diffusers_example": lambda: baseline_step(folder, paths, args, device, dtype),
+        "hypernet": lambda: conceptlab_step(folder, images, args, device, dtype, "hypernet"),
+    }
+    if args.compile:
+        makers["conceptlab_compiled"] = lambda: conceptlab_step(
+            folder, images, args, device, dtype, compile_mode=args.compile
+        )
+    timed = measure(makers, args, device)
+    ours, theirs, hypernet = timed["conceptlab"], timed["diffusers_example"], timed["hypernet"]
+    found = {
         "batch_size": args.batch_size,
-        "num_vectors": args.num_vectors,
-        "steps": args.steps,
-        "conceptlab": ours,
-        "diffusers_example": theirs,
+        **timed,
         "speedup": round(ours["steps_per_s"] / theirs["steps_per_s"], 3),
-        "hypernet": hypernet,
         # Time of a hypernetwork step over a TI step (target: at most 1.15).
         "hypernet_step_cost_vs_ti": round(ours["steps_per_s"] / hypernet["steps_per_s"], 3),
     }
-    print(json.dumps(report, indent=2))
-    if args.min_speedup is not None and report["speedup"] < args.min_speedup:
-        print(f"speedup {report['speedup']} is below the target {args.min_speedup}", file=sys.stderr)
-        report["failed"] = True
-    if args.max_hypernet_cost is not None and report["hypernet_step_cost_vs_ti"] > args.max_hypernet_cost:
-        print(
-            f"hypernetwork step cost {report['hypernet_step_cost_vs_ti']} is above {args.max_hypernet_cost}",
-            file=sys.stderr,
+    if args.compile:
+        found["compiled_speedup"] = round(
+            timed["conceptlab_compiled"]["steps_per_s"] / theirs["steps_per_s"], 3
         )
-        report["failed"] = True
-    return report
+    return found
 
 
 if __name__ == "__main__":

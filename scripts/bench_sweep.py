@@ -3,10 +3,13 @@
     python scripts/bench_sweep.py                     # method=ti,hypernet x seed=0..7, 50 steps each, local
     python scripts/bench_sweep.py --launcher packed   # the same sweep, hydra/launcher=packed
     python scripts/bench_sweep.py --launcher both     # both, one after the other, and the speed-up
+    python scripts/bench_sweep.py --launcher both --repeat 3   # three rounds in turns: the median speed-up
 
 Prints JSON: each sweep's wall time (target, local: under 5 minutes on 2 CPU cores) and, from each job's
 summary.json, the time from job start to its first training step (target: under 10 s), and with
-`both` the packed sweep's speed-up and whether every job's final loss matches (same seeds).
+`both` the packed sweep's speed-up and whether every job's final loss matches (same seeds). With
+--repeat N each launcher's sweep runs N times, in turns (this machine's load moves a single run by
+20-40%): the median sweep of each, the speed-up of the medians, and every round's times.
 """
 
 import argparse
@@ -18,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_eval import median_run  # noqa: E402 - the median of repeated runs, as bench_eval takes it
 
 
 def main(argv=None) -> dict:
@@ -34,15 +39,23 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--max-first-step-s", type=float, default=None, help="exit non-zero above this (target: 10)"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="sweeps per launcher, in turns; the median of each"
+    )
     args = parser.parse_args(argv)
     launchers = ["local", "packed"] if args.launcher == "both" else [args.launcher]
     report: dict = {"steps_per_job": args.steps}
-    losses = {}
+    rounds: dict[str, list[dict]] = {launcher: [] for launcher in launchers}
+    losses: dict[str, list[dict[str, float]]] = {launcher: [] for launcher in launchers}
+    for _ in range(args.repeat):
+        for launcher in launchers:
+            result, found = time_sweep(args.seeds, args.steps, launcher)
+            rounds[launcher].append(result)
+            losses[launcher].append(found)
     failed = False
     for launcher in launchers:
-        result, losses[launcher] = time_sweep(args.seeds, args.steps, launcher)
-        report[launcher] = result
-        failed |= result["returncode"] != 0
+        result = report[launcher] = median_run(rounds[launcher], "sweep_wall_s")
+        failed |= any(r["returncode"] != 0 for r in rounds[launcher])
         first = result["time_to_first_step_s"]
         if args.max_sweep_s is not None and result["sweep_wall_s"] > args.max_sweep_s:
             failed = True
@@ -52,12 +65,23 @@ def main(argv=None) -> dict:
         report["packed_speedup"] = round(
             report["local"]["sweep_wall_s"] / report["packed"]["sweep_wall_s"], 2
         )
-        same = losses["local"].keys() == losses["packed"].keys() and all(
-            abs(losses["local"][job] - losses["packed"][job]) <= 1e-4 * abs(losses["local"][job])
-            for job in losses["local"]
+        # Every sweep, of either launcher, against the first local one: the same jobs, the same losses.
+        reference = losses["local"][0]
+        same = all(
+            found.keys() == reference.keys()
+            and all(abs(found[job] - reference[job]) <= 1e-4 * abs(reference[job]) for job in reference)
+            for found in losses["local"] + losses["packed"]
         )
         report["same_final_losses"] = same
         failed |= not same
+        if args.repeat > 1:
+            report["rounds"] = [
+                {"local_s": a["sweep_wall_s"], "packed_s": b["sweep_wall_s"],
+                 "speedup": round(a["sweep_wall_s"] / b["sweep_wall_s"], 2)}
+                for a, b in zip(rounds["local"], rounds["packed"])
+            ]  # fmt: skip
+    elif args.repeat > 1:
+        report["rounds"] = [{f"{launchers[0]}_s": r["sweep_wall_s"]} for r in rounds[launchers[0]]]
     print(json.dumps(report, indent=2))
     report["failed"] = failed
     return report

@@ -34,6 +34,28 @@ def test_bench_step_reports_both_steps(tiny_dir, capsys):
 
 
 @pytest.mark.slow
+def test_bench_step_counts_each_steps_flops_at_every_batch_size(tiny_dir):
+    bench = load_script("bench_step")
+    args = ["--steps", "2", "--rounds", "1", "--warmup", "1", "--batch-size", "1,2", "--peak-tflops", "0.5"]
+    report = bench.main(args)
+    assert set(report["batches"]) == {"1", "2"} and report["peak_tflops"] == 0.5
+    one, two = report["batches"]["1"]["conceptlab"], report["batches"]["2"]["conceptlab"]
+    # Every layer's work grows with the batch (the UNet's and the text encoder's alike): twice the FLOPs.
+    assert two["gflops_per_step"] == pytest.approx(2 * one["gflops_per_step"], rel=0.1)
+    for size, found in report["batches"].items():
+        assert found["batch_size"] == int(size)
+        for variant in ("conceptlab", "diffusers_example", "hypernet"):
+            figures = found[variant]
+            assert figures["gflops_per_step"] > 0
+            assert figures["images_per_s"] == pytest.approx(figures["steps_per_s"] * int(size), rel=1e-2)
+            achieved = figures["gflops_per_step"] * figures["steps_per_s"] / 1000
+            assert figures["achieved_tflops"] == pytest.approx(achieved, rel=0.02)
+            assert figures["peak_fraction"] == pytest.approx(figures["achieved_tflops"] / 0.5, rel=0.02)
+    # The example also encodes the images (the VAE) each step, which conceptlab cached: more work a step.
+    assert one["gflops_per_step"] < report["batches"]["1"]["diffusers_example"]["gflops_per_step"]
+
+
+@pytest.mark.slow
 def test_bench_judge_steps_compares_fewer_steps_with_sampling_noise(tmp_path):
     """scripts/bench_judge_steps.py on a short toy-world run: per run the reference, the noise draw and
     each candidate are scored; the summary's changes are those of the runs."""
@@ -81,9 +103,88 @@ def test_bench_sweep_times_both_launchers_on_the_same_jobs(capsys):
 def test_bench_pack_times_the_shared_step_against_the_jobs_alone(tiny_dir, capsys):
     bench = load_script("bench_pack")
     report = bench.main(
-        ["--jobs", "3", "--methods", "ti,hypernet", "--batch", "2", "--rounds", "2", "--warmup", "1"]
+        [
+            "--jobs",
+            "3",
+            "--methods",
+            "ti,hypernet",
+            "--batch",
+            "2",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--profile",
+        ]
     )
     assert not report["failed"] and report["same_losses"] is True
     assert report["jobs"] == 3 and report["packed_step_ms"] > 0 and report["alone_steps_ms"] > 0
     assert report["speedup"] == pytest.approx(report["alone_steps_ms"] / report["packed_step_ms"], rel=0.05)
+    # Where the time goes: the tiny UNet's attention and convolutions are found by name, both ways.
+    by_kind = report["ms_per_step_by_kind"]
+    for way in ("packed", "alone"):
+        assert set(by_kind[way]) == {"attention", "convolution", "matmul", "normalization", "other"}
+        assert by_kind[way]["attention"] > 0 and by_kind[way]["convolution"] > 0
+    assert by_kind["gain"]["convolution"] == pytest.approx(
+        by_kind["alone"]["convolution"] / by_kind["packed"]["convolution"], abs=0.01
+    )
     assert '"speedup"' in capsys.readouterr().out
+
+
+def fake_sweeps(walls: dict[str, list[float]], losses: dict[str, list[dict[str, float]]], calls: list):
+    """A stand-in for bench_sweep.time_sweep: each launcher's sweeps take the given times in turn."""
+    left = {launcher: list(zip(walls[launcher], losses[launcher])) for launcher in walls}
+
+    def time_sweep(seeds, steps, launcher):
+        calls.append(launcher)
+        wall, found = left[launcher].pop(0)
+        result = {"launcher": launcher, "returncode": 0, "jobs": 2, "completed": 2, "sweep_wall_s": wall,
+                  "time_to_first_step_s": {"min": 0.5, "median": 0.5, "max": 1.0}}  # fmt: skip
+        return result, found
+
+    return time_sweep
+
+
+def test_bench_sweep_repeat_runs_the_launchers_in_turns_and_takes_each_ones_median(monkeypatch, capsys):
+    bench = load_script("bench_sweep")
+    same = {"0_ti": 1.5, "1_hypernet": 0.25}
+    calls: list[str] = []
+    walls = {"local": [50.0, 70.0, 40.0], "packed": [30.0, 20.0, 35.0]}
+    monkeypatch.setattr(bench, "time_sweep", fake_sweeps(walls, {k: [same] * 3 for k in walls}, calls))
+    report = bench.main(["--launcher", "both", "--repeat", "3"])
+    assert calls == ["local", "packed"] * 3  # in turns: a load change hits both launchers alike
+    assert report["local"]["sweep_wall_s"] == 50.0 and report["packed"]["sweep_wall_s"] == 30.0
+    assert report["packed_speedup"] == round(50 / 30, 2)
+    assert [r["speedup"] for r in report["rounds"]] == [round(50 / 30, 2), 3.5, round(40 / 35, 2)]
+    assert report["same_final_losses"] is True and not report["failed"]
+    assert '"rounds"' in capsys.readouterr().out
+
+
+def test_bench_sweep_repeat_fails_when_any_round_differs_in_a_jobs_loss(monkeypatch):
+    bench = load_script("bench_sweep")
+    same, off = {"0_ti": 1.5, "1_hypernet": 0.25}, {"0_ti": 1.5, "1_hypernet": 0.26}
+    walls = {"local": [50.0, 50.0], "packed": [30.0, 30.0]}
+    losses = {"local": [same, same], "packed": [same, off]}  # the second packed sweep's job differs
+    monkeypatch.setattr(bench, "time_sweep", fake_sweeps(walls, losses, []))
+    report = bench.main(["--launcher", "both", "--repeat", "2"])
+    assert report["same_final_losses"] is False and report["failed"]
+
+
+def test_bench_eval_repeat_alternates_the_runs_and_takes_the_medians(monkeypatch, capsys):
+    bench = load_script("bench_eval")
+    walls = {"plain1": 10.0, "warm1": 13.0, "plain2": 14.0, "warm2": 20.0, "plain3": 11.0, "warm3": 12.0}
+    order: list[str] = []
+
+    def train(run_dir, cache, *overrides):
+        order.append(run_dir.name)
+        return {"wall_s": walls.get(run_dir.name, 30.0), "first_step_s": 5.0}
+
+    monkeypatch.setattr(bench, "train", train)
+    report = bench.main(["--repeat", "3"])["main_command"]
+    assert order[2:8] == ["plain1", "warm1", "plain2", "warm2", "plain3", "warm3"]
+    assert (
+        report["without_evaluation"]["wall_s"] == 11.0
+        and report["with_evaluation_cached_baselines"]["wall_s"] == 13.0
+    )
+    assert report["ratio_cached_baselines"] == round(13 / 11, 2)
+    assert report["rounds"][1] == {"without_evaluation_s": 14.0, "with_evaluation_s": 20.0}

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The speed checks that need a GPU, in one run (about 8 minutes on an H200):
+#   * scripts/bench_pack.py: 16 batch-1 jobs (TI and hypernetworks) packed against one after another,
+#     SD-1.5 shapes, bf16 (target: >= 8x), with the time by kind of operator;
+#   * scripts/bench_step.py: conceptlab's TI and hypernetwork steps against the diffusers example's,
+#     SD-1.5 shapes, bf16 at batch 1, 4 and 16 (targets: batch 4 >= 4x the example, hypernetwork step
+#     <= 1.15x TI's, peak memory <= the example's, batch 16 >= 40% of the bf16 peak), then compiled
+#     (`trainer.compile=reduce-overhead`: CUDA graphs; target: batch 1 >= 3x), then fp16 at batch 4.
+# Each check writes its JSON (and its stderr) under $OUT (default: gpu-results/) as soon as it ends, so a
+# run cut short still leaves what finished.
+#
+#   bash scripts/gpu_checks.sh --wheels   # here, once: what a bare GPU machine lacks, as wheels in .whl/
+#   bash scripts/gpu_checks.sh            # there (the device tool: carry .whl, timeout 600)
+#   SHAPE=tiny DEVICE=cpu DTYPE=float32 COMPILE=default STEPS=6 bash scripts/gpu_checks.sh   # a dry run on the CPU
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--wheels" ]; then
+    # The packages conceptlab's benchmarks import that the GPU image (PyTorch, transformers, Lightning,
+    # peft, safetensors: ../.library/device/KINDS.md) does not hold, at the versions this checkout's
+    # environment has; pure-Python ones without a wheel on the index are built here.
+    set -e
+    mkdir -p .whl
+    version() { python -c "import importlib.metadata as m; print(m.version('$1'))"; }
+    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+        "diffusers==$(version diffusers)" "hydra-core==$(version hydra-core)" "omegaconf==$(version omegaconf)" \
+        "importlib_metadata==$(version importlib_metadata)" "zipp==$(version zipp)" \
+        "ftfy==$(version ftfy)" "wcwidth==$(version wcwidth)"
+    python -m pip wheel -q --no-deps --no-build-isolation -w .whl \
+        "antlr4-python3-runtime==$(version antlr4-python3-runtime)" "openai-clip==$(version openai-clip)"
+    ls .whl
+    exit 0
+fi
+
+OUT=${OUT:-gpu-results}
+SHAPE=${SHAPE:-sd15}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bfloat16}
+COMPILE=${COMPILE:-reduce-overhead}
+STEPS=${STEPS:-30}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "installing .whl/ failed" >&2; exit 1; }
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+FOLDER=$(mktemp -d)/sd15  # the SD-1.5-shaped folder (random weights): made by the first check, reused
+
+if [ "$DEVICE" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.csv" 2>&1
+fi
+$PY -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)" \
+    >"$OUT/versions.txt" 2>&1
+
+failed=0
+check() {  # check NAME ARGS...: one benchmark, its JSON in $OUT/NAME.json, its stderr in $OUT/NAME.err
+    local name=$1
+    shift
+    local started=$SECONDS
+    if "$PY" "$@" >"$OUT/$name.json" 2>"$OUT/$name.err"; then
+        echo "$name: done in $((SECONDS - started)) s"
+    else
+        echo "$name: FAILED after $((SECONDS - started)) s (see $name.err)"
+        tail -5 "$OUT/$name.err"
+        failed=1
+    fi
+}
+
+check bench_pack scripts/bench_pack.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --jobs 16 --batch 1 \
+    --methods ti,hypernet --profile --folder "$FOLDER"
+check bench_step scripts/bench_step.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --batch-size 1,4,16 \
+    --steps "$STEPS" --rounds 3 --folder "$FOLDER"
+check bench_step_compiled scripts/bench_step.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
+    --batch-size 1,16 --compile "$COMPILE" --steps "$STEPS" --rounds 3 --folder "$FOLDER"
+check bench_step_fp16 scripts/bench_step.py --shape "$SHAPE" --device "$DEVICE" --dtype float16 --batch-size 4 \
+    --steps "$STEPS" --rounds 3 --folder "$FOLDER"
+exit $failed
