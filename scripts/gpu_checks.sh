@@ -12,6 +12,7 @@
 #   bash scripts/gpu_checks.sh --wheels   # here, once: what a bare GPU machine lacks, as wheels in .whl/
 #   bash scripts/gpu_checks.sh            # there (the device tool: carry .whl, timeout 600)
 #   SHAPE=tiny DEVICE=cpu DTYPE=float32 COMPILE=default STEPS=6 bash scripts/gpu_checks.sh   # a dry run on the CPU
+# (COMPILE= empty leaves the compiled check out; JOBS sets the pack's jobs, 16.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,17 +38,20 @@ OUT=${OUT:-gpu-results}
 SHAPE=${SHAPE:-sd15}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}
-COMPILE=${COMPILE:-reduce-overhead}
+COMPILE=${COMPILE-reduce-overhead}
 STEPS=${STEPS:-30}
+JOBS=${JOBS:-16}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
+if [ -d .whl ] && ! $PY -c "import diffusers, hydra, omegaconf, importlib.metadata as m; m.distribution('openai-clip')" 2>/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || { echo "installing .whl/ failed" >&2; exit 1; }
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-FOLDER=$(mktemp -d)/sd15  # the SD-1.5-shaped folder (random weights): made by the first check, reused
+KEEP=$(mktemp -d)
+trap 'rm -rf "$KEEP"' EXIT
+FOLDER=$KEEP/sd15  # the SD-1.5-shaped folder (random weights): made by the first check, reused
 
 if [ "$DEVICE" = cuda ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.csv" 2>&1
@@ -69,12 +73,14 @@ check() {  # check NAME ARGS...: one benchmark, its JSON in $OUT/NAME.json, its 
     fi
 }
 
-check bench_pack scripts/bench_pack.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --jobs 16 --batch 1 \
+check bench_pack scripts/bench_pack.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --jobs "$JOBS" --batch 1 \
     --methods ti,hypernet --profile --folder "$FOLDER"
 check bench_step scripts/bench_step.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --batch-size 1,4,16 \
     --steps "$STEPS" --rounds 3 --folder "$FOLDER"
-check bench_step_compiled scripts/bench_step.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
-    --batch-size 1,16 --compile "$COMPILE" --steps "$STEPS" --rounds 3 --folder "$FOLDER"
+if [ -n "$COMPILE" ]; then
+    check bench_step_compiled scripts/bench_step.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
+        --batch-size 1,16 --compile "$COMPILE" --steps "$STEPS" --rounds 3 --folder "$FOLDER"
+fi
 check bench_step_fp16 scripts/bench_step.py --shape "$SHAPE" --device "$DEVICE" --dtype float16 --batch-size 4 \
     --steps "$STEPS" --rounds 3 --folder "$FOLDER"
 exit $failed

@@ -188,3 +188,49 @@ def test_bench_eval_repeat_alternates_the_runs_and_takes_the_medians(monkeypatch
     )
     assert report["ratio_cached_baselines"] == round(13 / 11, 2)
     assert report["rounds"][1] == {"without_evaluation_s": 14.0, "with_evaluation_s": 20.0}
+
+
+@pytest.mark.slow
+def test_gpu_checks_script_runs_every_check_on_the_cpu(tiny_dir, tmp_path):
+    """scripts/gpu_checks.sh, the one command a lent GPU machine runs, dry on the tiny backbone: every
+    check leaves its JSON, so the first GPU run does not find a broken script."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "SHAPE": "tiny", "DEVICE": "cpu", "DTYPE": "float32", "COMPILE": "",
+           "STEPS": "2", "JOBS": "2", "PYTHON": sys.executable}  # fmt: skip
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_checks.sh")], env=env, capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.glob("*.json")) == [
+        "bench_pack.json",
+        "bench_step.json",
+        "bench_step_fp16.json",
+    ]
+    pack = json.loads((out / "bench_pack.json").read_text())
+    assert pack["jobs"] == 2 and pack["same_losses"] is True and "ms_per_step_by_kind" in pack
+    step = json.loads((out / "bench_step.json").read_text())
+    assert set(step["batches"]) == {"1", "4", "16"}
+    assert json.loads((out / "bench_step_fp16.json").read_text())["dtype"] == "float16"
+    assert "bench_step_fp16: done" in proc.stdout
+
+
+def test_gpu_checks_script_goes_on_past_a_failed_check_and_exits_non_zero(tmp_path):
+    """A check that fails is reported with its stderr's tail, the others still run, and the exit status
+    says so (here a stand-in for python fails every benchmark at once)."""
+    import os
+    import subprocess
+
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\ncase "$1" in *.py) echo "no GPU here: $1" >&2; exit 3;; esac\nexit 0\n')
+    python.chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(python)}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_checks.sh")], env=env, capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == 1
+    for name in ("bench_pack", "bench_step", "bench_step_compiled", "bench_step_fp16"):
+        assert f"{name}: FAILED" in proc.stdout
+    assert "no GPU here: scripts/bench_step.py" in (tmp_path / "out" / "bench_step_fp16.err").read_text()
