@@ -9,13 +9,15 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConceptLabError, ConfigError, error_line
-from .records import RunRecord
+
+if TYPE_CHECKING:  # Lightning (which records.py needs) loads when a run starts, not for --help
+    from .records import RunRecord
 
 log = logging.getLogger(__name__)
 # Keys that say how (long) to run, not what to run: `resume=true` continues an earlier run whose
@@ -205,6 +207,7 @@ def start_record(cfg: DictConfig) -> RunRecord:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from .records import RunRecord
     from .sweeps import swept_values
 
     hydra_cfg = HydraConfig.get()
