@@ -45,8 +45,9 @@ from conceptlab.methods.textual_inversion import TextualInversion
 from conceptlab.module import ConceptModule
 from conceptlab.train import COMPILE_MODES, compile_unet
 
-# Dense bf16 tensor-core peaks (TFLOP/s, the vendors' figures without sparsity), by a part of the
-# name torch.cuda.get_device_name gives; --peak-tflops for any other device.
+# Dense bf16 tensor-core peaks (TFLOP/s, the vendors' figures without sparsity; fp16's are the same on
+# these parts), by a part of the name torch.cuda.get_device_name gives; --peak-tflops for any other
+# device or precision.
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
 
 
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         else (torch.float16 if device.type == "cuda" else torch.float32)
     )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    if args.peak_tflops is None and device.type == "cuda":
+    if args.peak_tflops is None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         args.peak_tflops = next((tf for part, tf in BF16_PEAK_TFLOPS.items() if part in name), None)
     args.flops_of = {"conceptlab_compiled": "conceptlab"}
     args.resolution = 64 if args.shape == "tiny" else 512
