@@ -12,7 +12,8 @@ Both run in this one process, on the same backbone weights and batch size:
         --compile reduce-overhead --folder /tmp/sd15                 # every batch size, compiled too
 
 It also times conceptlab's hypernetwork step (A1111's default structure, cached text contexts) on
-the same backbone and batch, and with --compile conceptlab's TI step with the UNet compiled as
+the same backbone and batch, the TI step inside Lightning's Trainer loop as train.py runs it (data
+loader, automatic optimization, schedule, logging, hooks; its cost over the bare step), and with --compile conceptlab's TI step with the UNet compiled as
 `trainer.compile=<mode>` compiles it. Prints one JSON object: steps/s and images/s of each, the ratios
 (conceptlab TI / baseline; hypernetwork step time / TI step time), memory figures, and each step's
 FLOPs (counted by torch.utils.flop_counter over one step) with the rate achieved and, on a GPU whose
@@ -33,12 +34,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from conceptlab.backbone import Backbone, ensure_tiny_backbone, load_backbone
 from conceptlab.config import DataConfig, ModelConfig, OptimConfig
+from conceptlab.console import quiet_third_party
 from conceptlab.data import ConceptDataModule, read_concept_images, resolve_data_path, to_square
 from conceptlab.methods.hypernetwork import Hypernetwork
 from conceptlab.methods.textual_inversion import TextualInversion
@@ -78,7 +81,8 @@ def sd15_folder(kept: Path | None, tmp: Path) -> Path:
     return sd15_shaped_folder(kept or tmp / "sd15")
 
 
-def conceptlab_step(folder, images, args, device, dtype, method_name="ti", compile_mode=None):
+def conceptlab_parts(folder, images, args, device, dtype, method_name="ti", compile_mode=None):
+    """conceptlab's module and data for one method, as train.py builds them (the backbone in `dtype`)."""
     backbone = load_backbone(ModelConfig(path=str(folder))).to(device, dtype)
     if method_name == "ti":
         method = TextualInversion(
@@ -94,9 +98,15 @@ def conceptlab_step(folder, images, args, device, dtype, method_name="ti", compi
         cfg, images, backbone, method.prompt_text, seed=0, resolution=args.resolution,
         cache_context=not method.changes_text_encoding,
     )  # fmt: skip
+    module = ConceptModule(backbone, method, OptimConfig(), lr_schedule=[(5e-3, None)], max_steps=10**6)
+    return module, data
+
+
+def conceptlab_step(folder, images, args, device, dtype, method_name="ti", compile_mode=None):
+    """conceptlab's training step, called directly: the module's step, backward, AdamW."""
+    module, data = conceptlab_parts(folder, images, args, device, dtype, method_name, compile_mode)
     data.setup("fit")
     loader = data.train_dataloader()
-    module = ConceptModule(backbone, method, OptimConfig(), lr_schedule=[(5e-3, None)], max_steps=10**6)
     module.log = lambda *a, **k: None  # no Trainer here to log to
     optimizer = module.configure_optimizers()["optimizer"]
     batches = iter(loader)
@@ -115,7 +125,40 @@ def conceptlab_step(folder, images, args, device, dtype, method_name="ti", compi
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, optimizer, method.trainable_parameters()
+    return step, optimizer, module.method.trainable_parameters()
+
+
+class StepClock(pl.Callback):
+    """The time between one training batch's end and the next's: a whole step of Lightning's loop."""
+
+    def __init__(self, device):
+        self.device, self.ends = device, []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
+
+
+def lightning_steps(folder, images, args, device, dtype) -> dict | None:
+    """conceptlab's TI step as a run takes it: Lightning's Trainer loop (the data loader, automatic
+    optimization, the learning-rate schedule, logging, every hook), timed per step over args.steps
+    steps after args.warmup; the median. None for float16 weights on the CPU, which no run has
+    (model.dtype=auto keeps float32 there; Lightning's 16-mixed autocasts to bfloat16 on the CPU)."""
+    if device.type == "cpu" and dtype == torch.float16:
+        return None
+    module, data = conceptlab_parts(folder, images, args, device, dtype)
+    precision = {torch.float32: "32-true", torch.float16: "16-mixed", torch.bfloat16: "bf16-mixed"}[dtype]
+    clock = StepClock(device)
+    trainer = pl.Trainer(
+        accelerator=device.type, devices=1, precision=precision, max_steps=args.warmup + args.steps + 1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[clock], log_every_n_steps=50,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    steps = [b - a for a, b in zip(clock.ends, clock.ends[1:])][args.warmup :]
+    rate = 1 / statistics.median(steps)
+    return {"steps_per_s": round(rate, 3), "images_per_s": round(rate * args.batch_size, 2)}
 
 
 def baseline_step(folder, image_paths, args, device, dtype):
@@ -257,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-hypernet-cost", type=float, default=None,
                         help="exit non-zero if a hypernetwork step costs more than this many TI steps (target: 1.15)")  # fmt: skip
     args = parser.parse_args(argv)
+    quiet_third_party()  # as a run does: no loading bars or Lightning tips between the figures
     try:
         sizes = [int(size) for size in args.batch_size.split(",")]
     except ValueError:
@@ -324,11 +368,20 @@ def time_batch(folder, images, paths, args, device, dtype) -> dict:
             folder, images, args, device, dtype, compile_mode=args.compile
         )
     timed = measure(makers, args, device)
+    # The same TI step inside Lightning's loop, as `train.py` runs it (not interleaved: a fit runs through).
+    timed["conceptlab_lightning"] = lightning = lightning_steps(folder, images, args, device, dtype)
     ours, theirs, hypernet = timed["conceptlab"], timed["diffusers_example"], timed["hypernet"]
     found = {
         "batch_size": args.batch_size,
         **timed,
         "speedup": round(ours["steps_per_s"] / theirs["steps_per_s"], 3),
+        # Lightning's loop: its step against the example's, and what the loop adds to the bare step.
+        "lightning_speedup": round(lightning["steps_per_s"] / theirs["steps_per_s"], 3)
+        if lightning
+        else None,
+        "lightning_loop_cost": round(ours["steps_per_s"] / lightning["steps_per_s"], 3)
+        if lightning
+        else None,
         # Time of a hypernetwork step over a TI step (target: at most 1.15).
         "hypernet_step_cost_vs_ti": round(ours["steps_per_s"] / hypernet["steps_per_s"], 3),
     }

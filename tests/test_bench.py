@@ -30,6 +30,15 @@ def test_bench_step_reports_both_steps(tiny_dir, capsys):
     assert report["hypernet_step_cost_vs_ti"] == pytest.approx(
         report["conceptlab"]["steps_per_s"] / hypernet["steps_per_s"], rel=1e-2
     )
+    # The same step in Lightning's loop, as train.py runs it: timed, and set against both.
+    lightning = report["conceptlab_lightning"]["steps_per_s"]
+    assert lightning > 0
+    assert report["lightning_speedup"] == pytest.approx(
+        lightning / report["diffusers_example"]["steps_per_s"], rel=1e-2
+    )
+    assert report["lightning_loop_cost"] == pytest.approx(
+        report["conceptlab"]["steps_per_s"] / lightning, rel=1e-2
+    )
     assert '"speedup"' in capsys.readouterr().out
 
 
@@ -214,7 +223,10 @@ def test_gpu_checks_script_runs_every_check_on_the_cpu(tiny_dir, tmp_path):
     assert pack["jobs"] == 2 and pack["same_losses"] is True and "ms_per_step_by_kind" in pack
     step = json.loads((out / "bench_step.json").read_text())
     assert set(step["batches"]) == {"1", "4", "16"}
-    assert json.loads((out / "bench_step_fp16.json").read_text())["dtype"] == "float16"
+    assert all(found["conceptlab_lightning"]["steps_per_s"] > 0 for found in step["batches"].values())
+    fp16 = json.loads((out / "bench_step_fp16.json").read_text())
+    # float16 weights under Lightning's loop are for the GPU: on the CPU that variant is left out.
+    assert fp16["dtype"] == "float16" and fp16["conceptlab_lightning"] is None and fp16["speedup"] > 0
     assert "bench_step_fp16: done" in proc.stdout
 
 
