@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speed checks that need a GPU, in one run (about 8 minutes on an H200):
+# The speed checks that need a GPU, in one run (estimated at ~8 minutes on an H200; not yet run on one):
 #   * scripts/bench_pack.py: 16 batch-1 jobs (TI and hypernetworks) packed against one after another,
 #     SD-1.5 shapes, bf16 (target: >= 8x), with the time by kind of operator;
 #   * scripts/bench_step.py: conceptlab's TI and hypernetwork steps against the diffusers example's,
@@ -10,16 +10,16 @@
 # run cut short still leaves what finished.
 #
 #   bash scripts/gpu_checks.sh --wheels   # here, once: what a bare GPU machine lacks, as wheels in .whl/
-#   bash scripts/gpu_checks.sh            # there (the device tool: carry .whl, timeout 600)
+#   bash scripts/gpu_checks.sh            # there, with .whl/ copied beside it (allow 10 minutes)
 #   SHAPE=tiny DEVICE=cpu DTYPE=float32 COMPILE=default STEPS=6 bash scripts/gpu_checks.sh   # a dry run on the CPU
 # (COMPILE= empty leaves the compiled check out; JOBS sets the pack's jobs, 16.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--wheels" ]; then
-    # The packages conceptlab's benchmarks import that the GPU image (PyTorch, transformers, Lightning,
-    # peft, safetensors: ../.library/device/KINDS.md) does not hold, at the versions this checkout's
-    # environment has; pure-Python ones without a wheel on the index are built here.
+    # The packages conceptlab's benchmarks import that a GPU image with PyTorch, transformers, Lightning,
+    # peft and safetensors lacks, at the versions this checkout's environment has; pure-Python ones
+    # without a wheel on the index are built here. For Python 3.12 on x86-64 Linux.
     set -e
     mkdir -p .whl
     version() { python -c "import importlib.metadata as m; print(m.version('$1'))"; }
