@@ -92,6 +92,8 @@ def conceptlab_parts(folder, images, args, device, dtype, method_name="ti", comp
         method = Hypernetwork(name="hypernet", lr=1e-5, scale_lr=False, concept="bench")
     method.attach(backbone)
     method.to(device)
+    for parameter in method.trainable_parameters():  # what trains stays float32 (train.make_module)
+        parameter.data = parameter.data.float()
     compile_unet(backbone, compile_mode or False)  # as trainer.compile=<mode> does it (train.make_module)
     cfg = DataConfig(path=args.images, batch_size=args.batch_size)
     data = ConceptDataModule(
