@@ -111,21 +111,7 @@ def test_bench_sweep_times_both_launchers_on_the_same_jobs(capsys):
 @pytest.mark.slow
 def test_bench_pack_times_the_shared_step_against_the_jobs_alone(tiny_dir, capsys):
     bench = load_script("bench_pack")
-    report = bench.main(
-        [
-            "--jobs",
-            "3",
-            "--methods",
-            "ti,hypernet",
-            "--batch",
-            "2",
-            "--rounds",
-            "2",
-            "--warmup",
-            "1",
-            "--profile",
-        ]
-    )
+    report = bench.main("--jobs 3 --methods ti,hypernet --batch 2 --rounds 2 --warmup 1 --profile".split())
     assert not report["failed"] and report["same_losses"] is True
     assert report["jobs"] == 3 and report["packed_step_ms"] > 0 and report["alone_steps_ms"] > 0
     assert report["speedup"] == pytest.approx(report["alone_steps_ms"] / report["packed_step_ms"], rel=0.05)
