@@ -56,10 +56,11 @@ def jobs_on(lead, kinds: list[str], batch: int, device, dtype) -> list[SimpleNam
         method = make_method(kind, index)
         method.attach(backbone)
         method.to(device)
-        if kind == "ti":  # jobs start apart, so a row sent through another job's vectors would show
-            with torch.no_grad():
-                method.vectors.add_(0.1 * torch.randn(method.vectors.shape, generator=generator).to(device))
         params = method.trainable_parameters()
+        # Jobs start apart, so a row sent through another job's vectors or modules would show in its loss.
+        with torch.no_grad():
+            for p in params:
+                p.add_((0.1 if kind == "ti" else 0.05) * torch.randn(p.shape, generator=generator).to(p))
         for p in params:
             p.data = p.data.float()
         jobs.append(SimpleNamespace(

@@ -286,3 +286,109 @@ def test_init_from_continues_an_existing_hypernetwork(backbone, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(hn.parameters(), source.parameters()))
     with pytest.raises(ConfigError, match=r"has widths \[32, 64\] but this hypernetwork has \[64\]"):
         make_hn(init_from=str(path), enable_sizes=[64]).attach(backbone)
+
+
+# ------------------------------------------------------------------ packed sweeps: stacks grouped
+
+
+def job_stacks(count: int, width: int = 32, multipliers=None, **structure) -> list[HypernetworkStack]:
+    """One stack per packed job, each with its own (random) hypernetwork of the given structure."""
+    from conceptlab.methods.hypernetwork import HypernetworkLayers
+
+    stacks = []
+    for j in range(count):
+        torch.manual_seed(100 + j)
+        layers = HypernetworkLayers(f"job{j}", enable_sizes=[width], **structure)
+        with torch.no_grad():
+            for p in layers.parameters():
+                p.normal_(0, 0.2)
+        stack = HypernetworkStack()
+        stack.entries = [(layers, 1.0 if multipliers is None else multipliers[j])]
+        stacks.append(stack)
+    return stacks
+
+
+def grads_of(stacks: list[HypernetworkStack]) -> list[torch.Tensor]:
+    return [p.grad.clone() for s in stacks for h, _ in s.entries for p in h.parameters()]
+
+
+@pytest.mark.parametrize(
+    "structure",
+    [
+        {},
+        {"layer_structure": (1, 1.5, 2, 1), "activation_func": "relu"},
+        {"activation_func": "tanh", "activate_output": True},
+    ],
+)
+def test_a_packs_stacks_grouped_compute_what_each_computes_alone_with_the_same_gradients(structure):
+    """A packed sweep computes its jobs' hypernetworks at one layer as batched matrix products over the
+    stacked weights (packed_group): the same key/value inputs and the same gradients as one by one."""
+    stacks = job_stacks(3, **structure)
+    torch.manual_seed(0)
+    contexts = [torch.randn(2, 7, 32) for _ in stacks]
+    weights = [(torch.randn(2, 7, 32), torch.randn(2, 7, 32)) for _ in stacks]  # a loss that tells k from v
+
+    def loss(outputs):
+        return sum((k * wk).sum() + (v * wv).sum() for (k, v), (wk, wv) in zip(outputs, weights))
+
+    alone = [stack(c) for stack, c in zip(stacks, contexts)]
+    loss(alone).backward()
+    expected = grads_of(stacks)
+    for s in stacks:
+        s.entries[0][0].zero_grad(set_to_none=True)
+    together = HypernetworkStack.packed_group(stacks, [((c,), {"shared": False}) for c in contexts], {})
+    assert together is not None and len(together) == 3
+    for (k, v), (k_alone, v_alone) in zip(together, alone):
+        torch.testing.assert_close(k, k_alone, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v, v_alone, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(k, v)  # the key and value modules differ: each went through its own
+    loss(together).backward()
+    for got, want in zip(grads_of(stacks), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_grouped_stacks_apply_each_jobs_multiplier_at_inference():
+    stacks = job_stacks(3, multipliers=[1.0, 0.5, 0.0])
+    for s in stacks:
+        s.entries[0][0].eval()
+    contexts = [torch.randn(1, 4, 32) for _ in stacks]
+    with torch.no_grad():
+        together = HypernetworkStack.packed_group(stacks, [((c,), {}) for c in contexts], {})
+        for (k, v), stack, c in zip(together, stacks, contexts):
+            k_alone, v_alone = stack(c)
+            torch.testing.assert_close(k, k_alone, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(v, v_alone, rtol=1e-5, atol=1e-6)
+    assert torch.equal(together[2][0], contexts[2])  # multiplier 0: the bare model
+
+
+def test_a_text_context_read_by_every_cross_attention_layer_is_grouped_once_per_pass():
+    stacks = job_stacks(2)
+    contexts = [torch.randn(1, 77, 32) for _ in stacks]
+    memo: dict = {}
+    shared = [((c,), {"shared": True}) for c in contexts]
+    first = HypernetworkStack.packed_group(stacks, shared, memo)
+    assert HypernetworkStack.packed_group(stacks, shared, memo) is first  # the next layer reads the memo
+    own = [((c,), {"shared": False}) for c in contexts]  # hidden states: computed for each layer
+    assert HypernetworkStack.packed_group(stacks, own, memo) is not first
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["structure", "dropout", "layer norm", "batch", "two hypernetworks", "no pair for the width"],
+)
+def test_stacks_that_cannot_be_grouped_say_so_and_run_one_by_one(why):
+    structure = {
+        "dropout": {"use_dropout": True, "layer_structure": (1, 2, 2, 1)},
+        "layer norm": {"add_layer_norm": True},
+    }.get(why, {})
+    stacks = job_stacks(2, **structure)
+    contexts = [torch.randn(2, 5, 32), torch.randn(2, 5, 32)]
+    if why == "structure":
+        stacks[1] = job_stacks(1, layer_structure=(1, 3, 1))[0]
+    elif why == "batch":
+        contexts[1] = torch.randn(1, 5, 32)
+    elif why == "two hypernetworks":
+        stacks[0].entries.append(job_stacks(1)[0].entries[0])
+    elif why == "no pair for the width":
+        stacks[1] = job_stacks(1, width=64)[0]
+    assert HypernetworkStack.packed_group(stacks, [((c,), {}) for c in contexts], {}) is None

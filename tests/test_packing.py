@@ -233,3 +233,27 @@ def test_ctrl_c_or_sigterm_ends_every_job_of_a_pack_as_interrupted_with_its_reco
     assert len(summaries) == 2
     for summary in summaries:
         assert summary["status"] == "interrupted", summary.get("error")
+
+
+def test_the_shared_pass_groups_the_hypernetwork_jobs_and_each_loss_stays_its_own(tiny_dir, monkeypatch):
+    """In the shared pass the hypernetwork jobs' modules at a layer compute together (packed_group), and
+    every job's loss is still the one it gets alone (bench_pack compares them)."""
+    import importlib.util
+
+    from conceptlab.methods.hypernetwork import HypernetworkStack
+
+    spec = importlib.util.spec_from_file_location("bench_pack", ROOT / "scripts" / "bench_pack.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    grouped = []
+    original = HypernetworkStack.packed_group
+
+    def counting(stacks, calls, memo):
+        found = original(stacks, calls, memo)
+        grouped.append((len(stacks), found is not None))
+        return found
+
+    monkeypatch.setattr(HypernetworkStack, "packed_group", staticmethod(counting))
+    report = bench.main("--jobs 4 --methods hypernet,ti --batch 1 --rounds 1 --warmup 0".split())
+    assert report["same_losses"] is True and not report["failed"]
+    assert grouped and all(found and jobs == 2 for jobs, found in grouped)  # the two hypernetwork jobs

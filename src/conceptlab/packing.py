@@ -228,6 +228,7 @@ class Pack:
         self.passing: list[tuple[Member, slice]] = []  # who is in the running pass, and where
         self._slices: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._runs: dict[str, list[tuple[nn.Module, slice]]] = {}
+        self.pass_memo: dict = {}  # what grouped modules keep for the rest of one pass (packed_group)
         self.stopped: BaseException | None = None
 
     def run(self) -> list[JobReturn]:
@@ -392,7 +393,7 @@ class Pack:
         try:
             yield
         finally:
-            self.passing, self._slices, self._runs = [], {}, {}
+            self.passing, self._slices, self._runs, self.pass_memo = [], {}, {}, {}
 
     def runs(self, path: str, original: nn.Module) -> list[tuple[nn.Module, slice]]:
         """Who computes which rows at `path` in this pass: each job whose method acts there (at, inside or
@@ -445,8 +446,20 @@ class _Split(nn.Module):
         parts = tuple(part for _, part in runs)
         per_arg = [self.pack.rows(a, total, parts) for a in args]
         per_kwarg = {k: self.pack.rows(v, total, parts) for k, v in kwargs.items()}
+        calls = [
+            (tuple(a[j] for a in per_arg), {k: v[j] for k, v in per_kwarg.items()}) for j in range(len(runs))
+        ]
+        outputs: list[Any] = [None] * len(runs)
+        # Jobs' own modules of one kind that can compute together (`packed_group`, e.g. hypernetworks:
+        # one batched matrix product over their stacked weights) do; the others run one by one.
+        own = [j for j, (module, _) in enumerate(runs) if module is not self.original]
+        group = getattr(type(runs[own[0]][0]), "packed_group", None) if len(own) > 1 else None
+        if group is not None and all(type(runs[j][0]) is type(runs[own[0]][0]) for j in own):
+            found = group([runs[j][0] for j in own], [calls[j] for j in own], self.pack.pass_memo)
+            for j, output in zip(own, found or []):
+                outputs[j] = output
         outputs = [
-            module(*(a[j] for a in per_arg), **{k: v[j] for k, v in per_kwarg.items()})
+            module(*calls[j][0], **calls[j][1]) if outputs[j] is None else outputs[j]
             for j, (module, _) in enumerate(runs)
         ]
         if all(isinstance(o, torch.Tensor) for o in outputs):

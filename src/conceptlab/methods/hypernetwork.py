@@ -449,6 +449,96 @@ class HypernetworkStack:
             v_in = pair[1](v_in.to(dtype), multiplier).to(context.dtype)
         return k_in, v_in
 
+    @staticmethod
+    def packed_group(
+        stacks: list[HypernetworkStack], calls: list[tuple[tuple, dict]], memo: dict
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Several jobs' stacks at one attention layer of a packed sweep's shared pass (conceptlab.packing),
+        computed together: each layer of their key and value modules as one batched matrix product over
+        the jobs' stacked weights, instead of a small MLP per job. `calls` are each stack's arguments (its
+        rows of the context); `memo` lives for one pass (a text context read by every cross-attention
+        layer is transformed once). None where they cannot be grouped: not one hypernetwork each, no
+        pair for the width, pairs of different structure, dropout or layer norm, or rows of other shapes."""
+        contexts = [args[0] for args, _ in calls]
+        if len(calls) < 2 or any(len(args) != 1 or set(kwargs) - {"shared"} for args, kwargs in calls):
+            return None
+        first = contexts[0]
+        if any(c.shape != first.shape or c.dtype != first.dtype for c in contexts):
+            return None
+        shared = all(kwargs.get("shared", False) for _, kwargs in calls)
+        key = ("hypernetwork", tuple(map(id, stacks)), tuple(map(id, contexts))) if shared else None
+        if key is not None and key in memo:
+            return memo[key]
+        pairs = _groupable_pairs(stacks, first.shape[-1])
+        if pairs is None:
+            return None
+        dtype = next(pairs[0][0].parameters()).dtype
+        rows = torch.stack([c.to(dtype) for c in contexts]).reshape(len(contexts), -1, first.shape[-1])
+        factors = [[1.0 if module.training else multiplier for module in pair] for pair, multiplier in pairs]
+        outputs = [
+            _grouped_module([pair[i] for pair, _ in pairs], rows, [f[i] for f in factors]) for i in (0, 1)
+        ]
+        found = [
+            (k.reshape(first.shape).to(first.dtype), v.reshape(first.shape).to(first.dtype))
+            for k, v in zip(*outputs)
+        ]
+        if key is not None:
+            memo[key] = found
+        return found
+
+
+def _groupable_pairs(stacks: list[HypernetworkStack], width: int) -> list[tuple[nn.ModuleList, float]] | None:
+    """Each stack's one (key, value) pair for `width` and its multiplier, when every stack holds exactly
+    one hypernetwork with such a pair and all pairs are alike: the same layers (linear layers and
+    activations without parameters; no dropout, no layer norm) of the same shapes, in the same mode."""
+    found = []
+    for stack in stacks:
+        if len(stack.entries) != 1:
+            return None
+        hypernetwork, multiplier = stack.entries[0]
+        pair = hypernetwork.pair(width)
+        if pair is None:
+            return None
+        found.append((pair, multiplier))
+
+    def signature(pair: nn.ModuleList) -> list:
+        return [
+            (
+                module.training,
+                [(type(layer), tuple(p.shape for p in layer.parameters())) for layer in module.linear],
+            )
+            for module in pair
+        ]
+
+    reference = signature(found[0][0])
+    for module in found[0][0]:
+        for layer in module.linear:
+            if isinstance(layer, nn.Dropout) or (
+                not isinstance(layer, nn.Linear) and any(True for _ in layer.parameters())
+            ):
+                return None
+    if any(signature(pair) != reference for pair, _ in found[1:]):
+        return None
+    return found
+
+
+def _grouped_module(
+    modules: list[HypernetworkModule], rows: torch.Tensor, factors: list[float]
+) -> torch.Tensor:
+    """x + mlp(x) * factor for each job's module on its rows (rows: jobs x positions x width), the linear
+    layers as batched matrix products over the jobs' stacked weights: what each module computes alone."""
+    hidden = rows
+    for layers in zip(*(module.linear for module in modules)):
+        if isinstance(layers[0], nn.Linear):
+            weight = torch.stack([layer.weight for layer in layers]).transpose(1, 2)
+            bias = torch.stack([layer.bias for layer in layers]).unsqueeze(1)
+            hidden = torch.baddbmm(bias, hidden, weight)
+        else:  # an activation without parameters: the same for every job
+            hidden = layers[0](hidden)
+    if all(f == 1.0 for f in factors):
+        return rows + hidden
+    return rows + hidden * torch.tensor(factors, dtype=rows.dtype, device=rows.device).view(-1, 1, 1)
+
 
 class _KeyValueInputs:
     """Stands in for an Attention module: its to_k / to_v read the hypernetwork-transformed inputs."""
