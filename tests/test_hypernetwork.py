@@ -370,6 +370,9 @@ def test_a_text_context_read_by_every_cross_attention_layer_is_grouped_once_per_
     assert HypernetworkStack.packed_group(stacks, shared, memo) is first  # the next layer reads the memo
     own = [((c,), {"shared": False}) for c in contexts]  # hidden states: computed for each layer
     assert HypernetworkStack.packed_group(stacks, own, memo) is not first
+    assert HypernetworkStack.packed_group(stacks, own, memo) is not first
+    # ...but from one stacked copy of the jobs' weights per pass: [1, 2, 1] = 2 linear layers, key and value
+    assert len([key for key in memo if key[0] == "stacked"]) == 4
 
 
 @pytest.mark.parametrize(

@@ -476,7 +476,8 @@ class HypernetworkStack:
         rows = torch.stack([c.to(dtype) for c in contexts]).reshape(len(contexts), -1, first.shape[-1])
         factors = [[1.0 if module.training else multiplier for module in pair] for pair, multiplier in pairs]
         outputs = [
-            _grouped_module([pair[i] for pair, _ in pairs], rows, [f[i] for f in factors]) for i in (0, 1)
+            _grouped_module([pair[i] for pair, _ in pairs], rows, [f[i] for f in factors], memo)
+            for i in (0, 1)
         ]
         found = [
             (k.reshape(first.shape).to(first.dtype), v.reshape(first.shape).to(first.dtype))
@@ -523,15 +524,22 @@ def _groupable_pairs(stacks: list[HypernetworkStack], width: int) -> list[tuple[
 
 
 def _grouped_module(
-    modules: list[HypernetworkModule], rows: torch.Tensor, factors: list[float]
+    modules: list[HypernetworkModule], rows: torch.Tensor, factors: list[float], memo: dict
 ) -> torch.Tensor:
     """x + mlp(x) * factor for each job's module on its rows (rows: jobs x positions x width), the linear
-    layers as batched matrix products over the jobs' stacked weights: what each module computes alone."""
+    layers as batched matrix products over the jobs' stacked weights: what each module computes alone.
+    The stacked weights are made once per pass (`memo`): every layer of one width uses the same modules,
+    so a pass holds one stacked copy of the grouped jobs' weights, kept for the backward."""
     hidden = rows
     for layers in zip(*(module.linear for module in modules)):
         if isinstance(layers[0], nn.Linear):
-            weight = torch.stack([layer.weight for layer in layers]).transpose(1, 2)
-            bias = torch.stack([layer.bias for layer in layers]).unsqueeze(1)
+            key = ("stacked", tuple(map(id, layers)))
+            if key not in memo:
+                memo[key] = (
+                    torch.stack([layer.weight for layer in layers]).transpose(1, 2),
+                    torch.stack([layer.bias for layer in layers]).unsqueeze(1),
+                )
+            weight, bias = memo[key]
             hidden = torch.baddbmm(bias, hidden, weight)
         else:  # an activation without parameters: the same for every job
             hidden = layers[0](hidden)
