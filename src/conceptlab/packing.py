@@ -450,8 +450,8 @@ class _Split(nn.Module):
             (tuple(a[j] for a in per_arg), {k: v[j] for k, v in per_kwarg.items()}) for j in range(len(runs))
         ]
         outputs: list[Any] = [None] * len(runs)
-        # Jobs' own modules of one kind that can compute together (`packed_group`, e.g. hypernetworks:
-        # one batched matrix product over their stacked weights) do; the others run one by one.
+        # Jobs' own modules of one kind that can compute together (their type's `packed_group`, e.g. one
+        # batched matrix product over the jobs' stacked weights) do; the others run one by one.
         own = [j for j, (module, _) in enumerate(runs) if module is not self.original]
         group = getattr(type(runs[own[0]][0]), "packed_group", None) if len(own) > 1 else None
         if group is not None and all(type(runs[j][0]) is type(runs[own[0]][0]) for j in own):

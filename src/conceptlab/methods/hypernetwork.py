@@ -469,7 +469,11 @@ class HypernetworkStack:
         key = ("hypernetwork", tuple(map(id, stacks)), tuple(map(id, contexts))) if shared else None
         if key is not None and key in memo:
             return memo[key]
-        pairs = _groupable_pairs(stacks, first.shape[-1])
+        # Whether (and which pairs) is the same at every layer of a width in a pass: checked once.
+        alike = ("pairs", tuple(map(id, stacks)), first.shape[-1])
+        if alike not in memo:
+            memo[alike] = _groupable_pairs(stacks, first.shape[-1])
+        pairs = memo[alike]
         if pairs is None:
             return None
         dtype = next(pairs[0][0].parameters()).dtype
