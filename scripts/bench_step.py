@@ -229,7 +229,8 @@ def step_flops(step) -> int:
 
 def measure(makers: dict, args, device) -> dict[str, dict]:
     """Steps/s of each variant, timed in interleaved blocks (median), so drift hits all alike; and the
-    FLOPs of one step of each eager variant (a compiled variant: those of `flops_of`'s)."""
+    FLOPs of one step of each eager variant (a compiled one, `<name>_compiled`: those of `<name>`, the
+    same arithmetic; counting would run the compiled code under the counter)."""
     built, results, flops = {}, {}, {}
     for name, make in makers.items():
         if device.type == "cuda":
@@ -239,8 +240,8 @@ def measure(makers: dict, args, device) -> dict[str, dict]:
         step, optimizer, params = built[name] = make()
         for _ in range(args.warmup):
             step()
-        if name in args.flops_of:  # compiled: the same arithmetic as the eager variant it names
-            flops[name] = flops[args.flops_of[name]]
+        if name.endswith("_compiled"):
+            flops[name] = flops[name.removesuffix("_compiled")]
         else:
             flops[name] = step_flops(step)
         state_bytes = sum(
@@ -316,7 +317,6 @@ def main(argv: list[str] | None = None) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     if args.peak_tflops is None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         args.peak_tflops = next((tf for part, tf in BF16_PEAK_TFLOPS.items() if part in name), None)
-    args.flops_of = {"conceptlab_compiled": "conceptlab"}
     args.resolution = 64 if args.shape == "tiny" else 512
     with tempfile.TemporaryDirectory() as tmp:
         folder = (
