@@ -25,25 +25,22 @@ import torch
 def scores_for(
     run_dir: Path, step_counts: list[int], samples: int, reference: int, guidance: float, encoders=None
 ) -> dict:
-    from conceptlab.backbone import load_backbone
-    from conceptlab.evaluate import run_config
-    from conceptlab.generate import apply_tags, load_concepts, resolve_prompt, tag_text
+    from conceptlab.inference import prepare
+    from conceptlab.prompts import fill_prompt
+    from conceptlab.runfolder import RunFolder
     from conceptlab.toyworld.checkpoint import load_judge
     from conceptlab.toyworld.concepts import TOY_CONCEPTS
     from conceptlab.toyworld.evaluate import sample_images, score
 
-    backbone = load_backbone(run_config(run_dir).model)
+    folder = RunFolder(run_dir)
+    inference = prepare([folder.concepts], folder.composed_config().model, "cpu")
+    backbone, concepts = inference.backbone, inference.concepts
     judge = load_judge(Path(backbone.path))
-    name = json.loads((run_dir / "summary.json").read_text())["concept"]
+    name = folder.read_record()["concept"]
     concept = TOY_CONCEPTS[name]
-    concepts = load_concepts([str(run_dir / "concepts")])
-    for c in concepts:
-        c.install(backbone)
     # A placeholder word where TI learned one; the name a tagged method trained with, and its tag, else.
-    filled = [f"{p.replace('{}', concepts[0].name)} {tag_text(concepts)}".strip() for p in concept.prompts]
-    resolved = [resolve_prompt(p, concepts, backbone.tokenizer) for p in filled]
-    texts, uses = [t for t, _ in resolved], resolved[0][1]
-    apply_tags(concepts, uses, None)
+    filled = [f"{fill_prompt(p, concepts[0].name)} {inference.tags()}".strip() for p in concept.prompts]
+    texts = [inference.prompt(p) for p in filled]
 
     real = None
     if encoders is not None:
@@ -58,7 +55,7 @@ def scores_for(
         images = sample_images(backbone, texts, seeds, steps, guidance)
         out = score(judge, images, list(concept.prompts), dict(concept.truth)).metrics("")
         if real is not None:
-            from conceptlab.evaluate import to_pil
+            from conceptlab.inference import to_pil
             from conceptlab.metrics import score_images
 
             values = score_images(encoders, to_pil((images + 1) / 2), real).values["clip_i"]

@@ -5,9 +5,7 @@ With --wandb-group the table comes from a W&B group instead (online, credentials
 as the installed `conceptlab-report`.
 """
 
-import sys
-
-from conceptlab.report import main
+from conceptlab.cli import report
 
 if __name__ == "__main__":
-    sys.exit(main())
+    report()

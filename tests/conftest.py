@@ -154,7 +154,7 @@ def compose(overrides: list[str], with_hydra: bool = False, config: str = "train
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from conceptlab.config import register_configs
+    from conceptlab.cli import register_configs
 
     register_configs()
     with initialize_config_module(config_module="conceptlab.conf", version_base="1.3"):

@@ -111,3 +111,146 @@ def test_a_method_from_another_package_is_found_through_its_entry_point(monkeypa
             methods.registered_methods()
     finally:
         methods.registered_methods.cache_clear()
+
+
+# The layers of DESIGN.md, top to bottom: a module imports only from its own layer or below.
+LAYERS = [
+    ("entry points", ["conceptlab.__main__", "conceptlab.cli", "hydra_plugins"]),
+    ("composition", ["conceptlab.train", "conceptlab.packing", "conceptlab.generate", "conceptlab.evaluate"]),
+    ("extensions", ["conceptlab.toyworld"]),
+    ("sweeps' end", ["conceptlab.hydra_callbacks", "conceptlab.report"]),
+    (
+        "runtime",
+        [
+            "conceptlab.module",
+            "conceptlab.callbacks",
+            "conceptlab.sampling",
+            "conceptlab.loggers",
+            "conceptlab.records",
+            "conceptlab.console",
+            "conceptlab.data",
+            "conceptlab.metrics",
+            "conceptlab.evalcache",
+        ],
+    ),  # fmt: skip
+    ("inference", ["conceptlab.inference"]),
+    ("methods", ["conceptlab.methods"]),
+    ("backbones", ["conceptlab.backbone"]),
+    (
+        "ground",
+        [
+            "conceptlab.config",
+            "conceptlab.formats",
+            "conceptlab.runfolder",
+            "conceptlab.prompts",
+            "conceptlab.schedules",
+            "conceptlab.sweeps",
+            "conceptlab.atomic",
+            "conceptlab.errors",
+            "conceptlab.example_sets",
+            "conceptlab.conf",
+            "conceptlab",
+        ],
+    ),  # fmt: skip
+]
+
+
+def module_name(path):
+    parts = list(path.relative_to(ROOT / "src").with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph():
+    """Every import of every module under src/, at the top, inside functions or under TYPE_CHECKING."""
+    import ast
+
+    files = {module_name(p): p for p in (ROOT / "src").rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+                module = ".".join(p for p in (base, node.module or "") if p)
+                found |= {
+                    f"{module}.{a.name}" if f"{module}.{a.name}" in files else module for a in node.names
+                }
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        graph[name] = {m for m in found if m in files and m != name}
+    return graph
+
+
+def layer_of(module):
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return rank
+    raise AssertionError(f"{module} is in no layer of LAYERS: add it where it belongs")
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """Deferred and type-only imports included: no circle, however long."""
+    graph = import_graph()
+    seen, on_path, circles = set(), [], []
+
+    def visit(module):
+        if module in on_path:
+            circles.append(on_path[on_path.index(module) :] + [module])
+            return
+        if module in seen:
+            return
+        seen.add(module)
+        on_path.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        on_path.pop()
+
+    for module in sorted(graph):
+        visit(module)
+    assert not circles, [" -> ".join(c) for c in circles]
+
+
+def test_imports_point_down_the_layers():
+    graph = import_graph()
+    upward = [
+        f"{module} ({LAYERS[layer_of(module)][0]}) imports {imported} ({LAYERS[layer_of(imported)][0]})"
+        for module, imports in graph.items()
+        for imported in imports
+        if layer_of(imported) < layer_of(module)
+    ]
+    assert not upward, upward
+
+
+def test_the_training_step_names_no_pack_and_the_report_no_study():
+    module = (ROOT / "src" / "conceptlab" / "module.py").read_text()
+    assert not re.search(r"pack", module, re.IGNORECASE)
+    report = "\n".join(code_lines(ROOT / "src" / "conceptlab" / "report.py"))
+    named = re.findall(
+        r"toy|judge|composition|bias|distribution|style_transfer|variation|editing_study", report
+    )
+    assert not named, named
+
+
+def test_the_packed_launcher_hands_each_job_its_member_not_a_thread_local():
+    packing = (ROOT / "src" / "conceptlab" / "packing.py").read_text()
+    assert "threading.local" not in packing and "_local" not in packing
+
+
+def test_every_method_takes_the_shared_keys_from_the_base_config():
+    from conceptlab.methods.base import MethodConfig
+
+    shared = {f.name for f in dataclasses.fields(MethodConfig)}
+    for name, method in registered_methods().items():
+        assert issubclass(method.Config, MethodConfig), name
+        assert shared <= {f.name for f in dataclasses.fields(method.Config)}, name
+        assert method.name == method.Config.name == name
+
+
+def test_the_learning_rate_is_parsed_in_one_place():
+    parsers = [
+        f"{path.relative_to(ROOT)}"
+        for path in (ROOT / "src").rglob("*.py")
+        if "parse_lr_schedule(" in "\n".join(code_lines(path)) and path.name != "schedules.py"
+    ]
+    assert parsers == ["src/conceptlab/methods/base.py"], parsers

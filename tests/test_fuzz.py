@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from conceptlab.data import open_rgb
 from conceptlab.errors import ConceptFileError
-from conceptlab.formats import read_concept
+from conceptlab.methods import read_concept
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip

@@ -10,8 +10,9 @@ import torch
 from conftest import ROOT, compose, run_train
 from PIL import Image
 
+from conceptlab.cli import quote_text_overrides
 from conceptlab.errors import ConceptFileError, ConfigError
-from conceptlab.generate import quote_text_overrides, run
+from conceptlab.generate import run
 from conceptlab.methods.hypernetwork import (
     HypernetworkLayers,
     write_a1111_hypernetwork,
@@ -226,7 +227,7 @@ def test_weighted_spans_parse_as_automatic1111_writes_them():
 
 
 def test_a_placeholders_weight_scales_its_own_tokens_context(backbone, concepts):
-    from conceptlab.generate import load_concepts
+    from conceptlab.inference import load_concepts
 
     for concept in load_concepts([str(concepts["cat"])]):
         concept.install(backbone)

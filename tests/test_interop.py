@@ -118,7 +118,8 @@ def test_sdxl_embeddings_are_read_and_refused_on_an_sd1_backbone_with_the_reason
 def generate(tmp_path, *overrides):
     from conftest import compose
 
-    from conceptlab.generate import quote_text_overrides, run
+    from conceptlab.cli import quote_text_overrides
+    from conceptlab.generate import run
 
     cfg = compose(quote_text_overrides(["model=tiny", "steps=2", "seeds=[0]", *overrides]), config="generate")
     return run(cfg, tmp_path / "gen")

@@ -17,8 +17,8 @@ from conftest import (
 from PIL import Image
 from safetensors import safe_open
 
+from conceptlab.cli import quote_text_overrides
 from conceptlab.errors import ConfigError
-from conceptlab.generate import quote_text_overrides
 from conceptlab.generate import run as generate_run
 from conceptlab.methods.lora import ADAPTER, LoRA, lora_layers
 

@@ -173,10 +173,10 @@ def test_class_and_kind_come_from_the_dreambooth_folder(tiny_encoders):
 
 
 def test_a_run_whose_encoder_cannot_load_fails_before_the_backbone_loads(tmp_path, monkeypatch):
-    from conceptlab import backbone
+    from conceptlab import train
     from conceptlab.errors import ConfigError
 
-    monkeypatch.setattr(backbone, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded"))
+    monkeypatch.setattr(train, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded"))
     with pytest.raises(ConfigError, match=r"encoders\.clip=.*missing-clip"):
         run_train(tmp_path / "run", "evaluators=metrics", f"encoders.clip={tmp_path / 'missing-clip'}")
 
@@ -199,7 +199,7 @@ def metric_overrides(encoders: dict[str, str]) -> list[str]:
 
 def test_training_keeps_the_concept_at_each_evaluation_and_names_the_best(tmp_path, tiny_encoders):
     from conceptlab.errors import ConfigError
-    from conceptlab.generate import load_concepts
+    from conceptlab.inference import load_concepts
 
     run_dir = tmp_path / "run"
     summary = run_train(run_dir, *metric_overrides(tiny_encoders))

@@ -16,7 +16,7 @@ from omegaconf import open_dict
 
 from conceptlab.errors import ConfigError, TrainingError
 from conceptlab.formats import read_tensor_file
-from conceptlab.packing import Pack, current_member, pack_key, plan_packs
+from conceptlab.packing import Pack, pack_key, plan_packs
 
 
 def job_config(num: int, *overrides: str):
@@ -80,8 +80,7 @@ def test_a_packs_jobs_take_turns_meet_each_step_and_leave_alone():
         rounds.append(sorted(requests))
         return {index: value * 10 for index, value in requests.items()}
 
-    def job(config):
-        member = current_member()
+    def job(config, member):
         torch.manual_seed(100 + member.index)
         drawn, got = [], []
         for step in range({0: 3, 1: 1, 2: 3}[member.index]):
@@ -105,8 +104,7 @@ def test_a_failing_shared_pass_fails_its_jobs_with_the_reason():
     def op(requests):
         raise RuntimeError("out of memory")
 
-    def job(config):
-        member = current_member()
+    def job(config, member):
         return member.pack.meet("forward", member, 1, op)
 
     results = Pack(fake_jobs(2), job).run()
@@ -125,8 +123,7 @@ def test_the_shared_pass_runs_with_the_jobs_grad_and_autocast_modes():
         )
         return dict.fromkeys(requests)
 
-    def job(config):
-        member = current_member()
+    def job(config, member):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             member.pack.meet("forward", member, None, op)
         with torch.no_grad():

@@ -112,7 +112,7 @@ def test_the_shipped_configs_describe_the_real_models(family, sizes, pad, tmp_pa
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from conceptlab.config import register_configs
+    from conceptlab.cli import register_configs
 
     register_configs()
     from conftest import compose

@@ -276,7 +276,8 @@ def similarity_rows():
 
 
 def test_the_report_tables_the_similarity_metrics_beside_the_published_ones(tmp_path):
-    from conceptlab.report import metric_agreement, pareto_front, similarity_table, write_report
+    from conceptlab.report import pareto_front, similarity_table, write_report
+    from conceptlab.toyworld.sections import metric_agreement
 
     sweep = fake_sweep(tmp_path, "eval/clip_i", similarity_rows())
     table, prefix = similarity_table(sweep)
@@ -293,6 +294,11 @@ def test_the_report_tables_the_similarity_metrics_beside_the_published_ones(tmp_
     assert (column, truth, n) == ("eval/clip_i", "judge/concept", 6) and rho > 0.8
     page = write_report(sweep, tmp_path / "report").read_text()
     assert "Textual Inversion, Stable Diffusion (published)</td><td>0.569</td><td>0.780</td><td>0.255" in page
+    # the judge's own section (its runs plug it in) says how far each metric agrees with its truth
+    assert "agree with the judge" not in page
+    sweep.targets = ["conceptlab.toyworld.evaluate.JudgeEvaluation"]
+    page = write_report(sweep, tmp_path / "report").read_text()
+    assert "<code>eval/clip_i</code> vs <code>judge/concept</code>: Spearman ρ = " in page
     assert "<td>ti</td><td>0.550 ± 0.030</td><td>0.780 ± 0.020</td>" in page
     assert (tmp_path / "report" / "plots" / "reconstruction_vs_editability.png").is_file()
     # on SD weights there is no judge: the headline takes CLIP-I from evaluate.py instead of the loss

@@ -38,9 +38,9 @@ TRAIN_CASES = [
 
 @pytest.mark.parametrize(("overrides", "message"), TRAIN_CASES, ids=lambda v: str(v)[:40])
 def test_bad_training_values_are_refused_before_anything_loads(tmp_path, overrides, message, monkeypatch):
-    import conceptlab.backbone
+    import conceptlab.train
 
-    monkeypatch.setattr(conceptlab.backbone, "load_backbone", lambda cfg: pytest.fail("the backbone loaded"))
+    monkeypatch.setattr(conceptlab.train, "load_backbone", lambda cfg: pytest.fail("the backbone loaded"))
     with pytest.raises(ConfigError, match=message) as err:
         run_train(tmp_path / "run", *overrides)
     assert "\n" not in str(err.value)
@@ -70,7 +70,8 @@ GENERATE_CASES = [
 
 @pytest.mark.parametrize(("overrides", "message"), GENERATE_CASES, ids=lambda v: str(v)[:30])
 def test_bad_generation_values_are_refused(tmp_path, overrides, message):
-    from conceptlab.generate import quote_text_overrides, run
+    from conceptlab.cli import quote_text_overrides
+    from conceptlab.generate import run
 
     args = ["model=tiny", "prompt=a cat", "steps=1", *overrides]
     if "hypernet" in str(overrides):

@@ -10,26 +10,26 @@ conceptlab --version
 from __future__ import annotations
 
 import sys
+from importlib import import_module
+
+from conceptlab import __version__
 
 COMMANDS = {
-    "train": "conceptlab.train:cli",
-    "generate": "conceptlab.generate:cli",
-    "evaluate": "conceptlab.evaluate:cli",
-    "report": "conceptlab.report:cli",
+    "train": "conceptlab.cli:train",
+    "generate": "conceptlab.cli:generate",
+    "evaluate": "conceptlab.cli:evaluate",
+    "report": "conceptlab.cli:report",
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] in (["--version"], ["-V"]):
-        from conceptlab import __version__
-
         print(f"conceptlab {__version__}")
         return
     if not args or args[0] not in COMMANDS:
         print(__doc__.strip(), file=sys.stderr)
         sys.exit(0 if args[:1] in (["-h"], ["--help"]) else 2)
-    from importlib import import_module
 
     module, _, function = COMMANDS[args[0]].partition(":")
     # The command's own parser (Hydra's or argparse's) reads the rest of the command line.

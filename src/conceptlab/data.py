@@ -22,10 +22,12 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from .backbone import Backbone, resolve_path
 from .config import DataConfig
 from .errors import ConceptDataError, ConfigError
+from .prompts import fill_prompt
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +206,7 @@ def read_text(path: Path, what: str) -> str:
 
 
 def fill_template(template: str, name: str, caption: str) -> str:
-    text = template.replace("{}", name).replace("[name]", name).replace("[filewords]", caption)
+    text = fill_prompt(template, name).replace("[filewords]", caption)
     return re.sub(r"\s+", " ", text).strip(" ,")
 
 
@@ -404,7 +406,6 @@ class ConceptDataModule(pl.LightningDataModule):
 @torch.no_grad()
 def encode_latents(backbone: Backbone, images: list[Image.Image], flips: bool, device: torch.device):
     """Latent distribution (mean, std) of each image, and of its mirror image: [images, flips, C, h, w]."""
-    from tqdm.auto import tqdm
 
     vae = backbone.vae.to(device)
     pixels = torch.stack([image_to_tensor(im) for im in images])

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .atomic import write_json
+from .atomic import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 VERSION = 1  # bump when what an entry holds changes
@@ -88,8 +88,6 @@ class EvaluationCache:
             return None
 
     def put_bytes(self, key: str, suffix: str, data: bytes) -> None:
-        from .atomic import atomic_path
-
         try:
             with atomic_path(self.folder / key[:2] / f"{key}{suffix}") as tmp:
                 tmp.write_bytes(data)

@@ -14,6 +14,7 @@ CLIP-T reads the prompt with the concept's words left out ("a dog in the snow").
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import sys
@@ -23,10 +24,27 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from PIL import Image
+from tqdm.auto import tqdm
 
 from .atomic import atomic_path, write_json
+from .backbone import resolve_path
+from .config import EvaluateRunConfig, check_config
+from .console import is_verbose, quiet_third_party, say
+from .data import concept_class, read_concept_images
 from .errors import ConceptLabError, ConfigError, error_line
+from .evalcache import EvaluationCache, backbone_identity, default_cache_dir, method_state
+from .inference import labelled_grid, prepare, to_pil
+from .metrics import Encoders, encoder_identity, score_images
+from .prompts import fill_prompt
+from .runfolder import RunFolder, find_run_dirs
 from .sampling import Draw, draw_images
+
+# wandb load inside the functions that use them, not here: importing them costs wandb ~1 s on the
+# 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
+# where they go unused.
 
 log = logging.getLogger(__name__)
 PREFIX = "metrics/"  # during training (a few prompts); evaluate.py's full protocol: EVAL_PREFIX
@@ -37,7 +55,7 @@ SHORT = {"reconstruction": "recon", "editing": "edit"}  # image file names
 
 def fill(prompt: str, words: str, class_word: str) -> str:
     """The prompt with {} replaced by the concept's words and class word, spaces tidied."""
-    text = prompt.replace("{}", f"{words} {class_word}")
+    text = fill_prompt(prompt, f"{words} {class_word}")
     return re.sub(r"\s+", " ", text).strip().replace(" ,", ",")
 
 
@@ -77,7 +95,6 @@ class Scorer:
         self, prompts: list[Prompted], images: list, per_prompt: int, prefix: str = PREFIX
     ) -> dict[str, Any]:
         """Per set: each metric's mean/std over prompts x seeds and per prompt; `flat` metrics too."""
-        from .metrics import score_images
 
         out: dict[str, Any] = {}
         flat: dict[str, float] = {}
@@ -115,8 +132,6 @@ class MetricEvaluation(pl.Callback):
     def __init__(
         self, settings, data, record=None, encoders=None, protocol=None, cache_dir: str | None = None
     ):
-        from .data import concept_class
-        from .evalcache import EvaluationCache, default_cache_dir
 
         self.cfg, self.record = settings, record
         self.cache = EvaluationCache(default_cache_dir(cache_dir)) if settings.cache else None
@@ -124,7 +139,6 @@ class MetricEvaluation(pl.Callback):
         self.class_word, self.kind = concept_class(data)
         self.real_images = real_images(data)
         self.real_digest = images_digest(self.real_images)
-        from .metrics import encoder_identity
 
         # Checked here, before the backbone loads: an encoder that cannot be found fails the run at once.
         # The models load at the first evaluation the cache does not hold.
@@ -180,8 +194,6 @@ class MetricEvaluation(pl.Callback):
         )  # fmt: skip
         key = None
         if self.cache is not None:  # step 0 from a shared starting state was scored before
-            from .evalcache import backbone_identity, method_state
-
             key = self.cache.key(
                 kind="metrics", backbone=backbone_identity(backbone), state=method_state(method, 1.0),
                 prompts=[(p.set, p.text, p.plain) for p in prompts], seeds=list(seeds), sampler="DDIM",
@@ -206,8 +218,6 @@ class MetricEvaluation(pl.Callback):
         metrics = self.cache.get(key) if key is not None else None
         if metrics is None:
             if self.scorer is None:
-                from .metrics import Encoders
-
                 self.scorer = Scorer(Encoders(*self.encoder_names, device=module.device), self.real_images)
             images = to_pil(draw_images(self, trainer, module, draw, progress=f"metrics at step {step}"))
             metrics = self.scorer.score(prompts, images, self.cfg.metric_samples)["flat"]
@@ -222,7 +232,7 @@ class MetricEvaluation(pl.Callback):
         """The concept at this step in concepts/steps/, and the best step so far in the record."""
         if self.record is None:
             return
-        folder = self.record.run_dir / "concepts" / "steps" / f"step_{step:06d}"
+        folder = RunFolder(self.record.run_dir).step(step)
         module.method.export(folder, step, module.backbone)
         fields: dict[str, Any] = {"metrics": {"step": step, **metrics}}
         value = metrics.get(self.cfg.best)
@@ -255,16 +265,12 @@ def log_image_table(trainer: pl.Trainer, step: int, rows: list[tuple[str, int]],
 
 def real_images(data) -> list:
     """Every real image of the concept (all of the folder, whatever subset trained)."""
-    from omegaconf import OmegaConf
-
-    from .data import read_concept_images
 
     return [im.image for im in read_concept_images(OmegaConf.merge(data, {"num_images": None}))]
 
 
 def images_digest(images: list) -> str:
     """Identifies a list of images by their pixels (evaluation cache keys)."""
-    import hashlib
 
     digest = hashlib.sha256()
     for image in images:
@@ -273,53 +279,7 @@ def images_digest(images: list) -> str:
     return digest.hexdigest()
 
 
-def to_pil(pixels: torch.Tensor) -> list:
-    """[N, 3, H, W] in [0, 1] as PIL images."""
-    from PIL import Image
-
-    arrays = (pixels.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
-    return [Image.fromarray(a) for a in arrays]
-
-
 # ----------------------------------------------------------------------------------- evaluate.py
-
-
-def concept_paths(run_dir: Path, which: str) -> tuple[list[str], str]:
-    """The concept files of a run to evaluate: final | best | step=N, and the label for eval.json."""
-    import json
-
-    if which == "final":
-        return [str(run_dir / "concepts")], "final"
-    if which == "best":
-        try:
-            summary = json.loads((run_dir / "summary.json").read_text())
-        except (OSError, ValueError) as err:
-            raise ConfigError(
-                f"{run_dir}: its summary.json is unreadable ({err}); use concept=step=N"
-            ) from err
-        best = (summary.get("best") if isinstance(summary, dict) else None) or {}
-        if not best.get("concepts"):
-            raise ConfigError(
-                f"{run_dir}: its summary.json names no best step (the run evaluated no metrics during "
-                "training); use concept=final or concept=step=N"
-            )
-        return [str(run_dir / best["concepts"])], f"best (step {best['step']}, {best['metric']})"
-    match = re.fullmatch(r"step=(\d+)", which)
-    if not match:
-        raise ConfigError(f"concept={which!r}: use final, best or step=N")
-    return [str(step_folder(run_dir, int(match.group(1))))], which
-
-
-def step_folder(run_dir: Path, step: int) -> Path:
-    folder = run_dir / "concepts" / "steps" / f"step_{step:06d}"
-    if not folder.is_dir():
-        steps = (run_dir / "concepts" / "steps").glob("step_*")
-        kept = [str(k) for k in sorted(int(p.name[5:]) for p in steps if p.name[5:].isdigit())]
-        raise ConfigError(
-            f"{run_dir} kept no concept at step {step} (kept: {', '.join(kept) or 'none'}; concepts are kept "
-            "at each evaluation step)"
-        )
-    return folder
 
 
 def evaluate_concepts(
@@ -327,28 +287,16 @@ def evaluate_concepts(
     about: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The protocol on these concept files: images (kept, so a rerun resumes), scores, grids, eval.json."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    from .backbone import load_backbone, resolve_dtype
-    from .data import concept_class
-    from .generate import apply_tags, labelled_grid, load_concepts, resolve_prompt, tag_text
-
     class_word, kind = concept_class(data_cfg)
     scorer = _scorer(encoders, data_cfg)
-    concepts = load_concepts(paths)
-    backbone = load_backbone(model_cfg)
-    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    backbone.to(dev, resolve_dtype(model_cfg.dtype, dev, "16-mixed"))
-    for concept in concepts:
-        concept.install(backbone)
-    words = " ".join(c.name for c in concepts if c.tag is None)
-    tagged = [c for c in concepts if c.tag]
+    inference = prepare(paths, model_cfg, device)
+    backbone, concepts = inference.backbone, inference.concepts
+    words, tagged = inference.words, inference.tagged
     multipliers = [float(m) for m in protocol.multipliers] if tagged else [1.0]
     seeds = [protocol.seed + k for k in range(protocol.images_per_prompt)]
     results: dict[str, Any] = {}
     for multiplier in multipliers:
-        tags = tag_text(tagged, multiplier)
+        tags = inference.tags(multiplier)
         prompts = build_prompts(getattr(protocol, kind), words, class_word, tags)
         folder = out_dir / "images" / multiplier_key(multiplier)
         images = []
@@ -359,8 +307,7 @@ def evaluate_concepts(
             files = [folder / f"{SHORT[prompt.set]}_{i:02d}_seed{s}.png" for s in seeds]
             missing = [s for s, f in zip(seeds, files) if not f.is_file()]
             if missing:  # images made before (an interrupted evaluation) are kept
-                text, uses = resolve_prompt(prompt.text, concepts, backbone.tokenizer)
-                apply_tags(concepts, uses, None)
+                text = inference.prompt(prompt.text)
                 pixels = backbone.sample(
                     [text] * len(missing), missing, protocol.num_inference_steps, protocol.guidance_scale
                 )
@@ -375,8 +322,6 @@ def evaluate_concepts(
         with atomic_path(out_dir / f"grid_{multiplier_key(multiplier)}.png") as tmp:
             grid.save(tmp, format="PNG")
     main = results[multiplier_key(1.0)] if multiplier_key(1.0) in results else next(iter(results.values()))
-    from omegaconf import OmegaConf
-
     record = {
         **(about or {}),
         "protocol": OmegaConf.to_container(protocol, resolve=True),
@@ -400,8 +345,6 @@ _SCORERS: dict[tuple[Any, str], Scorer] = {}
 
 def _scorer(encoders, data_cfg) -> Scorer:
     """One Scorer per (encoders, image folder), the encoders loaded once: a sweep pays for them once."""
-    from .metrics import Encoders
-
     names = (encoders.clip, encoders.dino)
     if names not in _ENCODERS:
         _ENCODERS[names] = Encoders(*names)
@@ -413,40 +356,27 @@ def _scorer(encoders, data_cfg) -> Scorer:
 
 def explicit(prefix: str) -> bool:
     """Whether the command line set `prefix` (a group or any key below it)."""
-    from hydra.core.hydra_config import HydraConfig
-
     overrides = HydraConfig.get().overrides.task
     return any(re.match(rf"^\+*{re.escape(prefix)}[.=]", o) for o in overrides)
-
-
-def run_config(run_dir: Path):
-    """The config train.py composed for a run (its .hydra/config.yaml)."""
-    from omegaconf import OmegaConf
-
-    saved = Path(run_dir) / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"{run_dir}: no .hydra/config.yaml there; give a run directory train.py made")
-    return OmegaConf.load(saved)
 
 
 def evaluate_run(run_dir: Path, cfg) -> dict[str, Any]:
     """The protocol on one training run: its model, images and class from its config; encoders and
     protocol from its config too unless the command line names them."""
-    saved = run_config(run_dir)
+    folder = RunFolder(run_dir)
+    saved = folder.composed_config()
     pick = {
         name: (cfg[name] if explicit(name) or name not in saved else saved[name])
         for name in ("encoders", "protocol")
     }
-    paths, label = concept_paths(run_dir, cfg.concept)
+    concepts, label = folder.concepts_at(cfg.concept)
     return evaluate_concepts(
-        paths, saved.model, saved.data, pick["encoders"], pick["protocol"], run_dir / "eval", cfg.device,
+        [concepts], saved.model, saved.data, pick["encoders"], pick["protocol"], folder.eval, cfg.device,
         about={"run_dir": str(run_dir), "concept": label, "method": saved.method.name},
     )  # fmt: skip
 
 
 def run(cfg, out_dir: Path) -> list[dict[str, Any]]:
-    from .config import EvaluateRunConfig, check_config
-
     check_config(cfg, [("", EvaluateRunConfig)])
     chosen = [k for k in ("run", "sweep") if cfg[k]] + (["concepts"] if cfg.concepts else [])
     if len(chosen) != 1:
@@ -454,8 +384,6 @@ def run(cfg, out_dir: Path) -> list[dict[str, Any]]:
     if cfg.run:
         return [evaluate_run(_existing(cfg.run, "run"), cfg)]
     if cfg.sweep:
-        from .report import find_run_dirs
-
         runs = find_run_dirs(_existing(cfg.sweep, "sweep"))
         if not runs:
             raise ConfigError(f"sweep={cfg.sweep}: no run directories (with summary.json) below it")
@@ -474,30 +402,14 @@ def run(cfg, out_dir: Path) -> list[dict[str, Any]]:
 
 
 def _existing(path: str, key: str) -> Path:
-    from .backbone import resolve_path
-
     folder = resolve_path(path)
     if not folder.is_dir():
         raise ConfigError(f"{key}={path}: no such directory")
     return folder
 
 
-def cli() -> None:
-    """Console script `conceptlab-evaluate` (and `conceptlab evaluate`)."""
-    import hydra
-
-    from .config import CONFIG_PATH, register_configs
-
-    register_configs()
-    hydra.main(config_path=CONFIG_PATH, config_name="evaluate", version_base="1.3")(main)()
-
-
 def main(cfg) -> list[dict[str, Any]]:
     """The Hydra task of evaluate.py: a user's mistake is one line on stderr and exit status 2."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from .console import is_verbose, quiet_third_party, say
-
     quiet_third_party(verbose=is_verbose())
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -506,7 +418,7 @@ def main(cfg) -> list[dict[str, Any]]:
         print(error_line(err), file=sys.stderr)
         sys.exit(2)
     for record in records:
-        where = Path(record["run_dir"]) / "eval" if "run_dir" in record else out_dir
+        where = RunFolder(Path(record["run_dir"])).eval if "run_dir" in record else out_dir
         shown = " ".join(f"{k.removeprefix(EVAL_PREFIX)}={v:.3f}" for k, v in record["metrics"].items())
         say(f"conceptlab: {where / 'eval.json'}  {shown}")
     return records

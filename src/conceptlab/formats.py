@@ -3,13 +3,16 @@ format they are.
 
 This module knows no method's format. It reads a tensor file (safetensors with its metadata, or a
 torch `.pt`/`.bin` through `weights_only` loading: nothing but tensors and plain containers is ever
-unpickled), writes files atomically, and asks each registered method (`methods.registered_methods`)
+unpickled) and writes files atomically; the method registry (`methods.read_concept`) asks each method
 whether a file is one of its concepts. Each method's module holds its own readers and writers.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import json
 import pickle
 import re
 import zipfile
@@ -17,17 +20,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_path
 from .errors import ConceptFileError, ConceptLabError
-
-if TYPE_CHECKING:
-    from .methods.base import Concept
 
 CONCEPT_SUFFIXES = (".safetensors", ".pt", ".bin")
 
@@ -87,11 +88,6 @@ WEBUI_IMAGE_CHUNK = "sd-ti-embedding"
 def read_webui_image_embedding(path: Path) -> dict[str, Any]:
     """The embedding the webui's "save embedding as image" puts in a PNG's `sd-ti-embedding` text
     chunk: base64 of JSON whose tensors are {"TORCHTENSOR": nested lists}. JSON only: nothing runs."""
-    import base64
-    import binascii
-    import json
-
-    from PIL import Image, UnidentifiedImageError
 
     def tensors(value: Any) -> Any:
         if isinstance(value, dict) and set(value) == {"TORCHTENSOR"}:
@@ -201,20 +197,6 @@ def read_as(path: str | Path, parse, what: str):
     if found is None:
         raise ConceptFileError(f"{file.path} is not {what}")
     return found
-
-
-def read_concept(path: str | Path) -> Concept:
-    """The learned concept in a file, recognised by the method whose format it is."""
-    from .methods import registered_methods
-
-    with reading(path):
-        file = read_tensor_file(path)
-        for method in registered_methods().values():
-            concept = method.concept_from_file(file)
-            if concept is not None:
-                return concept
-    known = "; ".join(f"{name}: {cls.file_formats}" for name, cls in registered_methods().items())
-    raise ConceptFileError(f"{file.path} is not a concept file of any method conceptlab knows ({known})")
 
 
 def concept_files(path: str | Path) -> list[Path]:

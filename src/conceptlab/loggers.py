@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -9,24 +10,34 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pytorch_lightning.loggers import Logger
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from .atomic import write_text
 from .config import LoggerConfig
 from .errors import ConfigError
+from .runfolder import RunFolder
+from .sweeps import flatten
+
+# wandb load inside the functions that use them, not here: importing them costs wandb ~1 s on the
+# 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
+# where they go unused.
 
 log = logging.getLogger(__name__)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 def make_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any],
-                 group: str | None = None, job_type: str | None = None, tags: list[str] | None = None) -> list[Logger]:  # fmt: skip
-    """metrics.csv in the run directory (keeping earlier runs' rows), plus a WandbLogger if `cfg.wandb`."""
-    from .runfolder import HistoryCSVLogger
+                 group: str | None = None, job_type: str | None = None, tags: list[str] | None = None,
+                 in_pack: bool = False) -> list[Logger]:  # fmt: skip
+    """metrics.csv in the run directory (keeping earlier runs' rows), plus a WandbLogger if `cfg.wandb`.
 
+    in_pack: the job shares its process (and W&B's service) with the other jobs of a packed sweep."""
     loggers: list[Logger] = [HistoryCSVLogger(run_dir)]
     if cfg.wandb:
-        loggers.append(make_wandb_logger(cfg, run_dir, run_name, config, group, job_type, tags or []))
+        loggers.append(
+            make_wandb_logger(cfg, run_dir, run_name, config, group, job_type, tags or [], in_pack)
+        )
     return loggers
 
 
@@ -56,15 +67,12 @@ def has_wandb_credentials() -> bool:
 
 
 def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any],
-                      group: str | None, job_type: str | None, tags: list[str]) -> Logger:  # fmt: skip
+                      group: str | None, job_type: str | None, tags: list[str], in_pack: bool = False) -> Logger:  # fmt: skip
     """A started WandbLogger; if the server cannot be reached in time the run goes on offline.
 
     The config is logged flattened ("method.lr") so dashboards filter and group by every key.
     """
     import wandb
-    from pytorch_lightning.loggers import WandbLogger
-
-    from .sweeps import flatten
 
     mode = wandb_mode(cfg)
     # A requeued or resumed job continues its W&B run: the id is kept in the run directory.
@@ -93,7 +101,6 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
         # every run; the setting does nothing, so it is not passed (console.py lists what is hidden).
         getattr(logger, "_wandb_init", {}).pop("anonymous", None)
         logger.experiment  # noqa: B018 - start the run now, where a failure can still be handled
-        from pytorch_lightning.utilities import rank_zero_only
 
         if rank_zero_only.rank == 0 and not id_file.is_file():
             write_text(id_file, run_id)
@@ -115,9 +122,65 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
                 id_file.unlink()
             # Stop W&B's service, which would otherwise keep retrying the dead server until the process exits
             # (not in a packed sweep: the other jobs' runs live in that service too).
-            from .packing import current_member
-
-            if current_member() is None:
+            if not in_pack:
                 wandb.teardown()
             return start("offline", fresh)
     return start(mode, run_id)
+
+
+class HistoryCSVLogger(CSVLogger):
+    """Lightning's CSV logger (metrics.csv in the run folder), keeping the rows of earlier runs of the
+    folder: a rerun or requeue appends, replacing only the rows from the step it resumes at on.
+
+    Lightning deletes an existing metrics.csv when it starts writing; the earlier rows are moved to
+    metrics.csv.previous first (never deleted) and written back ahead of the new ones."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(save_dir=str(run_dir), name=None, version="")
+        self._history: list[dict[str, float]] | None = None
+        if rank_zero_only.rank == 0:
+            self._history = self._take_history(Path(run_dir))
+
+    @staticmethod
+    def _take_history(run_dir: Path) -> list[dict[str, float]]:
+        current = RunFolder(run_dir).metrics
+        previous = current.with_name("metrics.csv.previous")
+        rows = read_metrics(previous) if previous.is_file() else []  # a run that died before writing
+        if current.is_file():
+            rows += read_metrics(current)
+            os.replace(current, previous)
+        return rows
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self._history is not None:
+            history, self._history = self._history, None
+            for row in history:
+                if step is None or row.get("step", 0) < step:
+                    self.experiment.log_metrics(
+                        {k: v for k, v in row.items() if k != "step"}, int(row["step"])
+                    )
+        super().log_metrics(metrics, step)
+
+    @rank_zero_only
+    def save(self) -> None:
+        super().save()
+        previous = Path(self.log_dir) / "metrics.csv.previous"
+        if self._history is None and (Path(self.log_dir) / "metrics.csv").is_file():
+            previous.unlink(missing_ok=True)  # its rows are in metrics.csv now
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The rows of a metrics.csv, numbers as floats and empty cells left out."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            values = {}
+            for key, value in row.items():
+                try:
+                    values[key] = float(value)
+                except (TypeError, ValueError):
+                    continue
+            if "step" in values:
+                rows.append(values)
+    return rows

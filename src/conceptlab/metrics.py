@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
+from .backbone import resolve_path
 from .errors import ConfigError
+from .evalcache import tensors_digest
+
+# transformers load inside the functions that use them, not here: importing them costs transformers ~1 s on the
+# 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
+# where they go unused.
 
 log = logging.getLogger(__name__)
 CLIPSCORE_WEIGHT = 2.5
@@ -25,7 +31,6 @@ CLIPSCORE_WEIGHT = 2.5
 def load_pretrained(cls, name: str, key: str, **kwargs):
     """`cls.from_pretrained(name)`: a local folder (or pkg:// path) never touches the network; a hub id
     is read from the Hugging Face cache or downloaded. A failure names the key and the fix."""
-    from .backbone import resolve_path
 
     path = resolve_path(name)
     local = path.exists() or name.startswith(("pkg://", "/", ".", "~"))
@@ -44,8 +49,6 @@ def encoder_identity(clip: str | None, dino: str | None) -> dict[str, Any]:
     else loads) and identify it without loading its weights: a local folder by its weight files'
     names, sizes and times, a hub id by the cached snapshot's revision."""
     from transformers import AutoConfig
-
-    from .backbone import resolve_path
 
     out: dict[str, Any] = {"clip": clip, "dino": dino}
     for key, name in (("clip", clip), ("dino", dino)):
@@ -101,7 +104,6 @@ class Encoders:
 
     def describe(self) -> dict[str, Any]:
         """What eval.json records (and what cached scores are keyed by)."""
-        from .evalcache import tensors_digest
 
         out: dict[str, Any] = dict(self.names)
         for name in ("clip", "dino"):

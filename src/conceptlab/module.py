@@ -9,20 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
 
 from .backbone import Backbone
 from .config import OptimConfig
 from .errors import TrainingError
 from .methods.base import Method
 from .schedules import rate_at
-
-if TYPE_CHECKING:
-    from .packing import Member
 
 Route = Callable[[list[int], list[int]], AbstractContextManager]
 
@@ -36,7 +34,7 @@ def diffusion_losses(
 ) -> list[torch.Tensor]:
     """The latent-diffusion loss of each batch, all of them in one text-encoder pass (for batches without
     cached contexts) and one UNet pass. `route(which, sizes)`, entered around each pass, is told which
-    batches it holds and their sizes (a packed sweep sends each job's rows through its own modules)."""
+    batches it holds and their sizes (so a caller can send each batch's rows through modules of its own)."""
     route = route or (lambda which, sizes: nullcontext())
     contexts = [batch.get("context") for batch in batches]
     # Methods that leave the text encoding alone get contexts cached by the data module.
@@ -79,7 +77,6 @@ class ConceptModule(pl.LightningModule):
         self.run_info = run_info or {}
         # Checkpoints hold what trains only; the frozen backbone comes from its own folder.
         self.strict_loading = False
-        self.pack_member: Member | None = None  # set by the pack in a packed sweep (packing.Member.bind)
         self._resume_rng: dict[str, Any] | None = None  # a checkpoint's random state, until the first step
         self._first_bad_step: torch.Tensor | None = (
             None  # on the device: the first step whose loss was not finite
@@ -90,11 +87,12 @@ class ConceptModule(pl.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         return trainable | set(self.method.state_dict(prefix="method."))
 
+    def step_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The diffusion loss of one batch (a subclass may compute it elsewhere, as one of many)."""
+        return diffusion_losses(self.backbone, [batch])[0]
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self.pack_member is not None:  # a packed sweep: one pass for every job of the pack
-            loss = self.pack_member.loss(batch)
-        else:
-            loss = diffusion_losses(self.backbone, [batch])[0]
+        loss = self.step_loss(batch)
         # No host sync in the step: a non-finite loss marks a device flag (the first such step), which
         # is read at logging points, before any checkpoint and before the concept is exported.
         bad = ~torch.isfinite(loss.detach())
@@ -112,15 +110,7 @@ class ConceptModule(pl.LightningModule):
         )
         return loss
 
-    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        if self.pack_member is not None:
-            self.pack_member.backward(loss)  # one backward for the pack, once every job has its loss
-        else:
-            super().backward(loss, *args, **kwargs)
-
     def configure_optimizers(self):
-        from diffusers.optimization import get_scheduler
-
         optimizer = torch.optim.AdamW(
             self.method.trainable_parameters(),
             lr=self.lr,

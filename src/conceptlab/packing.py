@@ -1,8 +1,10 @@
 """Packed sweeps (`hydra/launcher=packed`): the jobs of a sweep that share a backbone train in one
 process, with one batched UNet (and text-encoder) pass per step.
 
-Each job is still a whole job: Hydra's `run_job` runs train.py's task in a thread of its own, with its
-own Lightning trainer, callbacks, run record, checkpoints, concept files, loggers and W&B run. The
+Each job is still a whole job: Hydra's `run_job` runs train.py's task in a thread of its own, handed the
+job's `Member` (`pack=`), with its own Lightning trainer, callbacks, run record, checkpoints, concept
+files, loggers and W&B run. The task loads its backbone through the member and builds a
+`PackedConceptModule`, whose steps go through the pack; nothing else of training knows of packs. The
 threads take turns (one runs at a time, the next in job order when it waits; each has its own random
 state and Hydra config) and meet twice per step: every job's training_step hands its batch to the pack,
 which runs one pass over all of them and gives each its own loss, and every job's backward hands that
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -34,7 +37,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,14 +46,13 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from .backbone import Backbone, load_backbone
 from .errors import TrainingError
-
-if TYPE_CHECKING:
-    from .backbone import Backbone
-    from .module import ConceptModule
+from .hydra_callbacks import end_sweep
+from .methods import Method, registered_methods
+from .module import ConceptModule, diffusion_losses
 
 log = logging.getLogger(__name__)
-_local = threading.local()
 # One core for a job's own work (its sampling, its optimizer), every core for the shared pass: OpenMP
 # keeps a team of workers per thread that computes, and more of them than cores slows every parallel
 # region. torch's setting is the process's, so each side sets its own when it runs.
@@ -58,28 +60,13 @@ JOB_THREADS = 1
 JOB_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log format
 
 
-def current_member() -> Member | None:
-    """The pack member this thread runs (None outside a packed sweep)."""
-    return getattr(_local, "member", None)
-
-
-def job_backbone(cfg_model) -> Backbone:
-    """The frozen backbone for a job: loaded from `cfg_model`, or in a pack the job's own copy of the
-    pack's (same weights, its own modules)."""
-    from .backbone import load_backbone
-
-    member = current_member()
-    return member.backbone(cfg_model) if member is not None else load_backbone(cfg_model)
-
-
 # ------------------------------------------------------------------------------------------ launcher
 
 
 def launch_packed(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     """The packed launcher's work (hydra_plugins.conceptlab_launcher): compose every job, pack them, run
-    the packs one after another (a pack of one as Hydra's local launcher would), then end the sweep."""
-    from .hydra_callbacks import end_sweep
-
+    the packs one after another (a pack of one as Hydra's local launcher would), then end the sweep.
+    Each job of a pack gets its Member as the task function's `pack` argument."""
     setup_globals()
     config, context = launcher.config, launcher.hydra_context
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
@@ -95,20 +82,22 @@ def launch_packed(launcher, job_overrides: Sequence[Sequence[str]], initial_job_
     packs = plan_packs(jobs, launcher.pack_size)
     log.info("Launching %d jobs in %d pack(s) of at most %d", len(jobs), len(packs), launcher.pack_size)
 
-    def run(job: DictConfig, configure_logging: bool) -> JobReturn:
+    def run(job: DictConfig, member: Member | None) -> JobReturn:
+        task = (
+            launcher.task_function
+            if member is None
+            else functools.partial(launcher.task_function, pack=member)
+        )
         return run_job(
-            hydra_context=context, task_function=launcher.task_function, config=job,
-            job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir", configure_logging=configure_logging,
+            hydra_context=context, task_function=task, config=job, job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir", configure_logging=member is None,
         )  # fmt: skip
 
     returns: dict[int, JobReturn] = {}
     for pack in packs:
         for job in pack:
             log.info("\t#%d : %s", job.hydra.job.num, " ".join(filter_overrides(job.hydra.overrides.task)))
-        if len(pack) == 1:
-            results = [run(pack[0], configure_logging=True)]
-        else:
-            results = Pack(pack, lambda job: run(job, configure_logging=False)).run()
+        results = [run(pack[0], None)] if len(pack) == 1 else Pack(pack, run).run()
         returns.update(zip((int(job.hydra.job.num) for job in pack), results))
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     end_sweep(config, sweep_dir)
@@ -117,8 +106,6 @@ def launch_packed(launcher, job_overrides: Sequence[Sequence[str]], initial_job_
 
 def pack_key(config: DictConfig) -> str | None:
     """What the jobs of one pack share (backbone, resolution, precision, device); None: the job runs alone."""
-    from .methods import Method, registered_methods
-
     try:
         method = registered_methods().get(str(config.method.name))
         if method is None or method.packed_modules is Method.packed_modules:
@@ -207,7 +194,7 @@ class _Failed:
 class Pack:
     """Jobs trained together: their threads, turns, and the shared pass."""
 
-    def __init__(self, jobs: list[DictConfig], run_job_fn: Callable[[DictConfig], JobReturn]):
+    def __init__(self, jobs: list[DictConfig], run_job_fn: Callable[[DictConfig, Member], JobReturn]):
         self.run_job_fn = run_job_fn
         # One lock; each job's thread and the pack's own wait on conditions of their own, woken one at a
         # time (waking every thread at every turn would cost more than the turn).
@@ -279,13 +266,12 @@ class Pack:
         asking.cv.notify()  # the job that handed in last waits for it
 
     def _job(self, member: Member) -> None:
-        _local.member = member
         torch.set_num_threads(JOB_THREADS)
         with self.lock:
             member.cv.wait_for(lambda: self.turn == member.index or self.stopped is not None)
         try:
             if self.stopped is None:
-                member.job_return = self.run_job_fn(member.config)
+                member.job_return = self.run_job_fn(member.config, member)
         except BaseException as err:  # noqa: BLE001 - run_job's own failure: this job's, reported as such
             member.job_return = JobReturn(status=JobStatus.FAILED, _return_value=err)
         finally:
@@ -339,15 +325,11 @@ class Pack:
     # ------------------------------------------------------------------------------- the shared pass
 
     def lead_backbone(self, cfg_model) -> Backbone:
-        from .backbone import load_backbone
-
         if self.lead is None:
             self.lead = load_backbone(cfg_model)
         return self.lead
 
     def forward(self, requests: dict[int, dict[str, torch.Tensor]]) -> dict[int, torch.Tensor]:
-        from .module import diffusion_losses
-
         members = [self.members[i] for i in requests]
         lead = self.lead
         if not self.lead_cast:  # the jobs moved and cast the shared weights; the lead's own buffers follow
@@ -471,8 +453,25 @@ class _Split(nn.Module):
         )
 
 
+class PackedConceptModule(ConceptModule):
+    """A packed job's LightningModule: its loss comes from the pack's shared pass and its backward runs
+    once for the pack, when every job has handed in its loss. Everything else is ConceptModule's."""
+
+    def __init__(self, member: Member, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.member = member
+        member.module = self
+
+    def step_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.member.loss(batch)
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        self.member.backward(loss)
+
+
 class Member:
-    """One job of a pack: its config, thread state, backbone copy and LightningModule."""
+    """One job of a pack: its config, thread state, backbone copy and LightningModule. The job's task gets
+    it (`pack=`) and asks it for the job's backbone, its module class and its log."""
 
     def __init__(self, pack: Pack, index: int, config: DictConfig):
         self.pack, self.index, self.config = pack, index, config
@@ -493,9 +492,20 @@ class Member:
             self.pack.tokenizer_blob = pickle.dumps(lead.tokenizer)
         return shared_copy(lead, self.pack.tokenizer_blob)
 
-    def bind(self, module: ConceptModule) -> None:
-        self.module = module
-        module.pack_member = self
+    @contextmanager
+    def job_log(self, run_dir: Path, job_name: str) -> Iterator[None]:
+        """This job's log records into its own `<job name>.log`, as Hydra writes it for a job that runs
+        alone (Hydra's job logging is the process's, not the thread's)."""
+        handler = logging.FileHandler(run_dir / f"{job_name}.log")
+        handler.setFormatter(logging.Formatter(JOB_LOG_FORMAT))
+        thread = threading.get_ident()
+        handler.addFilter(lambda record: record.thread == thread)
+        logging.getLogger().addHandler(handler)
+        try:
+            yield
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
 
     def paths(self) -> list[str]:
         if self._paths is None:
@@ -546,25 +556,6 @@ class Member:
             os.environ.pop("PL_GLOBAL_SEED", None)
         else:
             os.environ["PL_GLOBAL_SEED"] = seed
-
-
-@contextmanager
-def job_log(run_dir: Path, job_name: str) -> Iterator[None]:
-    """In a pack (Hydra's job logging is the process's, not the thread's): this thread's log records
-    into the job's own `<job name>.log`, as Hydra writes it for a job that runs alone."""
-    if current_member() is None:
-        yield
-        return
-    handler = logging.FileHandler(run_dir / f"{job_name}.log")
-    handler.setFormatter(logging.Formatter(JOB_LOG_FORMAT))
-    thread = threading.get_ident()
-    handler.addFilter(lambda record: record.thread == thread)
-    logging.getLogger().addHandler(handler)
-    try:
-        yield
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
 
 
 def reach(root: Any, path: str) -> Any:

@@ -75,3 +75,8 @@ def weighted_spans(text: str) -> list[tuple[str, float]]:
 
 def has_weights(text: str) -> bool:
     return WEIGHTED.search(text) is not None
+
+
+def fill_prompt(template: str, concept: str) -> str:
+    """A template or prompt with the concept where it says `{}` (or `[name]`, AUTOMATIC1111's word)."""
+    return template.replace("{}", concept).replace("[name]", concept)

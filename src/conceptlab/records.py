@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_only
 
 from .atomic import write_json
+from .runfolder import RunFolder
 
 PACKAGES = (
     "conceptlab",
@@ -107,7 +109,7 @@ class RunRecord(pl.Callback):
     """Accumulates the RunSummary and rewrites summary.json whole each time it is written."""
 
     def __init__(self, run_dir: Path, **fields: Any):
-        self.path = run_dir / "summary.json"
+        self.path = RunFolder(run_dir).record
         self.run_dir = run_dir
         self.started = time.time()
         self.summary = RunSummary(
@@ -152,13 +154,8 @@ class RunRecord(pl.Callback):
         self.write()
 
     def write(self) -> None:
-        from pytorch_lightning.utilities import rank_zero_only
-
         if rank_zero_only.rank == 0:  # one record per run, however many processes train it
             write_json(self.path, self.data)
 
     def relative(self, path: Path) -> str:
-        try:
-            return str(Path(path).resolve().relative_to(self.run_dir.resolve()))
-        except ValueError:
-            return str(path)
+        return RunFolder(self.run_dir).relative(path)

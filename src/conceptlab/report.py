@@ -2,7 +2,9 @@
 (`conceptlab-report <folder>`, `python scripts/report.py <folder>`).
 
 Reads the run records every job leaves (summary.json, metrics.csv, samples/, .hydra/), so it works
-offline on a multirun folder; `runs_from_wandb` builds the same table from a W&B group instead.
+offline on a multirun folder; `runs_from_wandb` builds the same table from a W&B group instead. It
+knows tables, plots and grids; what a study or an evaluator adds is its own report section
+(`report_sections`), named by the objects the runs' configs plug in.
 """
 
 from __future__ import annotations
@@ -14,15 +16,25 @@ import logging
 import math
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import pandas as pd
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import get_object
 
 from .atomic import atomic_path
 from .errors import ConceptLabError, ConfigError, error_line
+from .runfolder import RunFolder, find_run_dirs
+
+# wandb load inside the functions that use them, not here: importing them costs wandb ~1 s on the
+# 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
+# where they go unused.
 
 log = logging.getLogger(__name__)
 METRICS = ["final_loss", "mean_loss", "steps", "steps_per_s", "wall_time_s", "train_time_s", "lr"]
@@ -39,22 +51,15 @@ class Sweep:
     axes: list[str]  # swept keys, in sweep order
     study: dict[str, Any] = field(default_factory=dict)
     expected_jobs: int | None = None
-
-
-def find_run_dirs(root: Path) -> list[Path]:
-    """Every job directory (one with Hydra's .hydra/ record) below root, in job order."""
-    dirs = {p.parent.parent for p in root.glob("**/.hydra/config.yaml")}
-    return sorted(dirs, key=lambda d: (str(d.parent), _job_number(d), d.name))
-
-
-def _job_number(run_dir: Path) -> int:
-    head = run_dir.name.split("_", 1)[0]
-    return int(head) if head.isdigit() else -1
+    # The metrics the runs' evaluators lead with (their `headline`, as each run's record lists them).
+    headlines: list[str] = field(default_factory=list)
+    # What the runs' configs plug in (evaluators, the study's end step), by `_target_`: each may bring its
+    # own report section (`report_section`).
+    targets: list[str] = field(default_factory=list)
 
 
 def expected_job_count(root: Path) -> int | None:
     """How many jobs the multirun in `root` launches (from its multirun.yaml), if known."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     record = root / "multirun.yaml"
     if not record.is_file():
@@ -79,7 +84,7 @@ def expected_job_count(root: Path) -> int | None:
 def read_run(run_dir: Path, root: Path) -> dict[str, Any]:
     """One row: status, identity, swept values and final metrics of a job directory."""
     row: dict[str, Any] = {"run_dir": str(run_dir.relative_to(root)) if run_dir != root else "."}
-    summary_path = run_dir / "summary.json"
+    summary_path = RunFolder(run_dir).record
     if not summary_path.is_file():
         # Started (Hydra wrote .hydra/) but died before its first record, or is starting now.
         return {
@@ -102,7 +107,7 @@ def read_run(run_dir: Path, root: Path) -> dict[str, Any]:
         for key, value in (summary.get("swept") or {}).items():
             row[key] = value
         row.update({m: summary.get(m) for m in METRICS})
-        # The evaluators' last scores (model=toy: judge/concept, judge/prompt, ..., judge_m0/...).
+        # The evaluators' last scores, as their records name them (`<evaluator>/<score>`).
         row.update({k: v for k, v in (summary.get("metrics") or {}).items() if k != "step"})
         row.update(read_eval(run_dir))
     except (AttributeError, TypeError, ValueError) as err:  # fields of the wrong kind
@@ -112,7 +117,7 @@ def read_run(run_dir: Path, root: Path) -> dict[str, Any]:
 
 def read_eval(run_dir: Path) -> dict[str, Any]:
     """evaluate.py's metrics of a run (eval/eval.json: eval/clip_i, eval/dino, eval/clip_t, ...)."""
-    path = run_dir / "eval" / "eval.json"
+    path = RunFolder(run_dir).eval_record
     if not path.is_file():
         return {}
     record = read_summary(path)
@@ -134,11 +139,49 @@ def read_summary(path: Path) -> dict[str, Any] | str:
     return summary if isinstance(summary, dict) else f"not a JSON object ({type(summary).__name__})"
 
 
-def judge_columns(runs: pd.DataFrame) -> list[str]:
-    """The judge's columns present in a sweep: headline scores first, then per attribute."""
-    found = [c for c in runs.columns if c.startswith("judge")]
-    return sorted(
-        found, key=lambda c: (c.split("/")[0] != "judge", c.split("/")[0], "_" in c.split("/")[1], c)
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """The run's composed config as plain data ({} if it cannot be read: the report goes on without it)."""
+    path = RunFolder(run_dir).hydra_config
+    try:
+        loaded = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        log.warning("%s is unreadable (%s): the report goes without the study's settings", path, err)
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def plugged_targets(config: dict[str, Any]) -> list[str]:
+    """The `_target_`s a run's config plugs in: its evaluators and its study's end-of-sweep step."""
+    evaluators = config.get("evaluators") or {}
+    at_end = (config.get("study") or {}).get("at_end") or {}
+    specs = [*(evaluators.values() if isinstance(evaluators, dict) else []), at_end]
+    return [str(spec["_target_"]) for spec in specs if isinstance(spec, dict) and spec.get("_target_")]
+
+
+def report_sections(sweep: Sweep) -> list[Callable[[Sweep, Path], str]]:
+    """The sections the sweep's plug-ins bring: the `report_section(sweep, out) -> html` (a function, or its
+    dotted path) of each object its configs name: a study renders what it adds itself; the report knows
+    none."""
+    sections: list[Callable[[Sweep, Path], str]] = []
+    for target in sweep.targets:
+        try:
+            found = get_object(target)
+        except Exception as err:  # noqa: BLE001 - a plug-in this installation lacks: its section is left out
+            log.warning("%s cannot be imported (%s): its report section is left out", target, err)
+            continue
+        section = getattr(found, "report_section", None)
+        if isinstance(section, str):  # a dotted path: the plug-in need not import the report to name it
+            section = get_object(section)
+        if callable(section) and section not in sections:
+            sections.append(section)
+    return sections
+
+
+def figure(src: str, caption: str) -> str:
+    """An image of the report folder with its caption."""
+    esc = html.escape
+    return (
+        f"<figure><img src='{esc(src)}' alt='{esc(caption)}'><figcaption>{esc(caption)}</figcaption></figure>"
     )
 
 
@@ -157,24 +200,27 @@ def collect(root: str | Path) -> Sweep:
         )
     rows = [read_run(d, root) for d in run_dirs]
     axes: list[str] = []
+    headlines: list[str] = []
     for d in run_dirs:
-        summary = read_summary(d / "summary.json") if (d / "summary.json").is_file() else {}
-        swept = summary.get("swept") if isinstance(summary, dict) else None
+        record = RunFolder(d).record
+        summary = read_summary(record) if record.is_file() else {}
+        summary = summary if isinstance(summary, dict) else {}
+        swept = summary.get("swept")
         for key in swept if isinstance(swept, dict) else {}:
             if key not in axes:
                 axes.append(key)
-    study = {}
-    config = run_dirs[0] / ".hydra" / "config.yaml"
-    try:
-        loaded = yaml.safe_load(config.read_text()) if config.is_file() else {}
-        study = (loaded or {}).get("study") or {} if isinstance(loaded, dict) else {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        log.warning("%s is unreadable (%s): the report goes without the study's question", config, err)
+        for key in summary.get("headline") or []:
+            if isinstance(key, str) and key not in headlines:
+                headlines.append(key)
+    configs = [read_config(d) for d in run_dirs]
+    study = next((c.get("study") or {} for c in configs if c), {})
+    targets = list(dict.fromkeys(t for c in configs for t in plugged_targets(c)))
     expected = expected_job_count(root)
     if expected is not None and expected > len(rows):
         # Jobs the sweep has not started (yet): listed, not silently missing.
         rows += [{"run_dir": f"job {i}", "status": "not started"} for i in range(len(rows), expected)]
-    return Sweep(root=root, runs=pd.DataFrame(rows), axes=axes, study=study, expected_jobs=expected)
+    return Sweep(root=root, runs=pd.DataFrame(rows), axes=axes, study=study, expected_jobs=expected,
+                 headlines=headlines, targets=targets)  # fmt: skip
 
 
 @dataclass
@@ -193,16 +239,16 @@ class Headline:
 def headline(sweep: Sweep) -> Headline | None:
     """The table the report leads with: `study.metric` for every setting of the swept keys (seeds pooled).
 
-    A study names the metric it is about (`judge/concept` on the toy world); where the runs do not
+    A study names the metric it is about (an evaluator's score); where the runs do not
     have it (no evaluator on that model) the final training loss stands in, and the note says so.
     """
-    done = _completed(sweep.runs)
+    done = completed(sweep.runs)
     if done.empty:
         return None
     asked = sweep.study.get("metric") or "train/loss"
     metric, note = RECORD_METRICS.get(asked, asked), ""
     if metric not in done or done[metric].isna().all():
-        # On a model without the judge: the similarity metrics (evaluate.py's, else training's), else the loss.
+        # Without that evaluator: the similarity metrics (evaluate.py's, else training's), else the loss.
         metric = next(
             (m for m in ("eval/clip_i", "metrics/clip_i") if m in done and done[m].notna().any()),
             "final_loss",
@@ -250,7 +296,7 @@ SIMILARITY = ("dino", "clip_i", "clip_t")
 def similarity_source(runs: pd.DataFrame) -> str | None:
     """Which columns hold the similarity metrics: evaluate.py's full protocol (eval/) when every
     completed run has them, else the in-training ones (metrics/); None when neither."""
-    done = _completed(runs)
+    done = completed(runs)
     for prefix in ("eval/", "metrics/"):
         if f"{prefix}clip_i" in done and done[f"{prefix}clip_i"].notna().all() and not done.empty:
             return prefix
@@ -262,7 +308,7 @@ def similarity_table(sweep: Sweep) -> tuple[pd.DataFrame, str] | None:
     prefix = similarity_source(sweep.runs)
     if prefix is None:
         return None
-    done = _completed(sweep.runs)
+    done = completed(sweep.runs)
     settings = ["method", *[a for a in sweep.axes if a not in ("seed", "method") and a in done]]
     rows = []
     for key, group in done.groupby(settings, sort=False):
@@ -278,28 +324,7 @@ def similarity_table(sweep: Sweep) -> tuple[pd.DataFrame, str] | None:
 
 
 def published_applies(runs: pd.DataFrame) -> bool:
-    return "eval_protocol" in runs and (_completed(runs)["eval_protocol"] == "dreambooth").all()
-
-
-def metric_agreement(runs: pd.DataFrame) -> list[tuple[str, str, float, int]]:
-    """Spearman rank correlation across runs of each similarity metric with the judge's ground truth
-    (toy world): (metric, judge column, rho, runs)."""
-    done = _completed(runs)
-    out = []
-    for prefix in ("eval/", "metrics/"):
-        for metric, truth in (
-            ("clip_i", "judge/concept"),
-            ("recon_clip_i", "judge/concept"),
-            ("clip_t", "judge/prompt"),
-        ):
-            column = f"{prefix}{metric}"
-            if column in done and truth in done:
-                pair = done[[column, truth]].dropna()
-                if len(pair) >= 3 and pair[column].nunique() > 1 and pair[truth].nunique() > 1:
-                    # Spearman's rho: the Pearson correlation of the ranks (ties share their mean rank).
-                    rho = float(pair[column].rank().corr(pair[truth].rank()))
-                    out.append((column, truth, rho, len(pair)))
-    return out
+    return "eval_protocol" in runs and (completed(runs)["eval_protocol"] == "dreambooth").all()
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -311,10 +336,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 def plot_tradeoff(sweep: Sweep, out: Path) -> str | None:
     """Reconstruction (CLIP-I of "a photo of {}" samples) against editability (CLIP-T of the editing
     prompts): one point per run, each method's Pareto front drawn."""
-    import matplotlib.pyplot as plt
 
     prefix = similarity_source(sweep.runs)
-    done = _completed(sweep.runs)
+    done = completed(sweep.runs)
     x, y = f"{prefix}recon_clip_i", f"{prefix}clip_t"
     if prefix is None or x not in done or y not in done or done[[x, y]].isna().all().any():
         return None
@@ -330,11 +354,11 @@ def plot_tradeoff(sweep: Sweep, out: Path) -> str | None:
     ax.set_title("Reconstruction vs editability (lines: each method's Pareto front)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    return _save(fig, out / "plots" / "reconstruction_vs_editability.png", out)
+    return save_figure(fig, out / "plots" / "reconstruction_vs_editability.png", out)
 
 
 def loss_curve(run_dir: Path) -> pd.DataFrame | None:
-    metrics = run_dir / "metrics.csv"
+    metrics = RunFolder(run_dir).metrics
     if not metrics.is_file():
         return None
     try:
@@ -349,7 +373,6 @@ def loss_curve(run_dir: Path) -> pd.DataFrame | None:
 
 def write_report(sweep: Sweep, out: str | Path) -> Path:
     """runs.csv, plots, sample grids and report.html in `out`; returns the HTML's path."""
-    import matplotlib
 
     matplotlib.use("Agg")
     out = Path(out)
@@ -364,11 +387,7 @@ def write_report(sweep: Sweep, out: str | Path) -> Path:
     )
     prefix = similarity_source(runs) or "eval/"
     similarity = [f"{prefix}{m}" for m in SIMILARITY]
-    metrics = [
-        m
-        for m in dict.fromkeys([lead, "judge/concept", "judge/prompt", *similarity, "final_loss"])
-        if m in runs
-    ]
+    metrics = [m for m in dict.fromkeys([lead, *sweep.headlines, *similarity, "final_loss"]) if m in runs]
     plots = [p for p in [plot_loss_curves(sweep, out), plot_tradeoff(sweep, out),
                          *(plot_methods(sweep, out, m) for m in metrics)] if p]  # fmt: skip
     plots += [
@@ -379,21 +398,19 @@ def write_report(sweep: Sweep, out: str | Path) -> Path:
         if (p := plot_axis(sweep, axis, out, m))
     ]
     grids = copy_sample_grids(sweep, out)
-    study = render_study(sweep, out)
-    page = render_html(sweep, plots, grids, answer, study)
+    sections = "".join(section(sweep, out) for section in report_sections(sweep))
+    page = render_html(sweep, plots, grids, answer, sections)
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(page)
     return out / "report.html"
 
 
-def _completed(runs: pd.DataFrame) -> pd.DataFrame:
+def completed(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["status"] == "completed"] if "status" in runs else runs.iloc[0:0]
 
 
 def plot_loss_curves(sweep: Sweep, out: Path) -> str | None:
-    import matplotlib.pyplot as plt
-
-    done = _completed(sweep.runs)
+    done = completed(sweep.runs)
     if done.empty:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -416,13 +433,11 @@ def plot_loss_curves(sweep: Sweep, out: Path) -> str | None:
     ax.set_title("Training loss per method")
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    return _save(fig, out / "plots" / "loss_curves.png", out)
+    return save_figure(fig, out / "plots" / "loss_curves.png", out)
 
 
 def plot_methods(sweep: Sweep, out: Path, metric: str = "final_loss") -> str | None:
-    import matplotlib.pyplot as plt
-
-    done = _completed(sweep.runs)
+    done = completed(sweep.runs)
     if done.empty or done[metric].isna().all():
         return None
     by = ["method", "concept"] if done["concept"].nunique() > 1 else ["method"]
@@ -438,15 +453,14 @@ def plot_methods(sweep: Sweep, out: Path, metric: str = "final_loss") -> str | N
     )
     ax.set_ylabel(f"{metric} (mean ± sd over runs)")
     ax.set_title(f"{metric} by {' and '.join(by)}")
-    name = "methods.png" if metric == "final_loss" else f"methods_{_file_safe(metric)}.png"
-    return _save(fig, out / "plots" / name, out)
+    name = "methods.png" if metric == "final_loss" else f"methods_{file_safe(metric)}.png"
+    return save_figure(fig, out / "plots" / name, out)
 
 
 def plot_axis(sweep: Sweep, axis: str, out: Path, metric: str = "final_loss") -> str | None:
     """The metric against one swept axis, one line per method, mean ± sd over the other keys (seeds)."""
-    import matplotlib.pyplot as plt
 
-    done = _completed(sweep.runs)
+    done = completed(sweep.runs)
     if done.empty or axis not in done or done[metric].isna().all():
         return None
     values = list(dict.fromkeys(done[axis].astype(str)))  # sweep order
@@ -474,10 +488,10 @@ def plot_axis(sweep: Sweep, axis: str, out: Path, metric: str = "final_loss") ->
     ax.set_title(f"{metric} vs {axis}")
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    return _save(fig, out / "plots" / f"{_file_safe(metric)}_vs_{_file_safe(axis)}.png", out)
+    return save_figure(fig, out / "plots" / f"{file_safe(metric)}_vs_{file_safe(axis)}.png", out)
 
 
-def _file_safe(name: str) -> str:
+def file_safe(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
@@ -489,9 +503,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _save(fig, path: Path, out: Path) -> str:
-    import matplotlib.pyplot as plt
-
+def save_figure(fig, path: Path, out: Path) -> str:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -502,128 +514,12 @@ def _save(fig, path: Path, out: Path) -> str:
 def copy_sample_grids(sweep: Sweep, out: Path) -> dict[str, str]:
     """Each completed run's last sample grid (same prompts and seeds across runs), copied beside the report."""
     grids = {}
-    for _, row in _completed(sweep.runs).iterrows():
-        samples = sorted((sweep.root / row["run_dir"] / "samples").glob("step_*.png"))
+    for _, row in completed(sweep.runs).iterrows():
+        samples = RunFolder(sweep.root / row["run_dir"]).sample_grids()
         if samples:
             name = f"{row.get('run_name') or Path(row['run_dir']).name}_{Path(row['run_dir']).name}.png"
             shutil.copyfile(samples[-1], out / "samples" / name)
             grids[row["run_dir"]] = f"samples/{name}"
-    return grids
-
-
-def plot_distributions(sweep: Sweep, out: Path) -> str | None:
-    """Bias reduction: per attribute, the judge's readings of the bare prompt (`study/base_dist_*`) and of
-    each method's learned word (`study/dist_*`), mean over seeds, against the uniform share."""
-    import matplotlib.pyplot as plt
-
-    done = _completed(sweep.runs)
-    columns = [c for c in done.columns if c.startswith("study/dist_") and done[c].notna().any()]
-    if not columns:
-        return None
-    attributes = list(dict.fromkeys(c.removeprefix("study/dist_").split("_", 1)[0] for c in columns))
-    fig, axes = plt.subplots(1, len(attributes), figsize=(6 * len(attributes), 4), squeeze=False)
-    for ax, attribute in zip(axes[0], attributes):
-        values = [
-            c.removeprefix(f"study/dist_{attribute}_")
-            for c in columns
-            if c.startswith(f"study/dist_{attribute}_")
-        ]
-        # A value some runs never drew (`other`) has no column in theirs: a share of 0.
-        bars = {"bare prompt": done.reindex(columns=[f"study/base_dist_{attribute}_{v}" for v in values])}
-        for method, group in done.groupby("method"):
-            bars[str(method)] = group.reindex(columns=[f"study/dist_{attribute}_{v}" for v in values])
-        bars = {label: table.fillna(0).mean() for label, table in bars.items()}
-        width = 0.8 / len(bars)
-        for i, (label, shares) in enumerate(bars.items()):
-            ax.bar(
-                [x + i * width for x in range(len(values))], shares.values, width, label=label, color=f"C{i}"
-            )
-        uniform = 1 / len([v for v in values if v != "other"])
-        ax.axhline(uniform, color="black", linestyle=":", label="uniform")
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(values))], values)
-        ax.set_ylabel("share of samples (judge)")
-        ax.set_title(f"{attribute}: bare prompt vs learned word")
-        ax.legend(fontsize=8)
-    return _save(fig, out / "plots" / "study_distributions.png", out)
-
-
-def composition_table(root: Path) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """<sweep>/composition/composition.json (the composition study): its rows, and per pair of concepts
-    and methods the mean and sd over seeds."""
-    path = root / "composition" / "composition.json"
-    if not path.is_file():
-        return None
-    record = read_summary(path)
-    if isinstance(record, str) or not record.get("rows"):
-        log.warning("%s is unreadable or empty: the composition table is left out", path)
-        return None
-    rows = pd.DataFrame(record["rows"])
-    keys = ["pair", "first_method", "second_method"]
-    scores = ["both", "first_only", "second_only", "neither"]
-    stats = rows.groupby(keys, sort=False)[scores].agg(["mean", "std"])
-    stats.columns = [f"{m}_{s}" for m, s in stats.columns]
-    stats["runs"] = rows.groupby(keys, sort=False).size()
-    return rows, stats.reset_index()
-
-
-def render_composition(sweep: Sweep, out: Path) -> str:
-    found = composition_table(sweep.root)
-    if found is None:
-        return ""
-    rows, stats = found
-    esc = html.escape
-    scores = ["both", "first_only", "second_only", "neither"]
-    body = []
-    for _, r in stats.iterrows():
-        cells = "".join(
-            f"<td>{r[f'{m}_mean']:.3f}"
-            + ("" if pd.isna(r[f"{m}_std"]) else f" ± {r[f'{m}_std']:.3f}")
-            + "</td>"
-            for m in scores
-        )
-        body.append(
-            f"<tr><td>{esc(r['pair'])}</td><td>{esc(str(r['first_method']))}</td>"
-            f"<td>{esc(str(r['second_method']))}</td>{cells}<td>{int(r['runs'])}</td></tr>"
-        )
-    conflicting = sorted({p for p, c in zip(rows["pair"], rows["conflicting"]) if c})
-    note = (
-        f"<p class=note>{esc(', '.join(conflicting))}: the two concepts fix the same attribute differently, so no "
-        "single object of the toy world (one object per picture) can show both: these rows say which one wins.</p>"
-        if conflicting else ""
-    )  # fmt: skip
-    (out / "samples" / "composition").mkdir(parents=True, exist_ok=True)
-    figures = []
-    for (pair, first, second), group in rows.groupby(["pair", "first_method", "second_method"], sort=False):
-        grid = sweep.root / "composition" / str(group.iloc[0]["grid"])
-        if grid.is_file():
-            shutil.copyfile(grid, out / "samples" / "composition" / grid.name)
-            label = f"{pair}: {first} + {second}, seed {group.iloc[0]['seed']} ({group.iloc[0]['prompt']})"
-            figures.append(
-                f"<figure><img src='samples/composition/{esc(grid.name)}' alt='{esc(label)}'>"
-                f"<figcaption>{esc(label)}</figcaption></figure>"
-            )
-    return (
-        "<h2>Composition: both concepts in one prompt</h2><p>Share of samples (judge) showing both concepts, "
-        "only the first, only the second, or neither; mean ± sd over seeds.</p>"
-        "<div class=wide><table><tr><th>concepts</th><th>first by</th><th>second by</th><th>both</th>"
-        f"<th>first only</th><th>second only</th><th>neither</th><th>runs</th></tr>{''.join(body)}</table></div>"
-        f"{note}{''.join(figures)}"
-    )
-
-
-def copy_study_grids(sweep: Sweep, out: Path) -> dict[str, str]:
-    """The study's own samples (<run>/study/*_after.png) of the first run of each setting."""
-    done = _completed(sweep.runs)
-    settings = [a for a in sweep.axes if a != "seed" and a in done] or ["method"]
-    grids = {}
-    for key, group in done.groupby(settings, sort=False) if not done.empty else []:
-        run_dir = group.iloc[0]["run_dir"]
-        for grid in sorted((sweep.root / run_dir / "study").glob("*_after.png")):
-            (out / "samples" / "study").mkdir(parents=True, exist_ok=True)
-            name = f"{_file_safe(str(run_dir))}_{grid.name}"
-            shutil.copyfile(grid, out / "samples" / "study" / name)
-            label = ", ".join(f"{a}={v}" for a, v in zip(settings, key if isinstance(key, tuple) else (key,)))
-            grids[f"{label} ({run_dir}, {grid.stem.removesuffix('_after')})"] = f"samples/study/{name}"
     return grids
 
 
@@ -677,7 +573,7 @@ def render_headline(answer: Headline | None) -> str:
 
 
 def render_similarity(sweep: Sweep) -> str:
-    """The published-style table (and, on the toy world, how far each metric agrees with the judge)."""
+    """The published-style table of the similarity metrics."""
     esc = html.escape
     found = similarity_table(sweep)
     if found is None:
@@ -712,45 +608,20 @@ def render_similarity(sweep: Sweep) -> str:
         note = (
             "<p>Published rows: DreamBooth paper, Table 1 (same protocol, DINO ViT-S/16, CLIP ViT-B/32).</p>"
         )
-    agreement = metric_agreement(sweep.runs)
-    agree = ""
-    if agreement:
-        items = "".join(
-            f"<li><code>{esc(m)}</code> vs <code>{esc(t)}</code>: Spearman ρ = {rho:.2f} over {n} runs</li>"
-            for m, t, rho, n in agreement
-        )
-        agree = f"<p>How far the metrics agree with the judge's ground truth:</p><ul>{items}</ul>"
     return (
         f"<p>Mean ± sd over runs (seeds), from {esc(source)}; higher is better.</p>"
         f"<div class=wide><table><tr><th>method</th><th>DINO</th><th>CLIP-I</th><th>CLIP-T</th><th>runs</th></tr>"
-        f"{''.join(rows)}</table></div>{note}{agree}"
+        f"{''.join(rows)}</table></div>{note}"
     )
 
 
-def render_study(sweep: Sweep, out: Path) -> str:
-    """What an application study adds to its answer: the distributions (bias reduction), the pairs
-    (composition) and the samples its scores were read from."""
-    esc = html.escape
-    parts = []
-    distributions = plot_distributions(sweep, out)
-    if distributions:
-        parts.append(
-            "<h2>Distributions before and after</h2><p>Share of each value the judge reads; dotted: uniform.</p>"
-            f"<img src='{esc(distributions)}' alt='distributions of the bare prompt and the learned words'>"
-        )
-    parts.append(render_composition(sweep, out))
-    grids = copy_study_grids(sweep, out)
-    if grids:
-        figures = "".join(
-            f"<figure><img src='{esc(src)}' alt='study samples of {esc(label)}'><figcaption>{esc(label)}</figcaption></figure>"
-            for label, src in grids.items()
-        )
-        parts.append(f"<h2>The study's samples (after training, first seed of each setting)</h2>{figures}")
-    return "".join(parts)
+def evaluator_columns(runs: pd.DataFrame) -> list[str]:
+    """The metrics evaluators left in the runs' records (`group/name`), grouped by prefix."""
+    return sorted(c for c in runs.columns if "/" in c and c.split("/")[0] not in ("eval", "metrics"))
 
 
 def render_html(
-    sweep: Sweep, plots: list[str], grids: dict[str, str], answer: Headline | None = None, study: str = ""
+    sweep: Sweep, plots: list[str], grids: dict[str, str], answer: Headline | None = None, sections: str = ""
 ) -> str:
     runs = sweep.runs
     counts = runs["status"].value_counts().to_dict() if "status" in runs else {}
@@ -765,8 +636,9 @@ def render_html(
             "method",
             "concept",
             *sweep.axes,
-            *judge_columns(runs),
+            *sweep.headlines,
             *(f"{p}{m}" for p in ("eval/", "metrics/") for m in (*SIMILARITY, "recon_clip_i")),
+            *evaluator_columns(runs),
             *METRICS,
             "error",
         ]  # fmt: skip
@@ -778,10 +650,7 @@ def render_html(
         cls = "" if row.get("status") == "completed" else ' class="problem"'
         cells = "".join(f"<td>{esc(_fmt(row.get(c)))}</td>" for c in columns)
         body.append(f"<tr{cls}>{cells}</tr>")
-    grid_rows = "".join(
-        f"<figure><img src='{esc(src)}' alt='samples of {esc(d)}'><figcaption>{esc(d)}</figcaption></figure>"
-        for d, src in grids.items()
-    )
+    grid_rows = "".join(figure(src, f"samples of {d}") for d, src in grids.items())
     plot_html = "".join(f"<img src='{esc(p)}' alt='{esc(p)}'>" for p in plots)
     status = ", ".join(f"{n} {esc(str(s))}" for s, n in counts.items())
     expected = f" of {sweep.expected_jobs} expected" if sweep.expected_jobs else ""
@@ -809,7 +678,7 @@ window.addEventListener("load", () => {{
 <p>{len(runs)} runs{expected}: {status}. Folder: <code>{esc(str(sweep.root))}</code>.
 Swept: {esc(", ".join(sweep.axes) or "nothing")}. Table: <a href="runs.csv">runs.csv</a>.</p>
 <h2>Answer</h2>{render_headline(answer)}
-{study}
+{sections}
 <h2>What each method learned (DINO, CLIP-I, CLIP-T)</h2>{render_similarity(sweep)}
 <h2>Runs</h2><div class=wide><table><tr>{head}</tr>{"".join(body)}</table></div>
 <h2>Plots</h2>{plot_html or "<p>No completed runs to plot.</p>"}
@@ -888,8 +757,3 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"best by {answer.metric}: {setting} ({top['mean']:.4g} over {int(top['count'])} run(s))")
     return 0
-
-
-def cli() -> None:
-    """Console script `conceptlab-report`."""
-    sys.exit(main())

@@ -1,24 +1,31 @@
-"""A run folder across the runs that use it (a SLURM requeue, a rerun into a fixed hydra.run.dir):
-one run at a time, the same configuration, and a metrics history that only grows."""
+"""A run's folder: every path a run writes or reads (`RunFolder`), which concept files it kept, where
+runs are found, and the folder across the runs that use it (a SLURM requeue, a rerun into a fixed
+hydra.run.dir): one run at a time, with the same configuration.
+
+Training, evaluation, generation, the report and the sweep's callbacks all take their paths from here.
+"""
 
 from __future__ import annotations
 
-import csv
 import datetime
 import fcntl
+import json
 import logging
 import os
 import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.utilities import rank_zero_only
+import torch
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
+from .formats import refuse_unsafe_pickle
+from .sweeps import flatten
 
 
 class RunFolderInUse(ConfigError):
@@ -33,6 +40,156 @@ STRAY_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 IDENTITY = ("method.", "data.", "model.", "optim.", "seed", "concept")
 
 
+STEP_FOLDER = re.compile(r"^step_(\d+)$")
+HYDRA_CONFIG, HYDRA_OVERRIDES = ".hydra/config.yaml", ".hydra/overrides.yaml"  # what Hydra saves in a run
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Every path of one run's folder (the layout, written once)."""
+
+    root: Path
+
+    @property
+    def record(self) -> Path:
+        """summary.json: the run's own record (records.RunRecord)."""
+        return self.root / "summary.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoints" / "last.ckpt"
+
+    @property
+    def concepts(self) -> Path:
+        """The learned concept files at the end of the run."""
+        return self.root / "concepts"
+
+    @property
+    def steps(self) -> Path:
+        """The concept kept at each evaluation step: steps/step_NNNNNN/."""
+        return self.concepts / "steps"
+
+    def step(self, step: int) -> Path:
+        return self.steps / f"step_{step:06d}"
+
+    def kept_steps(self) -> list[int]:
+        """The steps whose concept the run kept, in order."""
+        if not self.steps.is_dir():
+            return []
+        found = (STEP_FOLDER.match(p.name) for p in self.steps.iterdir() if p.is_dir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    @property
+    def samples(self) -> Path:
+        """Sample grids: samples/step_NNNNNN.png."""
+        return self.root / "samples"
+
+    def sample_grid(self, step: int) -> Path:
+        return self.samples / f"step_{step:06d}.png"
+
+    def sample_grids(self) -> list[Path]:
+        """The run's sample grids, in step order."""
+        return sorted(self.samples.glob("step_*.png"))
+
+    @property
+    def eval(self) -> Path:
+        """evaluate.py's results for this run: eval.json, images/, grids."""
+        return self.root / "eval"
+
+    @property
+    def eval_record(self) -> Path:
+        return self.eval / "eval.json"
+
+    @property
+    def study(self) -> Path:
+        """An application study's own files (its before/after grids)."""
+        return self.root / "study"
+
+    @property
+    def metrics(self) -> Path:
+        """metrics.csv, kept across the runs of the folder (loggers.HistoryCSVLogger)."""
+        return self.root / "metrics.csv"
+
+    @property
+    def hydra_config(self) -> Path:
+        """The composed config Hydra saved for the run."""
+        return self.root / HYDRA_CONFIG
+
+    @property
+    def overrides(self) -> Path:
+        """The command line's overrides, as Hydra saved them."""
+        return self.root / HYDRA_OVERRIDES
+
+    @property
+    def wandb(self) -> Path:
+        return self.root / "wandb"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_FILE
+
+    def composed_config(self) -> DictConfig:
+        """The config train.py composed for the run (Hydra's .hydra/config.yaml)."""
+        if not self.hydra_config.is_file():
+            raise ConfigError(f"{self.root}: no .hydra/config.yaml there; give a run directory train.py made")
+        return OmegaConf.load(self.hydra_config)
+
+    def relative(self, path: Path) -> str:
+        """`path` relative to the run folder (as the record names files), or as it is if outside."""
+        try:
+            return str(Path(path).resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return str(path)
+
+    def read_record(self) -> dict[str, Any]:
+        """summary.json as a dict; a one-line error if it cannot be read."""
+        try:
+            record = json.loads(self.record.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ConfigError(f"{self.root}: its summary.json is unreadable ({err})") from err
+        if not isinstance(record, dict):
+            raise ConfigError(f"{self.root}: its summary.json is not a JSON object")
+        return record
+
+    def concepts_at(self, which: str) -> tuple[Path, str]:
+        """The folder of the concept the run kept at `which` (final | best | step=N), and its label."""
+        if which == "final":
+            return self.concepts, "final"
+        if which == "best":
+            try:
+                best = self.read_record().get("best") or {}
+            except ConfigError as err:
+                raise ConfigError(f"{err}; use concept=step=N") from err
+            if not best.get("concepts"):
+                raise ConfigError(
+                    f"{self.root}: its summary.json names no best step (the run evaluated no metrics during "
+                    "training); use concept=final or concept=step=N"
+                )
+            return self.root / best["concepts"], f"best (step {best['step']}, {best['metric']})"
+        match = re.fullmatch(r"step=(\d+)", which)
+        if not match:
+            raise ConfigError(f"concept={which!r}: use final, best or step=N")
+        step = int(match.group(1))
+        if not self.step(step).is_dir():
+            kept = ", ".join(str(k) for k in self.kept_steps()) or "none"
+            raise ConfigError(
+                f"{self.root} kept no concept at step {step} (kept: {kept}; concepts are kept at each "
+                "evaluation step)"
+            )
+        return self.step(step), which
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Every job directory (one with Hydra's .hydra/ record) below root, in job order."""
+    dirs = {p.parent.parent for p in Path(root).glob(f"**/{HYDRA_CONFIG}")}
+    return sorted(dirs, key=lambda d: (str(d.parent), _job_number(d), d.name))
+
+
+def _job_number(run_dir: Path) -> int:
+    head = run_dir.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
 @contextmanager
 def run_folder_lock(run_dir: Path) -> Iterator[None]:
     """Hold the run folder for this run; a second run started in it stops at once, naming the holder.
@@ -40,7 +197,7 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
     A POSIX lock (works on NFS with a lock daemon, as clusters' shared file systems have it); the
     kernel releases it when the process dies, so a killed run never leaves the folder locked."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
+    path = RunFolder(run_dir).lock
     with open(path, "a+") as handle:
         try:
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -74,8 +231,6 @@ def remove_stray_temporaries(run_dir: Path) -> list[Path]:
 
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key: saved -> current` for every setting that makes a checkpoint what it is and differs."""
-    from .sweeps import flatten
-
     old, new = flatten(saved), flatten(current)
     keys = sorted(k for k in old.keys() | new.keys() if k.startswith(IDENTITY))
     return [
@@ -85,15 +240,11 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
 
 def check_checkpoint_safe(checkpoint: Path) -> None:
     """A checkpoint to continue from holds nothing but tensors and plain containers."""
-    from .formats import refuse_unsafe_pickle
-
     refuse_unsafe_pickle(checkpoint, "continue from a checkpoint conceptlab wrote", ConfigError)
 
 
 def check_same_configuration(checkpoint: Path, config: dict[str, Any], run_dir: Path) -> None:
     """A run folder's own checkpoint continues only the configuration that wrote it."""
-    import torch
-
     check_checkpoint_safe(checkpoint)
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get("conceptlab", {}).get("config")
     if not saved:
@@ -107,60 +258,3 @@ def check_same_configuration(checkpoint: Path, config: dict[str, Any], run_dir: 
             f"run folder {run_dir} holds the checkpoint of another configuration ({shown}): give this run "
             f"another folder, or delete {checkpoint.parent} to start this folder over"
         )
-
-
-class HistoryCSVLogger(CSVLogger):
-    """Lightning's CSV logger (metrics.csv in the run folder), keeping the rows of earlier runs of the
-    folder: a rerun or requeue appends, replacing only the rows from the step it resumes at on.
-
-    Lightning deletes an existing metrics.csv when it starts writing; the earlier rows are moved to
-    metrics.csv.previous first (never deleted) and written back ahead of the new ones."""
-
-    def __init__(self, run_dir: Path):
-        super().__init__(save_dir=str(run_dir), name=None, version="")
-        self._history: list[dict[str, float]] | None = None
-        if rank_zero_only.rank == 0:
-            self._history = self._take_history(Path(run_dir))
-
-    @staticmethod
-    def _take_history(run_dir: Path) -> list[dict[str, float]]:
-        current, previous = run_dir / "metrics.csv", run_dir / "metrics.csv.previous"
-        rows = read_metrics(previous) if previous.is_file() else []  # a run that died before writing
-        if current.is_file():
-            rows += read_metrics(current)
-            os.replace(current, previous)
-        return rows
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self._history is not None:
-            history, self._history = self._history, None
-            for row in history:
-                if step is None or row.get("step", 0) < step:
-                    self.experiment.log_metrics(
-                        {k: v for k, v in row.items() if k != "step"}, int(row["step"])
-                    )
-        super().log_metrics(metrics, step)
-
-    @rank_zero_only
-    def save(self) -> None:
-        super().save()
-        previous = Path(self.log_dir) / "metrics.csv.previous"
-        if self._history is None and (Path(self.log_dir) / "metrics.csv").is_file():
-            previous.unlink(missing_ok=True)  # its rows are in metrics.csv now
-
-
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The rows of a metrics.csv, numbers as floats and empty cells left out."""
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            values = {}
-            for key, value in row.items():
-                try:
-                    values[key] = float(value)
-                except (TypeError, ValueError):
-                    continue
-            if "step" in values:
-                rows.append(values)
-    return rows

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 
 
 def swept_keys(hydra_cfg: Any) -> list[str]:
     """Keys this multirun sweeps: the experiment's `hydra.sweeper.params` and comma/range overrides."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.types import RunMode
 
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -9,15 +10,57 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pytorch_lightning as pl
 import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from .backbone import load_backbone, resolve_dtype, resolve_path
+from .callbacks import (
+    AtomicCheckpointIO,
+    ConceptExport,
+    LastCheckpoint,
+    PreemptionCheckpoint,
+    RunStats,
+    SampleGrid,
+)
+from .config import DataConfig, ModelConfig, TrainConfig, check_config
+from .console import StepProgress, is_verbose, quiet_third_party, say
+from .data import ConceptDataModule, read_concept_images
 from .errors import ConceptLabError, ConfigError, error_line
+from .evalcache import EvaluationCache, default_cache_dir
+from .loggers import make_loggers
+from .methods import Method, registered_methods
+from .module import ConceptModule
+from .packing import Member, PackedConceptModule
+from .records import RunRecord, package_versions
+from .runfolder import (
+    HYDRA_OVERRIDES,
+    RunFolder,
+    RunFolderInUse,
+    check_checkpoint_safe,
+    check_same_configuration,
+    remove_stray_temporaries,
+    run_folder_lock,
+)
+from .sampling import SharedDraws
+from .schedules import scaled
+from .sweeps import run_name as sweep_run_name
+from .sweeps import swept_values
 
-if TYPE_CHECKING:  # Lightning (which records.py needs) loads when a run starts, not for --help
-    from .records import RunRecord
+# wandb load inside the functions that use them, not here: importing them costs wandb ~1 s on the
+# 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
+# where they go unused.
 
 log = logging.getLogger(__name__)
 # Keys that say how (long) to run, not what to run: `resume=true` continues an earlier run whose
@@ -25,19 +68,15 @@ log = logging.getLogger(__name__)
 RESUME_KEYS = ("resume", "ckpt_path", "trainer.max_steps")
 
 
-def main(cfg: DictConfig) -> dict[str, Any]:
-    """The Hydra task: train, and turn a user's mistake into one line on stderr and exit status 2."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+def main(cfg: DictConfig, pack: Member | None = None) -> dict[str, Any]:
+    """The Hydra task: train, and turn a user's mistake into one line on stderr and exit status 2.
 
-    from .console import is_verbose, quiet_third_party, say
+    pack: in a packed sweep, this job's member of the pack (the packed launcher passes it)."""
 
     quiet_third_party(verbose=is_verbose())
     try:
-        return run(cfg)
+        return run(cfg, pack)
     except ConceptLabError as err:
-        from .runfolder import RunFolderInUse
-
         if not isinstance(err, RunFolderInUse):  # that folder's record belongs to the run holding it
             say(f"run record: {Path(HydraConfig.get().runtime.output_dir) / 'summary.json'} (failed)")
         print(error_line(err), file=sys.stderr)
@@ -45,38 +84,28 @@ def main(cfg: DictConfig) -> dict[str, Any]:
             raise  # Hydra runs the sweep's other jobs, then fails with this error
         sys.exit(2)
     except SystemExit as stop:
-        from pytorch_lightning.utilities.exceptions import SIGTERMException
-
         if isinstance(stop, SIGTERMException):  # Lightning stops at the next step with a bare SystemExit
             say(f"run record: {Path(HydraConfig.get().runtime.output_dir) / 'summary.json'} (interrupted)")
             sys.exit(128 + signal.SIGTERM)  # what a process ended by SIGTERM reports, never success
         raise
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig, pack: Member | None = None) -> dict[str, Any]:
     """Train one concept with one method; returns the summary (also written to summary.json)."""
-    from hydra.core.hydra_config import HydraConfig
-    from pytorch_lightning.utilities import rank_zero_only
-
-    from .packing import job_log
-    from .runfolder import remove_stray_temporaries, run_folder_lock
 
     if rank_zero_only.rank != 0:  # DDP ranks started by re-running the command: rank zero holds the folder
-        return run_in_folder(cfg)
+        return run_in_folder(cfg, pack)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with run_folder_lock(run_dir), job_log(run_dir, HydraConfig.get().job.name):
+    job_log = pack.job_log(run_dir, HydraConfig.get().job.name) if pack else contextlib.nullcontext()
+    with run_folder_lock(run_dir), job_log:
         remove_stray_temporaries(run_dir)
-        return run_in_folder(cfg)
+        return run_in_folder(cfg, pack)
 
 
-def run_in_folder(cfg: DictConfig) -> dict[str, Any]:
-    from pytorch_lightning.utilities import rank_zero_only
-
-    from .console import say
-
+def run_in_folder(cfg: DictConfig, pack: Member | None = None) -> dict[str, Any]:
     record = start_record(cfg)
     try:
-        fit(cfg, record)
+        fit(cfg, record, pack)
     except BaseException as err:
         record.finish("interrupted" if isinstance(err, KeyboardInterrupt | SystemExit) else "failed", err)
         if record.summary.sweep_dir and rank_zero_only.rank == 0:
@@ -134,19 +163,14 @@ def end_summary(record: RunRecord) -> str:
         prompt = (s.example_prompt or "").replace("'", "")
         args = " ".join(f"'{a}'" for a in [f"prompt={prompt}", f"concepts=[{run_dir}]", *model])
         lines.append(f"  use them: {entry} {args}")
-    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    offline = sorted(RunFolder(run_dir).wandb.glob("offline-run-*"))
     if offline:
         lines.append(f"  W&B (offline): wandb sync {offline[-1]}")
     return "\n".join(lines)
 
 
-def fit(cfg: DictConfig, record: RunRecord) -> None:
+def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
     """The run, part by part: checks, data, backbone, method, trainer, training, the record."""
-    import pytorch_lightning as pl
-
-    from .console import say
-    from .data import ConceptDataModule, read_concept_images
-    from .packing import job_backbone
 
     run_dir, concept = record.run_dir, record.summary.concept
     check_settings(cfg, concept)
@@ -155,8 +179,10 @@ def fit(cfg: DictConfig, record: RunRecord) -> None:
     # Cheap checks first: a bad image folder or evaluator setting fails before any model loads.
     evaluators = make_evaluators(cfg, record)
     images = read_concept_images(cfg.data)
-    backbone = job_backbone(cfg.model)  # in a packed sweep: this job's copy of the pack's
-    method = make_method(cfg, concept, backbone)
+    method = make_method(cfg, concept)  # its own checks, before any model loads
+    # In a packed sweep: this job's copy of the pack's backbone (its own modules, the pack's weights).
+    backbone = pack.backbone(cfg.model) if pack is not None else load_backbone(cfg.model)
+    method.attach(backbone)
     resolution = cfg.data.resolution or backbone.native_resolution
     data = ConceptDataModule(
         cfg.data, images, backbone, method.prompt_text, cfg.seed, resolution,
@@ -168,8 +194,8 @@ def fit(cfg: DictConfig, record: RunRecord) -> None:
     )
     # Evaluators first: what they record at a step (the best step) is in the checkpoint of that step.
     callbacks = evaluators + run_callbacks(cfg, record, method)
-    trainer = make_trainer(cfg, record, shared_draws(callbacks) + callbacks)
-    module = make_module(cfg, trainer, backbone, method, record)
+    trainer = make_trainer(cfg, record, shared_draws(callbacks) + callbacks, in_pack=pack is not None)
+    module = make_module(cfg, trainer, backbone, method, record, pack)
     say(
         f"conceptlab: {cfg.method.name} on {concept} · model={cfg.model.name} · {cfg.trainer.max_steps} steps · "
         f"{trainer.strategy.root_device.type} · {trainer.precision} -> {run_dir}"
@@ -204,11 +230,6 @@ def fit(cfg: DictConfig, record: RunRecord) -> None:
 
 def start_record(cfg: DictConfig) -> RunRecord:
     """The run record, written at once: what runs, where, with which overrides and swept values."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from .records import RunRecord
-    from .sweeps import swept_values
 
     hydra_cfg = HydraConfig.get()
     return RunRecord(
@@ -237,9 +258,6 @@ MAX_CONCEPT_NAME = 200
 
 def check_settings(cfg: DictConfig, concept: str) -> None:
     """Every value in its range, before anything loads (the value as given, and what is valid)."""
-    from .config import DataConfig, ModelConfig, TrainConfig, check_config
-    from .methods import registered_methods
-
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", concept):
         raise ConfigError(
             f"concept={concept!r}: use letters, digits, '.', '_' and '-' (it names the concept files)"
@@ -252,10 +270,6 @@ def check_settings(cfg: DictConfig, concept: str) -> None:
     method = registered_methods().get(cfg.method.name)
     schemas = [("", TrainConfig), ("model.", ModelConfig), ("data.", DataConfig)]
     check_config(cfg, schemas + ([("method.", method.Config)] if method else []))
-    if "lr" in cfg.method:
-        from .schedules import parse_lr_schedule
-
-        parse_lr_schedule(cfg.method.lr)
     compile_mode(cfg.trainer.compile)
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)}: give two, e.g. [0.9,0.999]")
@@ -275,24 +289,17 @@ def make_evaluators(cfg: DictConfig, record: RunRecord) -> list:
 def shared_draws(callbacks: list) -> list:
     """A SharedDraws for the callbacks that sample (evaluators, the sample grid) when there are several:
     what they draw at a step is sampled in one batch per sampler (conceptlab.sampling)."""
-    from .sampling import SharedDraws
-
     users = [c for c in callbacks if hasattr(c, "draws")]
     return [SharedDraws(users)] if len(users) > 1 else []
 
 
-def make_method(cfg: DictConfig, concept: str, backbone):
-    """The configured method, installed into the backbone."""
-    method = instantiate_checked(cfg.method, concept=concept)
-    method.attach(backbone)
-    return method
+def make_method(cfg: DictConfig, concept: str) -> Method:
+    """The configured method for this concept (not yet attached to a backbone)."""
+    return instantiate_checked(cfg.method, concept=concept)
 
 
 def instantiate_checked(spec, **kwargs):
     """hydra.utils.instantiate, with a conceptlab error raised by the object itself passed on as it is."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
     try:
         return instantiate(spec, **kwargs)
     except InstantiationException as err:
@@ -303,35 +310,23 @@ def instantiate_checked(spec, **kwargs):
 
 def run_callbacks(cfg: DictConfig, record: RunRecord, method) -> list:
     """Checkpoints, preemption, sample grids, the concept files, speed figures and the record itself."""
-    from .callbacks import ConceptExport, LastCheckpoint, PreemptionCheckpoint, RunStats, SampleGrid
-    from .console import StepProgress
-    from .evalcache import EvaluationCache, default_cache_dir
-
     run_dir = record.run_dir
-    last = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", cfg.checkpoint.every_n_steps)
+    folder = RunFolder(run_dir)
+    last = LastCheckpoint(folder.checkpoint, cfg.checkpoint.every_n_steps)
     cache = EvaluationCache(default_cache_dir(cfg.model.cache_dir)) if cfg.evaluate.cache else None
     return [
         last,
         PreemptionCheckpoint(last),
-        SampleGrid(
-            cfg.samples, list(cfg.data.sample_prompts), method.prompt_text, run_dir / "samples", cache
-        ),
-        ConceptExport(run_dir / "concepts"),
+        SampleGrid(cfg.samples, list(cfg.data.sample_prompts), method.prompt_text, folder, cache),
+        ConceptExport(folder.concepts),
         RunStats(record, job_started=record.started),
         record,
         *([StepProgress(record)] if cfg.trainer.enable_progress_bar else []),
     ]
 
 
-def make_trainer(cfg: DictConfig, record: RunRecord, callbacks: list):
+def make_trainer(cfg: DictConfig, record: RunRecord, callbacks: list, in_pack: bool = False):
     """Lightning's Trainer with conceptlab's loggers, checkpoint I/O and (under SLURM) environment."""
-    import pytorch_lightning as pl
-    from lightning_fabric.utilities.exceptions import MisconfigurationException
-    from pytorch_lightning.plugins.environments import SLURMEnvironment
-
-    from .callbacks import AtomicCheckpointIO
-    from .loggers import make_loggers
-    from .sweeps import run_name as sweep_run_name
 
     swept = record.summary.swept
     run_name = cfg.logger.name or sweep_run_name(cfg.method.name, record.summary.concept, cfg.seed, swept)
@@ -342,6 +337,7 @@ def make_trainer(cfg: DictConfig, record: RunRecord, callbacks: list):
     loggers = make_loggers(
         cfg.logger, record.run_dir, run_name, OmegaConf.to_container(cfg, resolve=True),
         group=wandb_group(cfg, record), job_type=cfg.method.name, tags=[f"{k}={v}" for k, v in swept.items()],
+        in_pack=in_pack,
     )  # fmt: skip
     try:
         return pl.Trainer(
@@ -378,21 +374,16 @@ def compile_unet(backbone, setting: Any) -> None:
         backbone.unet.compile(mode=mode)
 
 
-def make_module(cfg: DictConfig, trainer, backbone, method, record: RunRecord):
-    """The LightningModule: the backbone in its training dtype, the method's learning-rate schedule."""
-    from .backbone import resolve_dtype
-    from .module import ConceptModule
-    from .packing import current_member
-    from .records import package_versions
-    from .schedules import parse_lr_schedule, scaled
-
+def make_module(cfg: DictConfig, trainer, backbone, method, record: RunRecord, pack: Member | None = None):
+    """The LightningModule: the backbone in its training dtype, the method's learning-rate schedule; in a
+    packed sweep the module whose steps go through the pack's shared pass."""
     dtype = resolve_dtype(cfg.model.dtype, trainer.strategy.root_device, trainer.precision)
     if dtype != backbone.unet.dtype:
         backbone.to(dtype)
     for parameter in method.trainable_parameters():  # what trains stays float32, whatever the backbone
         parameter.data = parameter.data.float()
     compile_unet(backbone, cfg.trainer.compile)
-    schedule = parse_lr_schedule(method.lr)
+    schedule = method.lr_schedule
     if len(schedule) > 1 and cfg.optim.scheduler != "constant":
         raise ConfigError(
             f"method.lr={method.lr!r} is a step schedule; it replaces optim.scheduler={cfg.optim.scheduler!r}: "
@@ -409,28 +400,23 @@ def make_module(cfg: DictConfig, trainer, backbone, method, record: RunRecord):
         lr_schedule=", ".join(f"{rate:g}:{until}" if until else f"{rate:g}" for rate, until in schedule),
     )
     run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "versions": package_versions()}
-    module = ConceptModule(backbone, method, cfg.optim, schedule, cfg.trainer.max_steps, run_info=run_info)
-    member = current_member()
-    if member is not None:  # a packed sweep: the steps go through the pack's shared pass
-        member.bind(module)
-    return module
+    parts = (backbone, method, cfg.optim, schedule, cfg.trainer.max_steps, run_info)
+    return ConceptModule(*parts) if pack is None else PackedConceptModule(pack, *parts)
 
 
 def run_files(record: RunRecord) -> dict[str, Any]:
     """The files the run left, relative to its directory."""
-    run_dir = record.run_dir
-    checkpoint, metrics = run_dir / "checkpoints" / "last.ckpt", run_dir / "metrics.csv"
+    folder = RunFolder(record.run_dir)
+    checkpoint, metrics = folder.checkpoint, folder.metrics
     return {
         "checkpoint": record.relative(checkpoint) if checkpoint.is_file() else None,
         "concepts": sorted(
             record.relative(p)
-            for p in (run_dir / "concepts").rglob("*")
-            if p.is_file() and "steps" not in p.relative_to(run_dir / "concepts").parts
+            for p in folder.concepts.rglob("*")
+            if p.is_file() and not p.is_relative_to(folder.steps)
         ),
-        "concepts_by_step": record.relative(run_dir / "concepts" / "steps")
-        if (run_dir / "concepts" / "steps").is_dir()
-        else None,
-        "samples": sorted(record.relative(p) for p in (run_dir / "samples").glob("*.png")),
+        "concepts_by_step": record.relative(folder.steps) if folder.steps.is_dir() else None,
+        "samples": sorted(record.relative(p) for p in folder.samples.glob("*.png")),
         "metrics": record.relative(metrics) if metrics.is_file() else None,
     }
 
@@ -463,8 +449,6 @@ def wandb_group(cfg: DictConfig, record) -> str | None:
 def finish_wandb(trainer, summary: dict[str, Any] | None) -> None:
     """The job's W&B run (if it logs to W&B), finished: with the final metrics in its summary and a
     one-row table when the job completed (`summary`), as failed otherwise."""
-    from pytorch_lightning.loggers import WandbLogger
-
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):  # started by make_wandb_logger
             import wandb
@@ -483,9 +467,7 @@ def finish_wandb(trainer, summary: dict[str, Any] | None) -> None:
 def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path | None:
     """This run directory's own last.ckpt (a requeued job), `ckpt_path`, or with `resume=true` the
     newest last.ckpt of an earlier run of the same command."""
-    from .runfolder import check_checkpoint_safe, check_same_configuration
-
-    own = run_dir / "checkpoints" / "last.ckpt"
+    own = RunFolder(run_dir).checkpoint
     if own.is_file():
         # This very job ran before: requeued on SLURM, or a rerun into a fixed hydra.run.dir; it must
         # be the same configuration (another seed or rate would silently continue the old run).
@@ -493,8 +475,6 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str])
         log.info("continuing this run from %s", own)
         return own
     if cfg.ckpt_path:
-        from .backbone import resolve_path
-
         path = resolve_path(cfg.ckpt_path)
         if not path.is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
@@ -504,8 +484,8 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str])
         return None
     wanted = same_run_key(overrides)
     found = []
-    for saved in Path(cfg.output_root).glob("**/.hydra/overrides.yaml"):
-        candidate = saved.parent.parent / "checkpoints" / "last.ckpt"
+    for saved in Path(cfg.output_root).glob(f"**/{HYDRA_OVERRIDES}"):
+        candidate = RunFolder(saved.parent.parent).checkpoint
         if saved.parent.parent.resolve() != run_dir.resolve() and candidate.is_file():
             if same_run_key(yaml.safe_load(saved.read_text()) or []) == wanted:
                 found.append(candidate)
@@ -521,13 +501,3 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str])
 
 def same_run_key(overrides: list[str]) -> list[str]:
     return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in RESUME_KEYS)
-
-
-def cli() -> None:
-    """Console script `conceptlab-train` (and `conceptlab train`): `python train.py` from any folder."""
-    import hydra
-
-    from .config import CONFIG_PATH, register_configs
-
-    register_configs()
-    hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")(main)()

@@ -13,12 +13,14 @@ import importlib
 import inspect
 import pkgutil
 from importlib.metadata import entry_points
+from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConceptFileError, ConfigError
+from ..formats import read_tensor_file, reading
 from .base import Concept, Method
 
 ENTRY_POINT_GROUP = "conceptlab.methods"
-__all__ = ["Concept", "Method", "registered_methods", "ENTRY_POINT_GROUP"]
+__all__ = ["Concept", "Method", "registered_methods", "read_concept", "ENTRY_POINT_GROUP"]
 
 
 def _methods_in(module) -> list[type[Method]]:
@@ -48,3 +50,15 @@ def registered_methods() -> dict[str, type[Method]]:
             )
         found[cls.name] = cls
     return found
+
+
+def read_concept(path: str | Path) -> Concept:
+    """The learned concept in a file, recognised by the method whose format it is."""
+    with reading(path):
+        file = read_tensor_file(path)
+        for method in registered_methods().values():
+            concept = method.concept_from_file(file)
+            if concept is not None:
+                return concept
+    known = "; ".join(f"{name}: {cls.file_formats}" for name, cls in registered_methods().items())
+    raise ConceptFileError(f"{file.path} is not a concept file of any method conceptlab knows ({known})")

@@ -1,53 +1,108 @@
-"""The Method interface: the whole of a method behind one class.
+"""The Method interface: the whole of a method behind one class, and the whole contract written here.
 
 A method is one module in this package (or in a user's package, advertised under the
 `conceptlab.methods` entry-point group) and one yaml in conf/method/. Its class declares:
 
-* `name` and `Config`: the config group option and its structured config (registered by
-  `config.register_configs`, so `--help` and typo checks cover it);
+* `Config`: its structured config, a `MethodConfig` extended with the method's own keys (each with
+  its default and one-line help). `Config.name` is the method's name: the conf/method/ option, the
+  label of runs and the W&B job type (the class's `name` is taken from it). Registered by
+  `cli.register_configs`, so `--help` and typo checks cover every key.
+* construction: `__init__(name, lr, scale_lr, concept, init_from, **its own keys)`, Hydra passing the
+  Config's keys and train.py the concept's name; check every value there (a one-line ConfigError
+  naming `method.<key>`), before any model loads. The learning rate is parsed once, here
+  (`lr_schedule`).
 * training: `attach` (install into the backbone, unfreezing whatever part it trains),
-  `trainable_parameters`, `prompt_text`, `changes_text_encoding`, `export` (its concept files);
-* inference: `concept_from_file` (recognise and read its files) returning a `Concept`, which installs
-  itself into a backbone and, for methods with a prompt tag (`<hypernet:name:0.7>`), takes a
-  multiplier.
+  `trainable_parameters`, `prompt_text`, `changes_text_encoding`, `export` (its concept files),
+  `at_multiplier` / `inference` (sampling during training), `usage` (the generate prompt).
+* packed sweeps (optional): `packed_modules` (where it acts), `prepare_pack_lead`, and on the modules
+  it installs there a static `packed_group` (`PackedGroup`: several jobs' modules computed together).
+* inference: `prompt_tag` and `concept_from_file` (recognise and read its files) returning a
+  `Concept`, which installs itself into a backbone and, for methods with a prompt tag
+  (`<hypernet:name:0.7>`), takes a multiplier.
 
 The LightningModule, generation, the file registry, the report and the sweeps use only this.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
+from omegaconf import MISSING
 from torch import nn
 
+from ..backbone import Backbone
+from ..config import opt
+from ..formats import TensorFile
+from ..prompts import fill_prompt
 from ..schedules import parse_lr_schedule
 
-if TYPE_CHECKING:
-    from ..backbone import Backbone
-    from ..formats import TensorFile
+
+@dataclass
+class MethodConfig:
+    """The keys every method has. A method's Config extends it: `_target_` (its class), its own keys,
+    and its defaults of these (`method_key`)."""
+
+    _target_: str = MISSING
+    name: str = opt(MISSING, "the method's name (run labels, W&B job type)")
+    lr: Any = opt(1.0e-4, 'learning rate, or an AUTOMATIC1111 schedule "1e-5:1000, 5e-6:3000, 1e-6"')
+    scale_lr: bool = opt(False, "lr x batch size x devices x nodes x grad accumulation")
+    init_from: str | None = opt(None, "start from a concept file of this method")
+
+
+def method_key(key: str, default: Any, help: str | None = None) -> Any:  # noqa: A002
+    """One of MethodConfig's keys with a method's own default (and its own help, where it says more)."""
+    shared = MethodConfig.__dataclass_fields__[key]
+    return opt(
+        default, help or shared.metadata["help"], shared.metadata["valid"], shared.metadata["nonempty"]
+    )
+
+
+class PackedGroup(Protocol):
+    """The optional hook of a module a method installs where `Method.packed_modules` points.
+
+    `packed_group(modules, calls, memo)` (a static method of the module's type) computes several packed
+    jobs' modules of that type at one place of the shared pass together (one batched product over their
+    stacked weights, say): `calls` are each module's (args, kwargs), its own rows of the batch; `memo`
+    lives for one pass. It returns each module's output, exactly what the module would return for its
+    call alone, or None where these modules cannot be grouped (they then run one by one)."""
+
+    @staticmethod
+    def packed_group(modules: list[Any], calls: list[tuple[tuple, dict]], memo: dict) -> list[Any] | None: ...
 
 
 class Method(nn.Module, ABC):
     """A trainable add-on to a frozen backbone."""
 
-    name: ClassVar[str]  # the conf/method/ option and the label of runs ("ti", "hypernet", "lora")
-    Config: ClassVar[type]  # its structured config (a dataclass with _target_ = this class)
+    name: ClassVar[str]  # the conf/method/ option and the label of runs: Config.name's default
+    Config: ClassVar[type[MethodConfig]]  # its structured config (_target_ = this class)
     # `<tag:name:multiplier>` applies a concept of this method at inference; None = the concept is a
     # word of the prompt (textual inversion's placeholder).
     prompt_tag: ClassVar[str | None] = None
     file_formats: ClassVar[str] = ""  # the formats concept_from_file reads, for error messages
 
-    def __init__(self, name: str, lr: float | str, scale_lr: bool):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        config = cls.__dict__.get("Config")
+        if config is not None and dataclasses.is_dataclass(config):
+            cls.name = config.name  # the name is written once: the Config's default
+
+    def __init__(
+        self, name: str, lr: float | str, scale_lr: bool, concept: str, init_from: str | None = None
+    ):
         super().__init__()
         self.name = name
-        self.concept = ""  # the concept's name; subclasses set it (it names their files)
-        parse_lr_schedule(lr)  # a malformed schedule fails here, before anything loads
+        self.concept = concept  # the concept's name: it names the method's files
         self.lr = lr  # a rate, or an AUTOMATIC1111 schedule "1e-5:1000, 5e-6:3000, 1e-6"
+        # (rate, until step) pairs: parsed once, here, so a malformed schedule fails before anything loads.
+        self.lr_schedule = parse_lr_schedule(lr)
         self.scale_lr = scale_lr
+        self.init_from = init_from  # a concept file of this method to start from
 
     # ------------------------------------------------------------------------------------ training
 
@@ -102,7 +157,7 @@ class Method(nn.Module, ABC):
         every other layer and runs each job's own module on that job's samples here. None (the
         default): the method cannot share a pass, and its jobs run one by one. A path may also name an
         attribute of a plain object (a processor's `stack`); a module or callable there may return a
-        tuple of batch-first tensors."""
+        tuple of batch-first tensors. Its type may define `packed_group` (`PackedGroup`)."""
         return None
 
     def prepare_pack_lead(self, backbone: Backbone) -> None:
@@ -112,7 +167,7 @@ class Method(nn.Module, ABC):
 
     def usage(self, prompt: str) -> str:
         """`prompt` ({} = the concept) as generation writes it with this method's concept file."""
-        text = prompt.replace("{}", self.prompt_text)
+        text = fill_prompt(prompt, self.prompt_text)
         return f"{text} <{self.prompt_tag}:{self.concept}:1>" if self.prompt_tag else text
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -27,15 +27,15 @@ from ..backbone import Backbone
 from ..config import opt
 from ..errors import ConceptFileError, ConfigError
 from ..formats import TensorFile, one_line, read_as, write_safetensors, write_torch_file
-from .base import Concept, Method
+from .base import Concept, Method, MethodConfig, method_key
 
 
 @dataclass
-class HypernetworkConfig:
+class HypernetworkConfig(MethodConfig):
     """A hypernetwork (NovelAI / AUTOMATIC1111): residual MLPs on the attention layers' key/value inputs."""
 
     _target_: str = "conceptlab.methods.hypernetwork.Hypernetwork"
-    name: str = opt("hypernet", "the method's name (run labels, W&B job type)")
+    name: str = method_key("name", "hypernet")
     enable_sizes: list[int] | None = opt(
         None, "widths that get a (key, value) module pair; null = the text width and the UNet's block widths"
     )
@@ -55,11 +55,12 @@ class HypernetworkConfig:
     )
     activate_output: bool = opt(False, "the activation after the last layer too")
     last_layer_dropout: bool = opt(False, "dropout before the last layer as well")
-    init_from: str | None = opt(
-        None, "continue from a hypernetwork file (A1111 .pt or conceptlab .safetensors)"
+    init_from: str | None = method_key(
+        "init_from", None, "continue from a hypernetwork file (A1111 .pt or conceptlab .safetensors)"
     )
-    lr: Any = opt(1.0e-5, 'learning rate (A1111\'s range), or a schedule "1e-5:1000, 5e-6:3000, 1e-6"')
-    scale_lr: bool = opt(False, "lr x batch size x devices x nodes x grad accumulation")
+    lr: Any = method_key(
+        "lr", 1.0e-5, 'learning rate (A1111\'s range), or a schedule "1e-5:1000, 5e-6:3000, 1e-6"'
+    )
 
 
 def _activations() -> dict[str, type[nn.Module]]:
@@ -238,16 +239,13 @@ class HypernetworkLayers(nn.Module):
 class Hypernetwork(Method):
     """Train a hypernetwork: its layers are the only trainable tensors."""
 
-    name = "hypernet"
     Config = HypernetworkConfig
     prompt_tag = "hypernet"
     file_formats = "AUTOMATIC1111 hypernetwork (.pt), conceptlab hypernetwork (.safetensors)"
 
     def __init__(self, name: str, lr: float | str, scale_lr: bool, concept: str,
                  init_from: str | None = None, **structure: Any):  # fmt: skip
-        super().__init__(name=name, lr=lr, scale_lr=scale_lr)
-        self.concept = concept
-        self.init_from = init_from
+        super().__init__(name=name, lr=lr, scale_lr=scale_lr, concept=concept, init_from=init_from)
         self._source = read_hypernetwork(init_from) if init_from else None
         if self._source is not None:  # the file's structure, unless the config contradicts it
             structure = structure_from_file(self._source, structure, str(init_from))

@@ -27,7 +27,11 @@ from ..backbone import Backbone
 from ..config import opt
 from ..errors import ConceptFileError, ConfigError
 from ..formats import TensorFile, one_line, read_tensor_file, write_safetensors
-from .base import Concept, Method
+from .base import Concept, Method, MethodConfig, method_key
+
+# peft and diffusers load inside the functions that use them, not here: importing them costs peft ~6 s, diffusers ~5 s on the
+# 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
+# where they go unused.
 
 ADAPTER = "conceptlab"  # the adapter's name inside the backbone while training
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -43,11 +47,11 @@ def kohya_key(part: str, module_name: str) -> str:
 
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(MethodConfig):
     """LoRA: low-rank adapters on the attention projections; only the adapters train."""
 
     _target_: str = "conceptlab.methods.lora.LoRA"
-    name: str = opt("lora", "the method's name (run labels, W&B job type)")
+    name: str = method_key("name", "lora")
     rank: int = opt(4, "the adapters' rank", valid="[1, inf)")
     alpha: float | None = opt(
         None, "scale numerator: the update is (alpha / rank) B A; null = rank (scale 1)", valid="(0, inf)"
@@ -57,9 +61,10 @@ class LoRAConfig:
     )
     dropout: float = opt(0.0, "dropout on the adapters' input while training", valid="[0, 1)")
     text_encoder: bool = opt(False, "also adapt the text encoder's attention (q_proj k_proj v_proj out_proj)")
-    init_from: str | None = opt(None, "continue from a LoRA file (kohya/A1111 or diffusers .safetensors)")
-    lr: Any = opt(1.0e-4, 'learning rate, or a schedule "1e-4:1000, 5e-5"')
-    scale_lr: bool = opt(False, "lr x batch size x devices x nodes x grad accumulation")
+    init_from: str | None = method_key(
+        "init_from", None, "continue from a LoRA file (kohya/A1111 or diffusers .safetensors)"
+    )
+    lr: Any = method_key("lr", 1.0e-4, 'learning rate, or a schedule "1e-4:1000, 5e-5"')
 
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -79,7 +84,6 @@ def lora_layers(backbone: Backbone, adapter: str | None) -> Iterator[tuple[str, 
 class LoRA(Method):
     """Train low-rank adapters of the UNet's (and optionally the text encoder's) attention projections."""
 
-    name = "lora"
     Config = LoRAConfig
     prompt_tag = "lora"
     file_formats = "kohya/AUTOMATIC1111 LoRA (.safetensors, lora_unet_ keys), diffusers LoRA (.safetensors)"
@@ -87,14 +91,14 @@ class LoRA(Method):
     def __init__(self, name: str, lr: float | str, scale_lr: bool, concept: str, rank: int = 4,
                  alpha: float | None = None, target_modules: list[str] | None = None, dropout: float = 0.0,
                  text_encoder: bool = False, init_from: str | None = None):  # fmt: skip
-        super().__init__(name=name, lr=lr, scale_lr=scale_lr)
+        super().__init__(name=name, lr=lr, scale_lr=scale_lr, concept=concept, init_from=init_from)
         if rank < 1:
             raise ConfigError(f"method.rank={rank}: a LoRA needs rank 1 or more")
         if not 0 <= dropout < 1:
             raise ConfigError(f"method.dropout={dropout}: a probability in [0, 1)")
-        self.concept, self.rank, self.alpha = concept, rank, float(alpha if alpha is not None else rank)
+        self.rank, self.alpha = rank, float(alpha if alpha is not None else rank)
         self.target_modules = list(target_modules or LoRAConfig().target_modules)
-        self.dropout, self.text_encoder, self.init_from = dropout, text_encoder, init_from
+        self.dropout, self.text_encoder = dropout, text_encoder
         self._backbone: Backbone | None = None  # not a submodule: the adapters live inside the backbone
 
     @property

@@ -28,18 +28,18 @@ from ..formats import (
     write_safetensors,
     write_torch_file,
 )
-from .base import Concept, Method
+from .base import Concept, Method, MethodConfig, method_key
 
 # AUTOMATIC1111 writes the token id of "*" in CLIP's vocabulary here; it is informational only.
 A1111_STAR_TOKEN = 265
 
 
 @dataclass
-class TextualInversionConfig:
+class TextualInversionConfig(MethodConfig):
     """Textual inversion: a new pseudo-word whose embedding vectors are the only trainable tensors."""
 
     _target_: str = "conceptlab.methods.textual_inversion.TextualInversion"
-    name: str = opt("ti", "the method's name (run labels, W&B job type)")
+    name: str = method_key("name", "ti")
     placeholder: str | None = opt(
         None, 'the new word; null = "<concept>"; extra vectors are "<concept>_1", "<concept>_2", ...'
     )
@@ -47,11 +47,15 @@ class TextualInversionConfig:
         1, "vectors per placeholder (1..N; with the longest template they fit in 77 tokens)", valid="[1, 75]"
     )
     initializer_token: str = opt("object", "one existing token whose embedding starts every vector")
-    init_from: str | None = opt(
-        None, "start from an embedding file (diffusers .safetensors/.bin, AUTOMATIC1111 .pt)"
+    init_from: str | None = method_key(
+        "init_from", None, "start from an embedding file (diffusers .safetensors/.bin, AUTOMATIC1111 .pt)"
     )
-    lr: Any = opt(5.0e-4, 'base learning rate, or an AUTOMATIC1111 schedule "5e-3:100, 1e-3:1000, 5e-4"')
-    scale_lr: bool = opt(True, "lr x batch size x devices x nodes x grad accumulation (the TI paper's rule)")
+    lr: Any = method_key(
+        "lr", 5.0e-4, 'base learning rate, or an AUTOMATIC1111 schedule "5e-3:100, 1e-3:1000, 5e-4"'
+    )
+    scale_lr: bool = method_key(
+        "scale_lr", True, "lr x batch size x devices x nodes x grad accumulation (the TI paper's rule)"
+    )
 
 
 @dataclass
@@ -181,7 +185,6 @@ class PlaceholderEmbedding(nn.Module):
 class TextualInversion(Method):
     """Learn `num_vectors` embedding vectors for a new placeholder word."""
 
-    name = "ti"
     Config = TextualInversionConfig
     file_formats = (
         "diffusers embedding (.safetensors/.bin), AUTOMATIC1111 embedding (.pt, or a .png from its "
@@ -199,10 +202,9 @@ class TextualInversion(Method):
         initializer_token: str = "object",
         init_from: str | None = None,
     ):
-        super().__init__(name=name, lr=lr, scale_lr=scale_lr)
+        super().__init__(name=name, lr=lr, scale_lr=scale_lr, concept=concept, init_from=init_from)
         if num_vectors < 1:
             raise ConfigError(f"method.num_vectors={num_vectors}: a placeholder needs at least 1 vector")
-        self.concept = concept
         self.placeholder = placeholder or f"<{concept}>"
         if any(c.isspace() for c in self.placeholder):
             raise ConfigError(
@@ -210,7 +212,6 @@ class TextualInversion(Method):
             )
         self.num_vectors = num_vectors
         self.initializer_token = initializer_token
-        self.init_from = init_from
         self.first_id = -1
         # Created by attach() once the text width is known (before any checkpoint is restored).
         self.vectors: nn.Parameter | None = None

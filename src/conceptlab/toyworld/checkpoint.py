@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from ..atomic import write_json
+from ..config import ModelConfig
 from ..errors import BackboneError
+from .judge import Judge
 from .world import RESOLUTION
 
 # Bump when the world (shapes, colours, captions) or the architecture changes: old checkpoints then
@@ -77,16 +81,12 @@ def check_toy_folder(folder: Path) -> dict:
 
 def toy_model_config(folder: str | Path):
     """The model config of a toy-world folder, as model=toy composes it (with its folder check)."""
-    from ..config import ModelConfig
 
     return ModelConfig(name="toy", path=str(folder), check=f"{__name__}.check_toy_folder", context_dim=64)
 
 
 def load_judge(folder: Path):
     """The judge that came with a toy checkpoint, in float32 and eval mode."""
-    import torch
-
-    from .judge import Judge
 
     check_toy_folder(folder)
     return Judge.from_pretrained(folder / "judge", torch_dtype=torch.float32).eval()

@@ -9,6 +9,7 @@ styles): it plays the part of a real CLIP, which knows more than the generator i
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -21,7 +22,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path, write_json
-from .world import RESOLUTION, Scene, drop_words
+from ..backbone import clip_tokenizer
+from .world import ATTRIBUTES, PREFIXES, RESOLUTION, Scene, drop_words
+
+# transformers load inside the functions that use them, not here: importing them costs transformers ~1 s on the
+# 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
+# where they go unused.
 
 log = logging.getLogger(__name__)
 FOLDER = "clip"  # inside a toy checkpoint
@@ -35,8 +41,6 @@ def full_caption(scene: Scene, rng: random.Random, p_drop: float = 0.3) -> str:
 def build_toy_clip(seed: int):
     """A CLIPModel for 32x32 images (4x4 patches) and the world's captions, and its processor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from ..backbone import clip_tokenizer
 
     config = CLIPConfig(
         text_config={"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -60,7 +64,6 @@ def build_toy_clip(seed: int):
 
 def world_words() -> list[str]:
     """Every word and mark the world's captions use."""
-    from .world import ATTRIBUTES, PREFIXES
 
     text = " ".join(
         [*PREFIXES, "a shape on background style ,", *(v for vs in ATTRIBUTES.values() for v in vs)]
@@ -74,7 +77,6 @@ def reduce_vocabulary(model, processor, words: list[str]):
     """The same CLIP with a vocabulary of the byte symbols, the BPE merges `words` need, and the special
     tokens (a few hundred entries instead of 49,408): the world's captions tokenize to the same pieces,
     whose embedding rows are copied, so the model's outputs on them are unchanged. Returns (model, processor)."""
-    import json
 
     from transformers import CLIPProcessor, CLIPTokenizer
 
@@ -178,7 +180,6 @@ def stage_clip(cfg, work: Path, pool: dict) -> Path:
 def retrieval_accuracy(model, processor, pool: dict, seed: int, count: int = 512) -> dict[str, float]:
     """How often each image's own full caption is the nearest of `count` captions, and how often the
     nearest caption names the right value of each attribute (the model's reading of the world)."""
-    from .world import ATTRIBUTES
 
     rng = np.random.default_rng(seed + 99)
     idx = rng.choice(len(pool["scenes"]), count, replace=False)

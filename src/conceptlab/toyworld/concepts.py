@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..example_sets import write_sets
 from .world import NAMED_SHAPES, PRETRAIN_SHAPES, Scene, WorldMix, place, random_scene, render_image
 
 
@@ -110,7 +111,6 @@ def draw_toy_concept(name: str, index: int) -> tuple[Image.Image, str]:
 
 def write_toy_concept_sets(root: Path) -> list[Path]:
     """Draw every toy-world concept set into root/<set>/NN.png (+ NN.txt captions)."""
-    from ..example_sets import write_sets
 
     return write_sets(
         root, {name: (partial(draw_toy_concept, name), c.count) for name, c in TOY_CONCEPTS.items()}

@@ -14,11 +14,13 @@ import torch
 
 from ..errors import ConfigError
 from ..evalcache import EvaluationCache, backbone_identity, default_cache_dir, method_state
+from ..prompts import fill_prompt
 from ..records import publish
 from ..sampling import Draw, draw_images, sample_draw
+from .checkpoint import load_judge
 from .concepts import TOY_CONCEPTS, toy_concept_of
 from .judge import Judge
-from .world import ATTRIBUTES, BACKGROUNDS, COLOURS, NAMED_SHAPES, NAMED_STYLES, SIZES
+from .world import ATTRIBUTES, BACKGROUNDS, COLOURS, NAMED_SHAPES, NAMED_STYLES, RESOLUTION, SIZES
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +125,7 @@ def judge_plan(
     that has a strength (at 1.0 only with `all_multipliers=False`), else once: the metrics' prefix
     (judge/ at 1.0, judge_m<m>/ at the others), the images to sample, the scores' cache key and the
     scores themselves when the cache holds them (the bare model, a shared starting state)."""
-    texts = [p.replace("{}", method.prompt_text) for p in prompts]
+    texts = [fill_prompt(p, method.prompt_text) for p in prompts]
     seeds = list(range(cfg.num_samples))
     multipliers = list(cfg.multipliers) if method.has_multiplier and all_multipliers else [1.0]
     plan = []
@@ -191,10 +193,9 @@ class JudgeEvaluation(pl.Callback):
     """
 
     headline = ("judge/concept", "judge/prompt")  # what the progress bar and the end summary show
+    report_section = "conceptlab.toyworld.sections.judge_section"  # the metrics against its ground truth
 
     def __init__(self, settings, data, record=None, cache_dir: str | None = None):
-        from .world import RESOLUTION
-
         if data.resolution not in (None, RESOLUTION):
             raise ConfigError(
                 f"data.resolution={data.resolution}: the toy world is drawn at {RESOLUTION}x{RESOLUTION} and "
@@ -216,8 +217,6 @@ class JudgeEvaluation(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
         if self.concept is not None and self.judge is None:
-            from .checkpoint import load_judge
-
             self.judge = load_judge(Path(module.backbone.path))
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:

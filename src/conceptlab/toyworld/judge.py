@@ -12,6 +12,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..errors import ConfigError
+from ..evalcache import tensors_digest
 from .world import ATTRIBUTES, RESOLUTION
 
 
@@ -65,7 +66,6 @@ class Judge(ModelMixin, ConfigMixin):
     @property
     def digest(self) -> str:
         """Identifies these weights (evaluation cache keys)."""
-        from ..evalcache import tensors_digest
 
         if getattr(self, "_digest", None) is None:
             self._digest = tensors_digest(sorted(self.state_dict().items()))

@@ -21,10 +21,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path, write_json
-from .checkpoint import TOY_VERSION, write_manifest
+from ..backbone import clip_text_encoder, clip_tokenizer, load_backbone, save_sd_folder
+from .checkpoint import TOY_VERSION, load_judge, toy_model_config, write_manifest
 from .clip import install_clip, stage_clip
+from .evaluate import named_attributes, sample_pairs
 from .judge import Judge
 from .world import ATTRIBUTES, RESOLUTION, SHAPES, STYLES, Scene, WorldMix, caption, random_scene, render
+
+# diffusers load inside the functions that use them, not here: importing them costs diffusers ~5 s on the
+# 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
+# where they go unused.
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +252,6 @@ def judge_accuracy(judge: Judge, vae, images: np.ndarray, labels: torch.Tensor) 
 def build_unet_and_text_encoder(seed: int):
     from diffusers import UNet2DConditionModel
 
-    from ..backbone import clip_text_encoder
-
     torch.manual_seed(seed)
     text_encoder = clip_text_encoder(width=64, intermediate=256, layers=3, heads=4)
     unet = UNet2DConditionModel(
@@ -280,8 +284,6 @@ def stage_unet(cfg: PretrainConfig, work: Path, pool: dict, vae) -> None:
     """UNet and text encoder trained jointly on the epsilon loss, with an EMA of both."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
-
-    from ..backbone import clip_tokenizer
 
     state_path = work / "unet_state.pt"
     moments_path = work / "latent_moments.pt"
@@ -364,8 +366,6 @@ def export(cfg: PretrainConfig, work: Path, out: Path) -> Path:
     from diffusers import AutoencoderKL
     from diffusers.training_utils import EMAModel
 
-    from ..backbone import save_sd_folder
-
     unet, text_encoder = build_unet_and_text_encoder(cfg.seed)
     state = torch.load(work / "unet_state.pt", weights_only=True)
     for model, key in ((unet, "ema_unet"), (text_encoder, "ema_text")):
@@ -397,9 +397,6 @@ def _recipe(cfg: PretrainConfig) -> dict:
 
 def caption_following(folder: Path, cfg: PretrainConfig) -> dict:
     """How well the exported model draws what fully named captions ask for, read by its judge."""
-    from ..backbone import load_backbone
-    from .checkpoint import load_judge, toy_model_config
-    from .evaluate import named_attributes, sample_pairs
 
     start = time.time()
     backbone = load_backbone(toy_model_config(folder)).to(torch.float32)

@@ -9,6 +9,7 @@ The scoring functions take the judge's readings, so they are tested on hand-made
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from collections import Counter
@@ -17,13 +18,20 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 
+from ..atomic import atomic_path, write_json
 from ..errors import BackboneError, ConfigError
 from ..evalcache import EvaluationCache, backbone_identity, default_cache_dir, method_state
+from ..inference import labelled_grid, prepare, to_pil
+from ..prompts import fill_prompt
 from ..records import publish
+from ..report import collect
+from ..runfolder import RunFolder
+from .checkpoint import check_toy_folder, load_judge
 from .concepts import TOY_CONCEPTS, toy_concept_of
 from .evaluate import named_attributes, sample_images
-from .world import ATTRIBUTES, Scene, render
+from .world import ATTRIBUTES, RESOLUTION, SIZES, Scene, render
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +123,7 @@ class Study(pl.Callback):
     """
 
     name = "study"
+    report_section = "conceptlab.toyworld.sections.study_section"  # its samples after training
     headline: tuple[str, ...] = ()
 
     def __init__(
@@ -141,7 +150,7 @@ class Study(pl.Callback):
     # -- what a study samples and how it scores it
     def samples(self, backbone, method) -> tuple[torch.Tensor, list[str], dict[str, Any]]:
         """Images in [-1, 1], a label per row of the grid, and anything the scores need besides."""
-        texts = [p.replace("{}", method.prompt_text) for p in self.prompts]
+        texts = [fill_prompt(p, method.prompt_text) for p in self.prompts]
         images = sample_images(
             backbone, texts, self.seeds, self.cfg.num_inference_steps, self.cfg.guidance_scale
         )
@@ -157,8 +166,6 @@ class Study(pl.Callback):
     # -- the schedule
     def setup(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
         if self.enabled and self.judge is None:
-            from .checkpoint import check_toy_folder, load_judge
-
             try:
                 check_toy_folder(Path(module.backbone.path))
             except BackboneError:
@@ -204,10 +211,8 @@ class Study(pl.Callback):
             else:  # the samples' grid was kept with the scores
                 grid = self.cache.get_bytes(key, ".png")
         if self.record is not None and grid is not None:
-            from ..atomic import atomic_path
-
             name = "before" if prefix.startswith("study_before") else "after"
-            with atomic_path(Path(self.record.run_dir) / "study" / f"{self.name}_{name}.png") as tmp:
+            with atomic_path(RunFolder(self.record.run_dir).study / f"{self.name}_{name}.png") as tmp:
                 tmp.write_bytes(grid)
         publish(trainer, self.record, step, {f"{prefix}{k}": v for k, v in found.items()})
 
@@ -218,10 +223,6 @@ class Study(pl.Callback):
     @staticmethod
     def grid(images: torch.Tensor, rows: list[str]) -> bytes:
         """The samples as a labelled PNG grid (rows: `rows`, columns: seeds)."""
-        import io
-
-        from ..evaluate import to_pil
-        from ..generate import labelled_grid
 
         pictures = to_pil((images + 1) / 2)
         cols = len(pictures) // len(rows)
@@ -268,7 +269,7 @@ class TextGuided(Study):
 
 def prompt_key(prompt: str) -> str:
     """A prompt as part of a metric's name: "a photo of a small {}" -> "a_photo_of_a_small_X"."""
-    return "_".join(prompt.replace("{}", "X").replace(",", " ").split())
+    return "_".join(fill_prompt(prompt, "X").replace(",", " ").split())
 
 
 class ObjectVariation(Study):
@@ -306,6 +307,7 @@ class BiasReduction(Study):
     over `classes` (`tv_<a>`, `base_tv_<a>`); `tv` and `base_tv` are their means, `tv_reduction` the gain."""
 
     name = "bias_reduction"
+    report_section = "conceptlab.toyworld.sections.bias_section"  # the distributions, then the samples
     headline = ("study/tv",)
 
     def __init__(self, *args, baseline: str = "a photo of a shape", classes: dict[str, list[str]] | None = None,
@@ -343,7 +345,6 @@ class BiasReduction(Study):
 
 def scene_mask(scene: Scene, margin: float = 2.0) -> torch.Tensor:
     """[32, 32] float mask, 1 inside the square that holds the object (plus `margin` pixels)."""
-    from .world import RESOLUTION, SIZES
 
     r = SIZES[scene.size] + margin
     rows = torch.arange(RESOLUTION, dtype=torch.float32)[:, None] + 0.5
@@ -383,9 +384,7 @@ class LocalizedEditing(Study):
                 "strength": self.strength}  # fmt: skip
 
     def samples(self, backbone, method):
-        from PIL import Image
-
-        text = self.prompts[0].replace("{}", method.prompt_text)
+        text = fill_prompt(self.prompts[0], method.prompt_text)
         pipe = backbone.pipeline("DDIMScheduler", "StableDiffusionInpaintPipeline")
         originals, masks, edited, raw = [], [], [], []
         for scene in self.scenes:
@@ -433,13 +432,6 @@ def compose_sweep(sweep_dir: Path, pairs: list[dict[str, Any]], settings) -> Pat
     settings.num_samples-1, its DDIM steps and guidance) and read by the judge; writes
     <sweep>/composition/composition.json (one row per pair of runs) and a grid per pair.
     The composition study's `study.at_end`."""
-    from ..atomic import atomic_path, write_json
-    from ..backbone import load_backbone
-    from ..evaluate import run_config, to_pil
-    from ..generate import apply_tags, labelled_grid, load_concepts, resolve_prompt, tag_text
-    from ..report import collect
-    from .checkpoint import load_judge
-
     sweep = collect(sweep_dir)
     runs = sweep.runs[sweep.runs["status"] == "completed"] if "status" in sweep.runs else sweep.runs
     if runs.empty:
@@ -457,18 +449,18 @@ def compose_sweep(sweep_dir: Path, pairs: list[dict[str, Any]], settings) -> Pat
         truths = (dict(TOY_CONCEPTS[first].truth), dict(TOY_CONCEPTS[second].truth))
         for _, a in runs[runs["concept"] == first].iterrows():
             for _, b in runs[(runs["concept"] == second) & (runs["seed"] == a["seed"])].iterrows():
-                run_a, run_b = Path(sweep_dir) / a["run_dir"], Path(sweep_dir) / b["run_dir"]
+                run_a, run_b = (
+                    RunFolder(Path(sweep_dir) / a["run_dir"]),
+                    RunFolder(Path(sweep_dir) / b["run_dir"]),
+                )
                 # A fresh backbone per pair: each installs its own two concepts.
-                backbone = load_backbone(run_config(run_a).model)
+                inference = prepare([run_a.concepts, run_b.concepts], run_a.composed_config().model, "cpu")
+                backbone, concepts = inference.backbone, inference.concepts
                 judge = judge or load_judge(Path(backbone.path))
-                concepts = load_concepts([str(run_a / "concepts"), str(run_b / "concepts")])
-                for concept in concepts:
-                    concept.install(backbone)
                 # A placeholder word, or the name a tagged method trained with (and its tag).
                 words = template.format(first=concepts[0].name, second=concepts[1].name)
-                prompt = f"{words} {tag_text(concepts)}".strip()
-                text, uses = resolve_prompt(prompt, concepts, backbone.tokenizer)
-                apply_tags(concepts, uses, None)
+                prompt = f"{words} {inference.tags()}".strip()
+                text = inference.prompt(prompt)
                 images = sample_images(backbone, [text], seeds, steps, guidance)
                 scores = composition_scores(judge.read(images), *truths)
                 name = f"{first}+{second}_{Path(a['run_dir']).name}+{Path(b['run_dir']).name}"
@@ -488,3 +480,6 @@ def compose_sweep(sweep_dir: Path, pairs: list[dict[str, Any]], settings) -> Pat
     write_json(path, {"pairs": [dict(p) for p in pairs], "num_samples": len(seeds), "steps": steps,
                       "guidance": guidance, "rows": rows})  # fmt: skip
     return path
+
+
+compose_sweep.report_section = "conceptlab.toyworld.sections.composition_section"  # type: ignore[attr-defined]

@@ -11,14 +11,14 @@ from typing import Any
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 
+from conceptlab.errors import ConfigError
+
 
 class PackedLauncher(Launcher):
     """The sweep's jobs in this process; those that can share a pass train together in packs."""
 
     def __init__(self, pack_size: int = 16) -> None:
         if isinstance(pack_size, bool) or not isinstance(pack_size, int) or pack_size < 1:
-            from conceptlab.errors import ConfigError
-
             raise ConfigError(
                 f"hydra.launcher.pack_size={pack_size}: give a whole number of jobs, at least 1"
             )
@@ -31,6 +31,6 @@ class PackedLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from conceptlab.packing import launch_packed
+        from conceptlab.packing import launch_packed  # Lightning and torch: only when a sweep launches
 
         return launch_packed(self, job_overrides, initial_job_idx)
