@@ -252,3 +252,43 @@ def start_long_run(output_root: Path, rows: int) -> subprocess.Popen:
         if metrics and len(metrics[0].read_text().splitlines()) > rows:
             break
     return proc
+
+
+def wandb_records(run_folder: Path) -> list:
+    """The records of an offline W&B run (`.../wandb/offline-run-*`), each parsed with W&B's own protobuf
+    classes (`wandb_internal_pb2.Record`); the file's framing is LevelDB's log format behind a 7-byte
+    header (":W&B", magic, version), blocks of 32 KiB whose records may span blocks."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    [path] = list(Path(run_folder).glob("run-*.wandb"))
+    data, block, position = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    records, pending = [], b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # too little left in the block for a header: padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk, position = data[position + 7 : position + 7 + length], position + 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending + chunk)
+            records.append(record)
+            pending = b""
+        elif kind in (2, 3):  # its first or a middle piece
+            pending += chunk
+    return records
+
+
+def wandb_values(records: list, kind: str) -> dict:
+    """The last value of each key a run's `history` or `summary` records set (JSON-decoded)."""
+    values = {}
+    for record in records:
+        if record.WhichOneof("record_type") == kind:
+            items = record.history.item if kind == "history" else record.summary.update
+            for item in items:
+                key = "/".join(item.nested_key) if item.nested_key else item.key
+                values[key] = json.loads(item.value_json)
+    return values

@@ -148,6 +148,7 @@ LAYERS = [
             "conceptlab.atomic",
             "conceptlab.errors",
             "conceptlab.example_sets",
+            "conceptlab.wandbmode",
             "conceptlab.conf",
             "conceptlab",
         ],

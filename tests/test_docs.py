@@ -121,6 +121,7 @@ def test_the_configuration_reference_lists_every_key_and_group():
     assert "`ti_vs_hypernet`" in page and "`toy`" in page
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mkdocs") is None and not (ROOT / ".venv").exists(), reason="mkdocs missing")
 def test_the_site_builds_strictly_with_the_generated_reference(tmp_path):
     proc = subprocess.run(

@@ -329,7 +329,9 @@ def test_evaluation_images_go_to_wandb_as_a_table():
     [call] = logged
     assert call["key"] == "metrics/images" and call["columns"] == ["step", "prompt", "seed", "image"]
     assert [row[:3] for row in call["data"]] == [[7, "a photo of <x>", 0], [7, "a photo of <x>", 1]]
-    assert call["data"][1][3].image.size == (32, 32) and call["step"] == 7
+    # each image at a size a person can see (the toy world's 32 px scaled up), captioned with its prompt
+    assert call["data"][1][3].image.size == (128, 128) and call["step"] == 7
+    assert call["data"][1][3]._caption == "a photo of <x> (seed 1)"
 
 
 def test_the_toy_clips_vocabulary_cut_keeps_its_outputs_on_the_worlds_captions():

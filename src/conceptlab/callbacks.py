@@ -20,6 +20,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from .atomic import atomic_path
 from .config import SamplesConfig
 from .evalcache import backbone_identity, method_state
+from .inference import labelled_grid, to_pil
 from .prompts import fill_prompt
 from .runfolder import RunFolder
 from .sampling import Draw, draw_images
@@ -156,7 +157,7 @@ class SampleGrid(pl.Callback):
         key, png = self.cached(module)
         if png is None:
             images = draw_images(self, trainer, module, self.draw)
-            png = grid_png(images, len(self.prompts), len(self.cfg.seeds))
+            png = grid_png(images, self.prompts, list(self.cfg.seeds))
             if key is not None:
                 self.cache.put_bytes(key, ".png", png)
         path = self.run.sample_grid(step)
@@ -166,29 +167,29 @@ class SampleGrid(pl.Callback):
         grid = Image.open(io.BytesIO(png))
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key="samples", images=[grid], step=step, caption=[" | ".join(self.prompts)])
+                caption = (
+                    f"rows: {' | '.join(self.prompts)}; columns: seeds {', '.join(map(str, self.cfg.seeds))}"
+                )
+                logger.log_image(key="samples", images=[grid], step=step, caption=[caption])
 
     def cached(self, module: pl.LightningModule) -> tuple[str | None, bytes | None]:
         """The cache key of the grid of this very state, and its PNG bytes when it was drawn before."""
         if self.cache is None:
             return None, None
-
         cfg = self.cfg
         key = self.cache.key(
             kind="sample-grid", backbone=backbone_identity(module.backbone), prompts=self.prompts,
             state=method_state(module.method, 1.0), seeds=list(cfg.seeds), steps=cfg.num_inference_steps,
-            guidance=cfg.guidance_scale, negative=cfg.negative_prompt, sampler="DDIM",
+            guidance=cfg.guidance_scale, negative=cfg.negative_prompt, sampler="DDIM", grid="labelled",
         )  # fmt: skip
         return key, self.cache.get_bytes(key, ".png")
 
 
-def grid_png(images: torch.Tensor, rows: int, cols: int) -> bytes:
-    """Images in [0, 1], row after row, as one PNG grid."""
-    from diffusers.utils import make_image_grid
-
-    pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+def grid_png(images: torch.Tensor, prompts: list[str], seeds: list[int]) -> bytes:
+    """Images in [0, 1], prompt after prompt (one per seed), as a labelled PNG grid a person can read:
+    rows the prompts, columns the seeds, each image at least inference.MIN_CELL px."""
     buffer = io.BytesIO()
-    make_image_grid([Image.fromarray(p) for p in pixels], rows=rows, cols=cols).save(buffer, format="PNG")
+    labelled_grid(to_pil(images), prompts, [f"seed {s}" for s in seeds]).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

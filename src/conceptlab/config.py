@@ -269,9 +269,10 @@ class EvaluateConfig:
         "similarity metrics during training: seeds per prompt (sampled as protocol.* says)",
         valid="[1, inf)",
     )
-    best: str = opt(
-        "metrics/clip_i",
-        "the metric that picks the best step (kept in concepts/steps/, named in summary.json)",
+    best: str | None = opt(
+        None,
+        "the metric that picks the best step (kept in concepts/steps/, named in summary.json); null = the "
+        "best evidence the run has: the judge's concept score where a judge scores, else metrics/clip_i",
     )
 
 
@@ -326,7 +327,12 @@ class StudyConfig:
 
     name: str | None = opt(None, "the experiment's name (W&B group: name + sweep id)")
     question: str = opt("", "what the study answers, in one sentence")
-    metric: str = opt("train/loss", "the metric the report leads with and picks the best run by")
+    metric: str | None = opt(
+        None,
+        "the metric the report and the sweep's table lead with and pick the best by; null = the best evidence "
+        "the runs have (the judge's concept score, else CLIP-I from evaluate.py, then from training, else "
+        "the training loss, which the page then says does not compare methods)",
+    )
     goal: str | None = opt(None, "max | min for the metric; null = min for losses, max otherwise")
     columns: list[str] = opt([], "more metrics the report's answer table shows beside the metric (mean ± sd)")
     at_end: Any = opt(

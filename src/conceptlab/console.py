@@ -13,6 +13,8 @@ import logging
 import re
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
@@ -106,20 +108,49 @@ def is_verbose() -> bool:
 
 
 def say(line: str) -> None:
-    """A conceptlab line on the console (stdout), from rank zero only."""
+    """A conceptlab line on the console (stdout), from rank zero only; a progress bar on the screen is
+    cleared first and drawn again below the line (no line is ever written into a bar)."""
 
     if rank_zero_only.rank == 0:
-        print(line, flush=True)
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+
+
+@contextmanager
+def logging_around_bars() -> Iterator[None]:
+    """While it lasts, a log record written to the console clears the progress bars on the screen first
+    and draws them again below it (tqdm's external write mode): no record lands inside a bar's line."""
+    handlers = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]  # fmt: skip
+    for handler in handlers:
+
+        def emit(record: logging.LogRecord, write=handler.emit) -> None:
+            with tqdm.external_write_mode():
+                write(record)
+
+        handler.emit = emit  # this handler's own: the class's method is untouched
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.__dict__.pop("emit", None)
+
+
+def bar_text(trainer: pl.Trainer, text: str) -> str | None:
+    """`text` for a transient progress bar (sampling, judging) where the run shows its progress, else None:
+    a job of a packed sweep draws none, the pack's one bar speaks for all its jobs."""
+    bar = getattr(trainer, "progress_bar_callback", None)
+    return text if bar is not None and bar.is_enabled else None
 
 
 class StepProgress(ProgressBar):
     """One bar in optimizer steps of trainer.max_steps: rate, ETA, the loss and the last evaluation's
     headline scores (read from the run record)."""
 
-    def __init__(self, record=None):
+    def __init__(self, record=None, enabled: bool = True):
         super().__init__()
         self.record = record
-        self._enabled = True
+        self._enabled = enabled  # off for a packed sweep's jobs: the pack draws one bar for them all
         self.bar = None
 
     def disable(self) -> None:

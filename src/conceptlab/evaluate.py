@@ -32,15 +32,16 @@ from tqdm.auto import tqdm
 from .atomic import atomic_path, write_json
 from .backbone import resolve_path
 from .config import EvaluateRunConfig, check_config
-from .console import is_verbose, quiet_third_party, say
+from .console import bar_text, is_verbose, quiet_third_party, say
 from .data import concept_class, read_concept_images
 from .errors import ConceptLabError, ConfigError, error_line
 from .evalcache import EvaluationCache, backbone_identity, default_cache_dir, method_state
-from .inference import labelled_grid, prepare, to_pil
+from .inference import labelled_grid, prepare, readable, to_pil
 from .metrics import Encoders, encoder_identity, score_images
 from .prompts import fill_prompt
 from .runfolder import RunFolder, find_run_dirs
 from .sampling import Draw, draw_images
+from .sweeps import evidence_order
 
 # wandb load inside the functions that use them, not here: importing them costs wandb ~1 s on the
 # 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
@@ -159,6 +160,8 @@ class MetricEvaluation(pl.Callback):
     def headline(self) -> tuple[str, ...]:
         return (f"{PREFIX}clip_i", f"{PREFIX}clip_t")
 
+    evidence = f"{PREFIX}clip_i"  # what the run learned, as the papers measure it (sweeps.evidence_order)
+
     def on_train_start(self, trainer, module) -> None:
         if self.best and self.record is not None:
             self.record.report(trainer, best=self.best)  # the best step before a resume
@@ -219,14 +222,37 @@ class MetricEvaluation(pl.Callback):
         if metrics is None:
             if self.scorer is None:
                 self.scorer = Scorer(Encoders(*self.encoder_names, device=module.device), self.real_images)
-            images = to_pil(draw_images(self, trainer, module, draw, progress=f"metrics at step {step}"))
-            metrics = self.scorer.score(prompts, images, self.cfg.metric_samples)["flat"]
+            images = to_pil(
+                draw_images(
+                    self, trainer, module, draw, progress=bar_text(trainer, f"metrics at step {step}")
+                )
+            )
+            scores = self.scorer.score(prompts, images, self.cfg.metric_samples)
+            metrics = scores["flat"]
             log_image_table(trainer, step, list(zip(draw.texts, draw.seeds)), images)
+            log_prompt_table(trainer, step, scores)
             if key is not None:
                 self.cache.put(key, metrics, about={"prompts": [p.text for p in prompts]})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         self.keep(trainer, module, step, metrics)
+
+    def best_metric(self, step: int, metrics: dict[str, float]) -> tuple[str, float]:
+        """The metric that picks the best step and its value now: evaluate.best, else the best evidence of
+        this step (the judge's scores of the same step, which it reports first, else this callback's)."""
+        summary = self.record.summary
+        same_step = summary.metrics if summary.metrics.get("step") == step else {}
+        available = {**same_step, **metrics}
+        if self.cfg.best is not None:
+            if self.cfg.best not in available:
+                raise ConfigError(
+                    f"evaluate.best={self.cfg.best}: not a metric of this run ({', '.join(available)})"
+                )
+            return self.cfg.best, available[self.cfg.best]
+        chosen = self.best.get("metric") or next(
+            m for m in evidence_order(summary.evidence) if m in available
+        )  # a resumed run keeps the metric it started choosing by
+        return chosen, available.get(chosen, float("-inf"))
 
     def keep(self, trainer, module, step: int, metrics: dict[str, float]) -> None:
         """The concept at this step in concepts/steps/, and the best step so far in the record."""
@@ -235,14 +261,10 @@ class MetricEvaluation(pl.Callback):
         folder = RunFolder(self.record.run_dir).step(step)
         module.method.export(folder, step, module.backbone)
         fields: dict[str, Any] = {"metrics": {"step": step, **metrics}}
-        value = metrics.get(self.cfg.best)
-        if value is None:
-            raise ConfigError(
-                f"evaluate.best={self.cfg.best}: not a metric of this run ({', '.join(metrics)})"
-            )
-        if not self.best or value > self.best["value"]:
+        metric, value = self.best_metric(step, metrics)
+        if not self.best or (metric == self.best["metric"] and value > self.best["value"]):
             self.best = {
-                "metric": self.cfg.best,
+                "metric": metric,
                 "value": value,
                 "step": step,
                 "concepts": self.record.relative(folder),
@@ -257,9 +279,29 @@ def log_image_table(trainer: pl.Trainer, step: int, rows: list[tuple[str, int]],
         if hasattr(logger, "log_table"):  # Lightning's WandbLogger
             import wandb
 
-            data = [[step, text, seed, wandb.Image(image)] for (text, seed), image in zip(rows, images)]
+            data = [[step, text, seed, wandb.Image(readable(image), caption=f"{text} (seed {seed})")]
+                    for (text, seed), image in zip(rows, images)]  # fmt: skip
             logger.log_table(
                 key="metrics/images", columns=["step", "prompt", "seed", "image"], data=data, step=step
+            )
+
+
+def log_prompt_table(trainer: pl.Trainer, step: int, scores: dict[str, Any]) -> None:
+    """Each prompt's scores at this step as a W&B table (step, set, prompt, one column per metric):
+    which prompts a concept holds up in."""
+    rows = [
+        (name, prompt, {metric: value["mean"] for metric, value in values.items()})
+        for name in SETS
+        for prompt, values in (scores.get(name) or {}).get("per_prompt", {}).items()
+    ]
+    if not rows:
+        return
+    metrics = list(dict.fromkeys(m for _, _, values in rows for m in values))
+    data = [[step, name, prompt, *(values.get(m) for m in metrics)] for name, prompt, values in rows]
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_table"):  # Lightning's WandbLogger
+            logger.log_table(
+                key="metrics/per_prompt", columns=["step", "set", "prompt", *metrics], data=data, step=step
             )
 
 

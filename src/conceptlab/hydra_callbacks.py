@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -17,6 +18,8 @@ from hydra.utils import call
 from omegaconf import DictConfig
 
 from .errors import ConceptLabError, error_line
+from .sweeps import wandb_group
+from .wandbmode import wandb_mode
 
 # The report (pandas, matplotlib, torch) loads when a sweep ends, not here: Hydra builds these callbacks
 # at the start of every run, and importing the report there cost ~1.1 s more (3.6 s instead of 2.5 s
@@ -27,6 +30,7 @@ class CheckLauncher(Callback):
     """`hydra/launcher=slurm` without SLURM's sbatch is one line and exit status 2, not a hang."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        decide_wandb_mode(config)
         target = str(config.hydra.launcher.get("_target_", ""))
         if "Slurm" in target and shutil.which("sbatch") is None:
             print(
@@ -156,10 +160,30 @@ def launcher_kind(config: DictConfig) -> str:
     return "local" if "BasicLauncher" in target else "packed" if "PackedLauncher" in target else "other"
 
 
+def decide_wandb_mode(config: DictConfig) -> None:
+    """A sweep that logs to W&B with logger.mode=auto decides the mode once, at its start, for all its jobs
+    (WANDB_MODE, which they and the jobs a cluster starts from this environment read): W&B's notices are
+    said once per sweep, not once per job. A bad logger.mode is one line and exit status 2."""
+    logger = config.get("logger") or {}
+    if not logger.get("wandb") or logger.get("mode") != "auto" or os.environ.get("WANDB_MODE"):
+        return
+    try:
+        os.environ["WANDB_MODE"] = wandb_mode(logger)
+    except ConceptLabError as err:
+        print(error_line(err), file=sys.stderr)
+        sys.exit(2)
+
+
 def end_sweep(config: DictConfig, sweep_dir: Path) -> None:
-    """The study's sweep-wide step, then the table of the sweep's jobs."""
+    """The study's sweep-wide step, then the table of the sweep's jobs (to the console, and to W&B in the
+    sweep's group when the jobs log there)."""
     finish_study(config, sweep_dir)
-    print_sweep_table(sweep_dir)
+    answer = print_sweep_table(sweep_dir)
+    if answer is not None and config.get("logger", {}).get("wandb"):
+        from .loggers import log_sweep_table  # deferred, as the report is: Lightning and W&B load here
+
+        group = wandb_group(config.logger.group, config.study.name, sweep_dir)
+        log_sweep_table(config.logger, group, sweep_dir, answer.table, f"best by {answer.metric}")
 
 
 def finish_study(config: DictConfig, sweep_dir: Path) -> None:
@@ -178,13 +202,14 @@ def finish_study(config: DictConfig, sweep_dir: Path) -> None:
         print(f"{config.study.name or 'study'}: {result}", flush=True)
 
 
-def print_sweep_table(sweep_dir: Path) -> None:
+def print_sweep_table(sweep_dir: Path):
+    """The table of the sweep's jobs and its answer, on the console; returns the answer (report.Headline)."""
     from . import report  # deferred: see the note at the imports
 
     try:
         sweep = report.collect(sweep_dir)
     except ConceptLabError:
-        return
+        return None
     answer = report.headline(sweep)
     metric = answer.metric if answer else "final_loss"
     lines = [f"sweep: {len(sweep.runs)} jobs in {sweep_dir}"]
@@ -193,7 +218,10 @@ def print_sweep_table(sweep_dir: Path) -> None:
         shown = f"{metric} {value:.4g}" if isinstance(value, float) and value == value else ""
         name = row.get("run_name") if isinstance(row.get("run_name"), str) else ""
         lines.append(f"  {str(row['run_dir']):<28} {str(row['status']):<12} {name:<32} {shown}")
+    if answer is not None:
+        lines.append(report.best_line(answer))
     lines.append(
         f"report: conceptlab-report {sweep_dir}   (the same as python scripts/report.py in a checkout)"
     )
     print("\n".join(lines), flush=True)
+    return answer

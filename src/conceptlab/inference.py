@@ -9,11 +9,12 @@ itself: methods.base.Concept).
 from __future__ import annotations
 
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .backbone import Backbone, load_backbone, resolve_dtype, resolve_path
 from .config import ModelConfig
@@ -22,6 +23,12 @@ from .formats import concept_files
 from .methods import Concept, read_concept, registered_methods
 from .prompts import TagUse, parse_prompt, placeholders
 from .runfolder import RunFolder
+
+# Grids a person opens (sample grids, generate's, evaluate's, the studies', the report's, W&B's): each
+# image at least this many pixels (the toy world's 32 px ones scaled up), labels in a readable size.
+MIN_CELL = 128
+LABEL_SIZE = 14
+LABEL_WRAP = 32  # characters a row label's line holds before it wraps
 
 
 def load_concepts(paths: list[str | Path]) -> list[Concept]:
@@ -145,17 +152,36 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arrays]
 
 
-def labelled_grid(images: list[Image.Image], rows: list[str], cols: list[str]) -> Image.Image:
-    """A grid of equally sized images with a label above each column and left of each row."""
+def readable(image: Image.Image, min_size: int = MIN_CELL) -> Image.Image:
+    """An image at least `min_size` px on its short side, for a person to look at: scaled up by a whole
+    factor with nearest neighbour (the toy world's 32 px pictures, pixels kept sharp); larger images
+    as they are."""
+    factor = -(-min_size // min(image.size))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
+def labelled_grid(
+    images: list[Image.Image], rows: list[str], cols: list[str], min_cell: int = MIN_CELL
+) -> Image.Image:
+    """A grid of equally sized images, each at least `min_cell` px (`readable`), with a label above each
+    column (seeds) and left of each row (prompts, wrapped)."""
+    images = [readable(image, min_cell) for image in images]
     width, height = images[0].size
-    left = max(90, 6 * max(map(len, rows)) + 10) if any(rows) else 0  # the default font: ~6 px a letter
-    top = 20
-    grid = Image.new("RGB", (left + width * len(cols), top + height * len(rows)), "white")
+    font = ImageFont.load_default(size=LABEL_SIZE)
+    wrapped = [textwrap.wrap(label, LABEL_WRAP) or [""] for label in rows]
+    line = LABEL_SIZE + 4
+    left = (max(font.getlength(t) for lines in wrapped for t in lines) + 16) if any(rows) else 0
+    top = line + 8
+    grid = Image.new("RGB", (int(left) + width * len(cols), top + height * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for c, label in enumerate(cols):
-        draw.text((left + c * width + 4, 4), label, fill="black")
-    for r, label in enumerate(rows):
-        draw.text((4, top + r * height + height // 2 - 5), label, fill="black")
+        draw.text((int(left) + c * width + 4, 4), label, fill="black", font=font)
+    for r, lines in enumerate(wrapped):
+        y = top + r * height + max(0, (height - line * len(lines)) // 2)
+        for k, text in enumerate(lines):
+            draw.text((8, y + k * line), text, fill="black", font=font)
         for c in range(len(cols)):
-            grid.paste(images[r * len(cols) + c], (left + c * width, top + r * height))
+            grid.paste(images[r * len(cols) + c], (int(left) + c * width, top + r * height))
     return grid

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import netrc
 import os
 import uuid
 from pathlib import Path
@@ -15,55 +14,60 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from .atomic import write_text
 from .config import LoggerConfig
-from .errors import ConfigError
 from .runfolder import RunFolder
 from .sweeps import flatten
+from .wandbmode import wandb_mode
 
 # wandb load inside the functions that use them, not here: importing them costs wandb ~1 s on the
 # 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
 # where they go unused.
 
 log = logging.getLogger(__name__)
-WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 def make_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any],
                  group: str | None = None, job_type: str | None = None, tags: list[str] | None = None,
-                 in_pack: bool = False) -> list[Logger]:  # fmt: skip
+                 in_pack: bool = False, evidence: list[str] | None = None) -> list[Logger]:  # fmt: skip
     """metrics.csv in the run directory (keeping earlier runs' rows), plus a WandbLogger if `cfg.wandb`.
 
-    in_pack: the job shares its process (and W&B's service) with the other jobs of a packed sweep."""
+    in_pack: the job shares its process (and W&B's service) with the other jobs of a packed sweep.
+    evidence: the metrics that say what the run learned; W&B's summary keeps their best and last value."""
     loggers: list[Logger] = [HistoryCSVLogger(run_dir)]
     if cfg.wandb:
-        loggers.append(
-            make_wandb_logger(cfg, run_dir, run_name, config, group, job_type, tags or [], in_pack)
-        )
+        logger = make_wandb_logger(cfg, run_dir, run_name, config, group, job_type, tags or [], in_pack)
+        define_summaries(logger.experiment, evidence or [])
+        loggers.append(logger)
     return loggers
 
 
-def wandb_mode(cfg: LoggerConfig) -> str:
-    """`auto`: WANDB_MODE if set, else online with credentials and offline without."""
-    if cfg.mode not in WANDB_MODES:
-        raise ConfigError(f"logger.mode={cfg.mode!r}: use one of {', '.join(WANDB_MODES)}")
-    if cfg.mode != "auto":
-        return cfg.mode
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if has_wandb_credentials():
-        return "online"
-    log.warning(
-        "W&B: no credentials (WANDB_API_KEY or `wandb login`), logging offline; sync later with `wandb sync`"
-    )
-    return "offline"
+def define_summaries(run: Any, evidence: list[str]) -> None:
+    """W&B's summary of a run holds the best and the last value of what says what it learned (and the
+    loss's lowest and last), each against the optimizer step (Lightning's `trainer/global_step`)."""
+    for metric in evidence:
+        run.define_metric(metric, step_metric="trainer/global_step", summary="max,last")
+    run.define_metric("train/loss", step_metric="trainer/global_step", summary="min,last")
 
 
-def has_wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
+def log_sweep_table(cfg: LoggerConfig, group: str | None, sweep_dir: Path, table: Any, title: str) -> None:
+    """The sweep's answer (the report's headline table, a DataFrame) as a W&B Table in the sweep's group,
+    in a run of its own (job type `sweep`). Never fails the sweep: a W&B problem is one warning."""
+    import wandb
+
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
+        mode = wandb_mode(cfg)
+        if mode == "disabled":
+            return
+        run = wandb.init(
+            project=cfg.project, entity=cfg.entity, group=group, job_type="sweep",
+            name=f"{group or 'sweep'}: {title}", dir=str(sweep_dir), mode=mode, reinit="create_new",
+            settings=wandb.Settings(init_timeout=cfg.init_timeout, silent=True),
+        )  # fmt: skip
+        run.log({"sweep/answer": wandb.Table(dataframe=table.astype(str))})
+        run.finish()
+    except Exception as err:  # noqa: BLE001 - W&B raises many kinds; none may fail a sweep that trained
+        log.warning(
+            "W&B: the sweep's table was not logged (%s)", str(err).splitlines()[0] if str(err) else err
+        )
 
 
 def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any],

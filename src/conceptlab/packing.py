@@ -32,6 +32,7 @@ import os
 import pickle
 import random
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -45,8 +46,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
+from tqdm.auto import tqdm
 
 from .backbone import Backbone, load_backbone
+from .console import logging_around_bars
 from .errors import TrainingError
 from .hydra_callbacks import end_sweep
 from .methods import Method, registered_methods
@@ -186,6 +189,11 @@ class PackStopped(SystemExit):
         return "the packed sweep was interrupted (Ctrl-C or SIGTERM) while this job waited for its turn"
 
 
+class _NoBar:
+    def close(self) -> None:
+        """Nothing to close: the pack draws no bar (trainer.enable_progress_bar=false)."""
+
+
 class _Failed:
     def __init__(self, error: BaseException):
         self.error = error
@@ -217,6 +225,7 @@ class Pack:
         self._runs: dict[str, list[tuple[nn.Module, slice]]] = {}
         self.pass_memo: dict = {}  # what grouped modules keep for the rest of one pass (packed_group)
         self.stopped: BaseException | None = None
+        self.bar: tqdm | None = None  # the pack's one progress bar: every job's steps
 
     def run(self) -> list[JobReturn]:
         """Start the jobs' threads, run the shared passes they ask for here, in this thread (the one
@@ -226,8 +235,14 @@ class Pack:
             threading.Thread(target=self._job, args=(m,), name=f"job-{m.config.hydra.job.num}", daemon=True)
             for m in self.members
         ]
+        self.bar = self._progress_bar()
         # The jobs' own warnings.catch_warnings() interleave: the filters are restored here, once.
-        with warnings.catch_warnings(), _terminate_as_interrupt():
+        with (
+            warnings.catch_warnings(),
+            _terminate_as_interrupt(),
+            logging_around_bars(),
+            contextlib.closing(self.bar or _NoBar()),
+        ):
             for thread in threads:
                 thread.start()
             try:
@@ -249,6 +264,33 @@ class Pack:
             for thread in threads:
                 thread.join()
         return [m.job_return for m in self.members]
+
+    def _progress_bar(self) -> tqdm | None:
+        """One bar for the pack: its jobs' optimizer steps together (its jobs draw none of their own)."""
+        trainers = [m.config.get("trainer") or {} for m in self.members]
+        if not all(t.get("enable_progress_bar", True) and t.get("max_steps") for t in trainers):
+            return None  # off, or jobs that are not training runs (the pack's own tests)
+        total = sum(int(t["max_steps"]) for t in trainers)
+        return tqdm(
+            total=total,
+            desc=f"pack of {len(trainers)} jobs",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def _show_progress(self, steps: int) -> None:
+        """`steps` more job steps, and the best score so far among the jobs (their records' evidence)."""
+        if self.bar is None:
+            return
+        records = [m.record for m in self.members if m.record is not None]
+        evidence = next((r.summary.evidence[0] for r in records if r.summary.evidence), None)
+        scored = [(r.summary.metrics[evidence], r.summary.run_name) for r in records
+                  if evidence and isinstance(r.summary.metrics.get(evidence), int | float)]  # fmt: skip
+        if scored:
+            best, name = max(scored, key=lambda s: s[0])
+            self.bar.set_postfix_str(f"best {evidence} {best:.2f} ({name})", refresh=False)
+        self.bar.update(steps)
 
     def _do_work(self) -> None:
         """One shared pass, with the grad and autocast modes of the job thread that asked for it."""
@@ -348,9 +390,9 @@ class Pack:
         )
         return dict(zip(requests, losses))
 
-    @staticmethod
-    def backward(requests: dict[int, torch.Tensor]) -> dict[int, None]:
+    def backward(self, requests: dict[int, torch.Tensor]) -> dict[int, None]:
         torch.autograd.backward(list(requests.values()))
+        self._show_progress(len(requests))  # one optimizer step of each job that handed in a loss
         return dict.fromkeys(requests)
 
     def _split_at(self, paths: list[str]) -> None:
@@ -478,6 +520,7 @@ class Member:
         self.cv = threading.Condition(pack.lock)  # this job's thread waits here for its turn
         self.job_return: JobReturn | None = None
         self.module: ConceptModule | None = None
+        self.record: Any = None  # the job's run record (records.RunRecord), set by its task
         self._paths: list[str] | None = None
         self.split = False  # the lead backbone has splitters where this job's method acts
         self._modules: dict[str, nn.Module] = {}

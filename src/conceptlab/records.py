@@ -89,6 +89,9 @@ class RunSummary:
     metrics: dict[str, float] = field(default_factory=dict)
     metrics_at_start: dict[str, float] = field(default_factory=dict)
     headline: list[str] = field(default_factory=list)
+    # the metrics that say what the run learned, each evaluator's `evidence` in the config's order
+    # (sweeps.evidence_order: how the report and the best step choose among them)
+    evidence: list[str] = field(default_factory=list)
     # the best evaluation step by evaluate.best: {metric, value, step, concepts (its folder)}
     best: dict[str, Any] = field(default_factory=dict)
     example_prompt: str | None = None  # a prompt that uses the learned concept (generate.py)

@@ -14,6 +14,7 @@ import html
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from hydra.utils import get_object
 from .atomic import atomic_path
 from .errors import ConceptLabError, ConfigError, error_line
 from .runfolder import RunFolder, find_run_dirs
+from .sweeps import LOSS_CAVEAT, TRAINING_LOSS, evidence_order
 
 # wandb load inside the functions that use them, not here: importing them costs wandb ~1 s on the
 # 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
@@ -39,7 +41,9 @@ from .runfolder import RunFolder, find_run_dirs
 log = logging.getLogger(__name__)
 METRICS = ["final_loss", "mean_loss", "steps", "steps_per_s", "wall_time_s", "train_time_s", "lr"]
 # A study's metric that the run record keeps under another name.
-RECORD_METRICS = {"train/loss": "final_loss"}
+RECORD_METRICS = {"train/loss": TRAINING_LOSS}
+# The loss curves' exponential smoothing (TensorBoard's and W&B's default is 0.6-0.9; steps draw timesteps).
+SMOOTHING = 0.9
 
 
 @dataclass
@@ -51,8 +55,10 @@ class Sweep:
     axes: list[str]  # swept keys, in sweep order
     study: dict[str, Any] = field(default_factory=dict)
     expected_jobs: int | None = None
-    # The metrics the runs' evaluators lead with (their `headline`, as each run's record lists them).
+    # The metrics the runs' evaluators lead with (their `headline`, as each run's record lists them), and
+    # those that say what the runs learned (their `evidence`, best first).
     headlines: list[str] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)
     # What the runs' configs plug in (evaluators, the study's end step), by `_target_`: each may bring its
     # own report section (`report_section`).
     targets: list[str] = field(default_factory=list)
@@ -201,6 +207,7 @@ def collect(root: str | Path) -> Sweep:
     rows = [read_run(d, root) for d in run_dirs]
     axes: list[str] = []
     headlines: list[str] = []
+    evidence: list[str] = []
     for d in run_dirs:
         record = RunFolder(d).record
         summary = read_summary(record) if record.is_file() else {}
@@ -212,6 +219,9 @@ def collect(root: str | Path) -> Sweep:
         for key in summary.get("headline") or []:
             if isinstance(key, str) and key not in headlines:
                 headlines.append(key)
+        for key in summary.get("evidence") or []:
+            if isinstance(key, str) and key not in evidence:
+                evidence.append(key)
     configs = [read_config(d) for d in run_dirs]
     study = next((c.get("study") or {} for c in configs if c), {})
     targets = list(dict.fromkeys(t for c in configs for t in plugged_targets(c)))
@@ -220,7 +230,7 @@ def collect(root: str | Path) -> Sweep:
         # Jobs the sweep has not started (yet): listed, not silently missing.
         rows += [{"run_dir": f"job {i}", "status": "not started"} for i in range(len(rows), expected)]
     return Sweep(root=root, runs=pd.DataFrame(rows), axes=axes, study=study, expected_jobs=expected,
-                 headlines=headlines, targets=targets)  # fmt: skip
+                 headlines=headlines, evidence=evidence, targets=targets)  # fmt: skip
 
 
 @dataclass
@@ -237,27 +247,34 @@ class Headline:
 
 
 def headline(sweep: Sweep) -> Headline | None:
-    """The table the report leads with: `study.metric` for every setting of the swept keys (seeds pooled).
+    """The table the report leads with: the study's metric for every setting of the swept keys (seeds
+    pooled), best first.
 
-    A study names the metric it is about (an evaluator's score); where the runs do not
-    have it (no evaluator on that model) the final training loss stands in, and the note says so.
+    `study.metric` names it; without one (an ad-hoc sweep), or where the runs lack it, the best evidence
+    they have stands in (`sweeps.evidence_order`: an evaluator's own score, else CLIP-I), and only where
+    nothing scored them the training loss, with a note that it does not compare methods.
     """
     done = completed(sweep.runs)
     if done.empty:
         return None
-    asked = sweep.study.get("metric") or "train/loss"
-    metric, note = RECORD_METRICS.get(asked, asked), ""
-    if metric not in done or done[metric].isna().all():
-        # Without that evaluator: the similarity metrics (evaluate.py's, else training's), else the loss.
-        metric = next(
-            (m for m in ("eval/clip_i", "metrics/clip_i") if m in done and done[m].notna().any()),
-            "final_loss",
-        )
-        stand_in = "the final training loss" if metric == "final_loss" else f"{metric} (CLIP-I)"
-        note = (
-            f"The study's metric {asked} is not in these runs' records (no evaluator on this model computes it); "
-            f"{stand_in} stands in."
-        )
+    asked = sweep.study.get("metric")
+    asked = RECORD_METRICS.get(asked, asked)
+
+    def present(metric: str | None) -> bool:
+        return bool(metric) and metric in done and done[metric].notna().any()
+
+    metric, note = asked, ""
+    if not present(asked):
+        metric = next((m for m in evidence_order(sweep.evidence) if present(m)), TRAINING_LOSS)
+        if metric == TRAINING_LOSS:
+            note = LOSS_CAVEAT
+        if asked:
+            stand_in = {TRAINING_LOSS: "the final training loss"}.get(metric, metric)
+            stand_in += " (CLIP-I)" if metric.endswith("/clip_i") else ""
+            note = (
+                f"The study's metric {asked} is not in these runs' records (no evaluator on this model computes "
+                f"it); {stand_in} stands in. " + note
+            ).strip()
     done = done[done[metric].notna()]
     goal = sweep.study.get("goal") or ("min" if "loss" in metric else "max")
     settings = [a for a in sweep.axes if a != "seed" and a in done] or ["method"]
@@ -357,18 +374,78 @@ def plot_tradeoff(sweep: Sweep, out: Path) -> str | None:
     return save_figure(fig, out / "plots" / "reconstruction_vs_editability.png", out)
 
 
-def loss_curve(run_dir: Path) -> pd.DataFrame | None:
+def metric_curve(run_dir: Path, column: str = "train/loss") -> pd.DataFrame | None:
+    """One column of a run's metrics.csv against the optimizer step (the rows that have it)."""
     metrics = RunFolder(run_dir).metrics
     if not metrics.is_file():
         return None
     try:
         frame = pd.read_csv(metrics)
     except (OSError, UnicodeDecodeError, ValueError) as err:  # pandas' parser errors are ValueErrors
-        log.warning("%s is unreadable (%s): its loss curve is left out", metrics, err)
+        log.warning("%s is unreadable (%s): its curves are left out", metrics, err)
         return None
-    if "train/loss" not in frame or "step" not in frame:
+    if column not in frame or "step" not in frame:
         return None
-    return frame[["step", "train/loss"]].dropna()
+    return frame[["step", column]].dropna()
+
+
+def smoothed(values: pd.Series, weight: float = SMOOTHING) -> pd.Series:
+    """An exponential moving average, debiased as TensorBoard's and W&B's smoothing are (the first points
+    are not pulled towards zero): a per-step loss jumps with the timestep each step draws."""
+    return values.ewm(alpha=1 - weight, adjust=True).mean() if weight > 0 else values
+
+
+def setting_labels(sweep: Sweep, runs: pd.DataFrame) -> tuple[list[str], pd.Series]:
+    """What tells the runs' settings apart (the swept keys but the seed; else the method), and each
+    run's setting as `key=value, ...` (or the method's name alone)."""
+    keys = [a for a in sweep.axes if a != "seed" and a in runs] or ["method"]
+    if keys == ["method"]:
+        return keys, runs["method"].astype(str)
+    return keys, runs.apply(lambda r: ", ".join(f"{k}={r[k]}" for k in keys), axis=1)
+
+
+def plot_curves(sweep: Sweep, out: Path, column: str = "train/loss") -> str | None:
+    """`column` against the optimizer step, one colour per setting: each run faint, the mean over its
+    seeds bold with a band of ± one sd. The loss (per step, noisy) is smoothed first; an evaluator's
+    scores (a few evaluation steps) are drawn as they are."""
+    done = completed(sweep.runs)
+    if done.empty:
+        return None
+    is_loss = "loss" in column
+    _, labels = setting_labels(sweep, done)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    drawn = 0
+    for i, (label, group) in enumerate(done.groupby(labels, sort=False)):
+        colour = f"C{i % 10}"
+        curves = []
+        for run_dir in group["run_dir"]:
+            curve = metric_curve(sweep.root / run_dir, column)
+            if curve is None or curve.empty:
+                continue
+            values = curve.set_index("step")[column]
+            if is_loss:
+                ax.plot(values.index, values.values, color=colour, alpha=0.15, linewidth=0.6)
+                values = smoothed(values)
+            curves.append(values)
+        if not curves:
+            continue
+        table = pd.concat(curves, axis=1).sort_index()
+        mean, sd = table.mean(axis=1), table.std(axis=1).fillna(0)
+        ax.plot(mean.index, mean.values, color=colour, linewidth=2, marker=None if is_loss else "o",
+                label=f"{label} ({len(curves)} run{'s' * (len(curves) > 1)})")  # fmt: skip
+        if len(curves) > 1:
+            ax.fill_between(mean.index, mean - sd, mean + sd, color=colour, alpha=0.2, linewidth=0)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"{column} (smoothed, EMA {SMOOTHING:g})" if is_loss else column)
+    what = "Training loss" if is_loss else column
+    ax.set_title(f"{what}: mean over seeds ± sd" + (", each run faint behind" if is_loss else ""))
+    ax.legend(fontsize=8)
+    name = "loss_curves.png" if is_loss else f"curves_{file_safe(column)}.png"
+    return save_figure(fig, out / "plots" / name, out)
 
 
 def write_report(sweep: Sweep, out: str | Path) -> Path:
@@ -388,8 +465,12 @@ def write_report(sweep: Sweep, out: str | Path) -> Path:
     prefix = similarity_source(runs) or "eval/"
     similarity = [f"{prefix}{m}" for m in SIMILARITY]
     metrics = [m for m in dict.fromkeys([lead, *sweep.headlines, *similarity, "final_loss"]) if m in runs]
-    plots = [p for p in [plot_loss_curves(sweep, out), plot_tradeoff(sweep, out),
-                         *(plot_methods(sweep, out, m) for m in metrics)] if p]  # fmt: skip
+    # Evaluators' scores over their evaluation steps (metrics.csv), beside the loss.
+    scored = [
+        m for m in dict.fromkeys([lead, *sweep.headlines]) if m and "/" in m and not m.startswith("eval/")
+    ]
+    plots = [p for p in [plot_curves(sweep, out), *(plot_curves(sweep, out, m) for m in scored),
+                         plot_tradeoff(sweep, out), *(plot_methods(sweep, out, m) for m in metrics)] if p]  # fmt: skip
     plots += [
         p
         for axis in sweep.axes
@@ -399,7 +480,7 @@ def write_report(sweep: Sweep, out: str | Path) -> Path:
     ]
     grids = copy_sample_grids(sweep, out)
     sections = "".join(section(sweep, out) for section in report_sections(sweep))
-    page = render_html(sweep, plots, grids, answer, sections)
+    page = render_html(sweep, plots, grids, answer, sections, out)
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(page)
     return out / "report.html"
@@ -407,33 +488,6 @@ def write_report(sweep: Sweep, out: str | Path) -> Path:
 
 def completed(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["status"] == "completed"] if "status" in runs else runs.iloc[0:0]
-
-
-def plot_loss_curves(sweep: Sweep, out: Path) -> str | None:
-    done = completed(sweep.runs)
-    if done.empty:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    colours = {m: f"C{i}" for i, m in enumerate(sorted(done["method"].dropna().unique()))}
-    for method, group in done.groupby("method"):
-        curves = [c for d in group["run_dir"] if (c := loss_curve(sweep.root / d)) is not None]
-        for curve in curves:
-            ax.plot(curve["step"], curve["train/loss"], color=colours[method], alpha=0.25, linewidth=0.8)
-        if curves:
-            mean = pd.concat(curves).groupby("step")["train/loss"].mean()
-            ax.plot(
-                mean.index,
-                mean.values,
-                color=colours[method],
-                linewidth=2,
-                label=f"{method} (mean of {len(curves)})",
-            )
-    ax.set_xlabel("step")
-    ax.set_ylabel("train/loss")
-    ax.set_title("Training loss per method")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    return save_figure(fig, out / "plots" / "loss_curves.png", out)
 
 
 def plot_methods(sweep: Sweep, out: Path, metric: str = "final_loss") -> str | None:
@@ -620,36 +674,67 @@ def evaluator_columns(runs: pd.DataFrame) -> list[str]:
     return sorted(c for c in runs.columns if "/" in c and c.split("/")[0] not in ("eval", "metrics"))
 
 
+def render_sheet(sweep: Sweep, grids: dict[str, str]) -> str:
+    """The settings side by side: one row per setting (its first run's last sample grid: the same
+    prompts in its rows, the same seeds in its columns, in every row), to compare by eye."""
+    done = completed(sweep.runs)
+    if done.empty:
+        return ""
+    _, labels = setting_labels(sweep, done)
+    rows = []
+    for label, group in done.groupby(labels, sort=False):
+        first = next((d for d in group["run_dir"] if d in grids), None)
+        if first is not None:
+            rows.append(
+                f"<tr><th>{html.escape(str(label))}</th><td>{figure(grids[first], f'{label}: {first}')}</td></tr>"
+            )
+    if not rows:
+        return ""
+    return (
+        "<h2>Side by side</h2><p>One row per setting (its first run's last sample grid): the same prompts "
+        f"down each grid, the same seeds across.</p><table class=sheet>{''.join(rows)}</table>"
+    )
+
+
 def render_html(
-    sweep: Sweep, plots: list[str], grids: dict[str, str], answer: Headline | None = None, sections: str = ""
-) -> str:
+    sweep: Sweep, plots: list[str], grids: dict[str, str], answer: Headline | None = None, sections: str = "",
+    out: Path | None = None,
+) -> str:  # fmt: skip
     runs = sweep.runs
     counts = runs["status"].value_counts().to_dict() if "status" in runs else {}
     title = sweep.study.get("name") or sweep.root.name
     esc = html.escape
     columns = [
         c
-        for c in [
-            "run_dir",
-            "status",
-            "run_name",
-            "method",
-            "concept",
-            *sweep.axes,
-            *sweep.headlines,
-            *(f"{p}{m}" for p in ("eval/", "metrics/") for m in (*SIMILARITY, "recon_clip_i")),
-            *evaluator_columns(runs),
-            *METRICS,
-            "error",
-        ]  # fmt: skip
+        for c in dict.fromkeys(
+            [
+                "run_dir",
+                "status",
+                "run_name",
+                "method",
+                "concept",
+                *sweep.axes,
+                *sweep.headlines,
+                *(f"{p}{m}" for p in ("eval/", "metrics/") for m in (*SIMILARITY, "recon_clip_i")),
+                *evaluator_columns(runs),
+                *METRICS,
+                "error",
+            ]
+        )  # fmt: skip
         if c in runs
     ]
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = []
     for _, row in runs.iterrows():
         cls = "" if row.get("status") == "completed" else ' class="problem"'
-        cells = "".join(f"<td>{esc(_fmt(row.get(c)))}</td>" for c in columns)
-        body.append(f"<tr{cls}>{cells}</tr>")
+        cells = [f"<td>{esc(_fmt(row.get(c)))}</td>" for c in columns]
+        run_dir = str(row.get("run_dir"))
+        folder = sweep.root / run_dir
+        if out is not None and folder.is_dir():  # the run's folder and its last grid, a click away
+            link = os.path.relpath(folder, out)
+            grid = f" · <a href='{esc(grids[run_dir])}'>last grid</a>" if run_dir in grids else ""
+            cells[0] = f"<td><a href='{esc(link)}/'>{esc(run_dir)}</a>{grid}</td>"
+        body.append(f"<tr{cls}>{''.join(cells)}</tr>")
     grid_rows = "".join(figure(src, f"samples of {d}") for d, src in grids.items())
     plot_html = "".join(f"<img src='{esc(p)}' alt='{esc(p)}'>" for p in plots)
     status = ", ".join(f"{n} {esc(str(s))}" for s, n in counts.items())
@@ -661,7 +746,8 @@ td,th{{border:1px solid #ccc;padding:3px 6px}}tr.problem{{background:#fde}}img{{
 figure{{display:inline-block;margin:6px}}figure img{{max-width:320px}}tr.best{{background:#dfd}}
 p.note,#broken{{color:#a60}}tr.published{{color:#555;font-style:italic}}
 div.wide{{overflow-x:auto;max-width:100%}}div.wide th{{position:sticky;top:0;background:#f4f4f4}}
-div.wide td{{white-space:nowrap}}</style>
+div.wide td{{white-space:nowrap}}table.sortable th{{cursor:pointer}}
+table.sheet th{{text-align:left;vertical-align:middle;padding-right:1em}}table.sheet figure img{{max-width:none}}</style>
 <script>
 // Says so on the page when a plot or a sample grid is missing (a moved folder, a partial copy).
 window.addEventListener("load", () => {{
@@ -670,6 +756,20 @@ window.addEventListener("load", () => {{
   document.body.dataset.broken = broken.length;
   if (broken.length) document.getElementById("broken").textContent =
     "Missing images: " + broken.map(im => im.getAttribute("src")).join(", ");
+}});
+// A click on a column's head sorts the runs by it (numbers as numbers; again: the other way).
+document.addEventListener("click", event => {{
+  const th = event.target.closest("table.sortable th");
+  if (!th) return;
+  const table = th.closest("table"), column = th.cellIndex, rows = [...table.rows].slice(1);
+  const up = table.dataset.column == column ? table.dataset.up != "true" : true;
+  const key = row => {{ const text = row.cells[column].textContent.trim(), n = parseFloat(text);
+                       return text === "" ? null : isNaN(n) ? text : n; }};
+  rows.sort((a, b) => {{ const x = key(a), y = key(b);
+    if (x === null || y === null) return (x === null) - (y === null);
+    return (typeof x === typeof y ? (x < y ? -1 : x > y ? 1 : 0) : typeof x === "number" ? -1 : 1) * (up ? 1 : -1); }});
+  rows.forEach(row => table.tBodies[0].appendChild(row));
+  table.dataset.column = column; table.dataset.up = up;
 }});
 </script></head><body>
 <p id=broken></p>
@@ -680,7 +780,9 @@ Swept: {esc(", ".join(sweep.axes) or "nothing")}. Table: <a href="runs.csv">runs
 <h2>Answer</h2>{render_headline(answer)}
 {sections}
 <h2>What each method learned (DINO, CLIP-I, CLIP-T)</h2>{render_similarity(sweep)}
-<h2>Runs</h2><div class=wide><table><tr>{head}</tr>{"".join(body)}</table></div>
+{render_sheet(sweep, grids)}
+<h2>Runs</h2><p>Click a column's head to sort by it.</p>
+<div class=wide><table class=sortable><tr>{head}</tr>{"".join(body)}</table></div>
 <h2>Plots</h2>{plot_html or "<p>No completed runs to plot.</p>"}
 <h2>Samples (same prompts and seeds in every run; the last grid of each)</h2>{grid_rows or "<p>No sample grids.</p>"}
 </body></html>
@@ -751,9 +853,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{page}  ({len(sweep.runs)} runs: {', '.join(f'{n} {s}' for s, n in counts.items())})")
     answer = headline(sweep)
     if answer is not None:
-        top = answer.table.iloc[0]
-        setting = ", ".join(
-            f"{c}={top[c]}" for c in answer.table.columns if c not in ("mean", "std", "count")
-        )
-        print(f"best by {answer.metric}: {setting} ({top['mean']:.4g} over {int(top['count'])} run(s))")
+        print(best_line(answer))
     return 0
+
+
+def best_line(answer: Headline) -> str:
+    """The answer in one line for the console (with the note when the loss stands in)."""
+    top = answer.table.iloc[0]
+    setting = ", ".join(f"{c}={top[c]}" for c in answer.table.columns if c not in ("mean", "std", "count"))
+    line = f"best by {answer.metric}: {setting} ({top['mean']:.4g} over {int(top['count'])} run(s))"
+    return f"{line}\n  note: {answer.note}" if answer.note else line

@@ -18,6 +18,8 @@ from typing import Protocol
 import pytorch_lightning as pl
 import torch
 
+from .console import bar_text
+
 
 @dataclass(frozen=True)
 class Draw:
@@ -84,7 +86,10 @@ class SharedDraws(pl.Callback):
             if pairs:
                 batch = Draw(tuple(text for text, _ in pairs), tuple(seed for _, seed in pairs), *sampler)
                 images = sample_draw(
-                    module.backbone, module.method, batch, progress=f"sampling step {self.step}"
+                    module.backbone,
+                    module.method,
+                    batch,
+                    progress=bar_text(trainer, f"sampling step {self.step}"),
                 )
                 self.drawn.update({(*sampler, *pair): image for pair, image in zip(pairs, images)})
 

@@ -9,6 +9,39 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 
+# What stands in when no evaluator scored the runs. It compares nothing across methods (each trains other
+# parameters, on its own noise draws), so wherever it stands in for the evidence, the page says so.
+TRAINING_LOSS = "final_loss"
+LOSS_CAVEAT = (
+    "No evaluator scored these runs, so the final training loss stands in; it does not compare methods "
+    "(each trains other parameters on its own noise draws): train with evaluators=metrics, or run "
+    "python evaluate.py sweep=<this folder>, for scores that do."
+)
+
+
+def evidence_order(evidence: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The metrics that say what runs learned, best evidence first: each evaluator's own (`evidence`, in
+    the order the config lists the evaluators: a judge's ground truth before the similarity metrics),
+    evaluate.py's full-protocol score before the same score during training, and CLIP-I last. The one
+    rule wherever a best is chosen: the report's answer, the sweep's table, the best step of a run."""
+    order: list[str] = []
+    for metric in [*evidence, "metrics/clip_i"]:
+        if metric.startswith("metrics/"):
+            order.append("eval/" + metric.removeprefix("metrics/"))
+        order.append(metric)
+    return list(dict.fromkeys(order))
+
+
+def wandb_group(group: str | None, study: str | None, sweep_dir: str | Path | None) -> str | None:
+    """The W&B group of a run: logger.group, else the study's name (or "sweep") and the sweep's id (its
+    folder's name) for a sweep's jobs, else the study's name. The jobs of one sweep share it, and so does
+    the table the sweep logs at its end."""
+    if group:
+        return group
+    if sweep_dir:
+        return f"{study or 'sweep'}-{Path(sweep_dir).name}"
+    return study
+
 
 def swept_keys(hydra_cfg: Any) -> list[str]:
     """Keys this multirun sweeps: the experiment's `hydra.sweeper.params` and comma/range overrides."""

@@ -35,7 +35,7 @@ from .callbacks import (
     SampleGrid,
 )
 from .config import DataConfig, ModelConfig, TrainConfig, check_config
-from .console import StepProgress, is_verbose, quiet_third_party, say
+from .console import StepProgress, is_verbose, logging_around_bars, quiet_third_party, say
 from .data import ConceptDataModule, read_concept_images
 from .errors import ConceptLabError, ConfigError, error_line
 from .evalcache import EvaluationCache, default_cache_dir
@@ -56,7 +56,7 @@ from .runfolder import (
 from .sampling import SharedDraws
 from .schedules import scaled
 from .sweeps import run_name as sweep_run_name
-from .sweeps import swept_values
+from .sweeps import swept_values, wandb_group
 
 # wandb load inside the functions that use them, not here: importing them costs wandb ~1 s on the
 # 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
@@ -97,7 +97,7 @@ def run(cfg: DictConfig, pack: Member | None = None) -> dict[str, Any]:
         return run_in_folder(cfg, pack)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     job_log = pack.job_log(run_dir, HydraConfig.get().job.name) if pack else contextlib.nullcontext()
-    with run_folder_lock(run_dir), job_log:
+    with run_folder_lock(run_dir), job_log, logging_around_bars():
         remove_stray_temporaries(run_dir)
         return run_in_folder(cfg, pack)
 
@@ -190,16 +190,20 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
     )  # fmt: skip
     record.update(
         headline=[key for e in evaluators for key in getattr(e, "headline", ())],
+        evidence=[e.evidence for e in evaluators if getattr(e, "evidence", None)],
         example_prompt=method.usage(list(cfg.data.sample_prompts)[0]),
     )
     # Evaluators first: what they record at a step (the best step) is in the checkpoint of that step.
-    callbacks = evaluators + run_callbacks(cfg, record, method)
+    callbacks = evaluators + run_callbacks(cfg, record, method, in_pack=pack is not None)
     trainer = make_trainer(cfg, record, shared_draws(callbacks) + callbacks, in_pack=pack is not None)
     module = make_module(cfg, trainer, backbone, method, record, pack)
-    say(
-        f"conceptlab: {cfg.method.name} on {concept} · model={cfg.model.name} · {cfg.trainer.max_steps} steps · "
-        f"{trainer.strategy.root_device.type} · {trainer.precision} -> {run_dir}"
-    )
+    if pack is None:  # a pack's jobs start together: the pack says so once, and draws their one bar
+        say(
+            f"conceptlab: {cfg.method.name} on {concept} · model={cfg.model.name} · {cfg.trainer.max_steps} steps · "
+            f"{trainer.strategy.root_device.type} · {trainer.precision} -> {run_dir}"
+        )
+    else:
+        pack.record = record  # the pack's bar shows the best score so far among its jobs
     record.update(
         num_images=len(images), images=[str(im.path) for im in images], resolution=resolution,
         resumed_from=str(ckpt_path) if ckpt_path else None,
@@ -308,7 +312,7 @@ def instantiate_checked(spec, **kwargs):
         raise
 
 
-def run_callbacks(cfg: DictConfig, record: RunRecord, method) -> list:
+def run_callbacks(cfg: DictConfig, record: RunRecord, method, in_pack: bool = False) -> list:
     """Checkpoints, preemption, sample grids, the concept files, speed figures and the record itself."""
     run_dir = record.run_dir
     folder = RunFolder(run_dir)
@@ -321,7 +325,7 @@ def run_callbacks(cfg: DictConfig, record: RunRecord, method) -> list:
         ConceptExport(folder.concepts),
         RunStats(record, job_started=record.started),
         record,
-        *([StepProgress(record)] if cfg.trainer.enable_progress_bar else []),
+        *([StepProgress(record, enabled=not in_pack)] if cfg.trainer.enable_progress_bar else []),
     ]
 
 
@@ -336,8 +340,8 @@ def make_trainer(cfg: DictConfig, record: RunRecord, callbacks: list, in_pack: b
         plugins.append(SLURMEnvironment(auto_requeue=False))  # submitit owns requeue, not Lightning
     loggers = make_loggers(
         cfg.logger, record.run_dir, run_name, OmegaConf.to_container(cfg, resolve=True),
-        group=wandb_group(cfg, record), job_type=cfg.method.name, tags=[f"{k}={v}" for k, v in swept.items()],
-        in_pack=in_pack,
+        group=wandb_group(cfg.logger.group, cfg.study.name, record.summary.sweep_dir), job_type=cfg.method.name,
+        tags=[f"{k}={v}" for k, v in swept.items()], in_pack=in_pack, evidence=record.summary.evidence,
     )  # fmt: skip
     try:
         return pl.Trainer(
@@ -437,15 +441,6 @@ def trainer_kwargs(cfg: DictConfig, in_sweep: bool) -> dict[str, Any]:
     return kwargs
 
 
-def wandb_group(cfg: DictConfig, record) -> str | None:
-    """logger.group, else the study's name plus the sweep's id (its directory name)."""
-    if cfg.logger.group:
-        return cfg.logger.group
-    if cfg.study.name and record.summary.sweep_dir:
-        return f"{cfg.study.name}-{Path(record.summary.sweep_dir).name}"
-    return cfg.study.name
-
-
 def finish_wandb(trainer, summary: dict[str, Any] | None) -> None:
     """The job's W&B run (if it logs to W&B), finished: with the final metrics in its summary and a
     one-row table when the job completed (`summary`), as failed otherwise."""
@@ -458,8 +453,10 @@ def finish_wandb(trainer, summary: dict[str, Any] | None) -> None:
                 run.finish(exit_code=1)
                 continue
             final = {k: summary.get(k) for k in ("final_loss", "mean_loss", "steps_per_s", "steps", "lr")}
-            final.update({k: v for k, v in (summary.get("metrics") or {}).items() if k != "step"})
+            # The evaluators' scores are in the summary already, as their logged history leaves them (the
+            # evidence's best and last value: loggers.define_summaries); the table shows their last.
             run.summary.update(final)
+            final.update({k: v for k, v in (summary.get("metrics") or {}).items() if k != "step"})
             run.log({"final_metrics": wandb.Table(columns=list(final), data=[list(final.values())])})
             run.finish()
 

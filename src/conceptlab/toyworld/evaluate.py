@@ -12,6 +12,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from ..console import bar_text
 from ..errors import ConfigError
 from ..evalcache import EvaluationCache, backbone_identity, default_cache_dir, method_state
 from ..prompts import fill_prompt
@@ -193,6 +194,9 @@ class JudgeEvaluation(pl.Callback):
     """
 
     headline = ("judge/concept", "judge/prompt")  # what the progress bar and the end summary show
+    evidence = (
+        "judge/concept"  # what the run learned, by the world's ground truth: the best evidence there is
+    )
     report_section = "conceptlab.toyworld.sections.judge_section"  # the metrics against its ground truth
 
     def __init__(self, settings, data, record=None, cache_dir: str | None = None):
@@ -263,7 +267,7 @@ class JudgeEvaluation(pl.Callback):
         self.judge.to(module.device)
         metrics = evaluate_concept(
             module.backbone, module.method, self.judge, list(self.concept.prompts), dict(self.concept.truth),
-            self.cfg, all_multipliers=full, progress=f"judging step {step}", cache=self.cache,
+            self.cfg, all_multipliers=full, progress=bar_text(trainer, f"judging step {step}"), cache=self.cache,
             draw=lambda draw, label: draw_images(self, trainer, module, draw, label),
         )  # fmt: skip
         publish(trainer, self.record, step, metrics)

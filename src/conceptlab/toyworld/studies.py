@@ -198,7 +198,7 @@ class Study(pl.Callback):
                     kind=f"toy-study-{self.name}", backbone=backbone_identity(module.backbone),
                     judge=self.judge.digest, state=method_state(module.method, 1.0), study=self.describe(),
                     text=module.method.prompt_text, steps=self.cfg.num_inference_steps,
-                    guidance=self.cfg.guidance_scale,
+                    guidance=self.cfg.guidance_scale, grid="labelled",
                 )  # fmt: skip
                 found = self.cache.get(key)
             if found is None:
@@ -214,6 +214,15 @@ class Study(pl.Callback):
             name = "before" if prefix.startswith("study_before") else "after"
             with atomic_path(RunFolder(self.record.run_dir).study / f"{self.name}_{name}.png") as tmp:
                 tmp.write_bytes(grid)
+            for logger in trainer.loggers:
+                if hasattr(logger, "log_image"):  # W&B: the grid the study's scores were read from
+                    caption = f"{self.name}, {name} training (rows: its prompts; columns: seeds)"
+                    logger.log_image(
+                        key=f"study/{name}",
+                        images=[Image.open(io.BytesIO(grid))],
+                        step=step,
+                        caption=[caption],
+                    )
         publish(trainer, self.record, step, {f"{prefix}{k}": v for k, v in found.items()})
 
     def describe(self) -> dict[str, Any]:
