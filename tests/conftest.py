@@ -174,10 +174,7 @@ def run_train(run_dir: Path, *overrides: str, fast: bool = True) -> dict:
         cfg.hydra.runtime.output_dir = str(run_dir)
         cfg.hydra.overrides.task = args
     HydraConfig.instance().set_config(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # train.py's run directory also holds Hydra's own record of the command.
-    (run_dir / ".hydra").mkdir(exist_ok=True)
-    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {a}\n" for a in args))
+    run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes the run folder; the run writes .hydra/ itself
     with open_dict(cfg):
         del cfg.hydra
     return run(cfg)

@@ -31,7 +31,9 @@ def test_the_main_command_says_where_the_run_is_what_it_learned_and_how_to_use_i
     out = proc.stdout
     start = f"conceptlab: ti on toy_combo · model=toy · 20 steps · cpu · 32-true -> {run_dir}"
     assert start in out.splitlines()
-    assert re.search(r"^conceptlab: completed in \d+ s · 20 steps · final loss \d\.\d{4}$", out, re.M)
+    end = re.search(r"^conceptlab: completed in \d+ s · 20 steps · loss \(EMA\) (\d\.\d{4})$", out, re.M)
+    # the progress bar's last figure is the summary's: one smoothed loss, named the same in both
+    assert end and re.findall(r"loss \(EMA\) (\d\.\d{4})", proc.stderr)[-1] == end.group(1)
     scores = r"judge/concept {0} · judge/prompt {0} · metrics/clip_i {0} · metrics/clip_t {0}".format(
         r"-?\d\.\d\d -> -?\d\.\d\d"
     )
@@ -105,5 +107,5 @@ def test_the_end_summary_reads_even_without_training_statistics(tmp_path):
     record = RunRecord(tmp_path, method="ti", concept="robot", run_name="ti-robot-seed0")
     record.finish("completed")
     assert end_summary(record).splitlines()[0].startswith("conceptlab: completed in ")
-    assert "final loss" not in end_summary(record)
+    assert "loss" not in end_summary(record)
     assert job_line(record) == f"[{tmp_path.name}] ti-robot-seed0: completed"

@@ -156,6 +156,20 @@ def test_train_py_lora_run_leaves_kohya_and_diffusers_files_that_their_loaders_r
             outputs.append(pipe.unet(latents, torch.tensor([500]), context).sample)
     torch.testing.assert_close(outputs[0], outputs[1])
 
+    # conceptlab's own reader (generate.py, evaluate.py) applies either file at multiplier x alpha / rank
+    # (0.8 x 1/2 here): the diffusers file's alpha is in its metadata, the kohya file's in its tensors.
+    from conceptlab.backbone import load_backbone
+    from conceptlab.config import ModelConfig
+    from conceptlab.inference import load_concepts
+
+    for source in (run_dir / "concepts" / "diffusers" / "pytorch_lora_weights.safetensors", kohya):
+        backbone = load_backbone(ModelConfig(path=str(tiny_dir)))
+        [concept] = load_concepts([source])
+        concept.install(backbone)
+        concept.activate(0.8)
+        scales = [layer.scaling[concept.adapter] for _, _, layer in lora_layers(backbone, concept.adapter)]
+        assert scales and all(scale == pytest.approx(0.4) for scale in scales), (source.name, set(scales))
+
 
 @pytest.mark.slow
 def test_lora_resume_with_dropout_reproduces_an_uninterrupted_run(tmp_path):

@@ -3,6 +3,7 @@ user's own configs beside the shipped ones."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -31,8 +32,15 @@ def run(args, cwd, timeout=600):
 def installed(tmp_path_factory) -> Path:
     """A fresh environment with the wheel built from this checkout (dependencies: this environment's)."""
     tmp = tmp_path_factory.mktemp("package")
+    # Built from a copy of the source: setuptools builds in the tree it is given (build/, *.egg-info), and
+    # the checkout is left as it was.
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "outputs", "site", "build", "dist", ".whl", "*.egg-info", "__pycache__", ".pytest_cache"))  # fmt: skip
+    before = sorted(p.name for p in ROOT.iterdir())
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"),
-         str(ROOT)], cwd=tmp)  # fmt: skip
+         str(source)], cwd=tmp)  # fmt: skip
+    assert sorted(p.name for p in ROOT.iterdir()) == before, "building the wheel wrote into the checkout"
     [wheel] = (tmp / "dist").glob("conceptlab-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for packaged in ("conceptlab/conf/train.yaml", "conceptlab/conf/method/lora.yaml",

@@ -17,6 +17,7 @@ from omegaconf import open_dict
 from conceptlab.errors import ConfigError, TrainingError
 from conceptlab.formats import read_tensor_file
 from conceptlab.packing import Pack, pack_key, plan_packs
+from conceptlab.runfolder import find_run_dirs
 
 
 def job_config(num: int, *overrides: str):
@@ -150,8 +151,8 @@ def test_packed_and_one_by_one_sweeps_leave_the_same_records(tmp_path):
     assert packed.returncode == 0, packed.stderr[-3000:]
     assert "Launching 6 jobs in 1 pack(s)" in packed.stdout + packed.stderr
     assert "sweep: 6 jobs in" in packed.stdout and f"report: conceptlab-report {together}" in packed.stdout
-    jobs = sorted(p.name for p in alone.iterdir() if p.is_dir())
-    assert jobs == sorted(p.name for p in together.iterdir() if p.is_dir()) and len(jobs) == 6
+    jobs = sorted(p.name for p in find_run_dirs(alone))  # the job folders (the sweep's own W&B run beside)
+    assert jobs == sorted(p.name for p in find_run_dirs(together)) and len(jobs) == 6
     for job in jobs:
         a, b = alone / job, together / job
         sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
@@ -189,7 +190,7 @@ def test_a_job_that_fails_in_a_pack_fails_alone(tmp_path):
         tmp_path, "hydra/launcher=packed", "method.lr=5e-4,1e30", "method.scale_lr=false",
         "method.initializer_token=object,two words", "trainer.max_steps=12", "samples.every_n_steps=0",
     )  # fmt: skip
-    assert proc.returncode != 0
+    assert proc.returncode == 1 and "sweep: 3 of 4 jobs did not complete" in proc.stderr
     summaries = {
         (float(s["swept"]["method.lr"]), s["swept"]["method.initializer_token"] == "object"): s
         for s in (json.loads(p.read_text()) for p in folder.glob("*/summary.json"))

@@ -37,8 +37,14 @@ def test_a_rerun_appends_to_metrics_csv_replacing_only_rows_from_the_resumed_ste
 def test_a_fixed_folder_with_another_configurations_checkpoint_is_refused(tmp_path):
     run_dir = tmp_path / "job"
     run_train(run_dir, "trainer.max_steps=2", "samples.every_n_steps=0")
+    record, hydra_record = (run_dir / "summary.json").read_bytes(), (run_dir / ".hydra").glob("*.yaml")
+    hydra_record = {p.name: p.read_bytes() for p in hydra_record}
     with pytest.raises(ConfigError, match=r"holds the checkpoint of another configuration \(seed: 0 -> 1\)"):
         run_train(run_dir, "trainer.max_steps=4", "samples.every_n_steps=0", "seed=1")
+    # the refused run wrote nothing there: the folder's record and Hydra's record are its run's
+    assert (run_dir / "summary.json").read_bytes() == record
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").glob("*.yaml")} == hydra_record
+    assert "seed=1" not in (run_dir / ".hydra" / "overrides.yaml").read_text()
     # A longer budget is the same configuration: it continues.
     assert run_train(run_dir, "trainer.max_steps=3", "samples.every_n_steps=0")["steps_this_process"] == 1
 
@@ -64,6 +70,8 @@ def test_a_running_run_holds_its_folder_and_sigterm_records_interrupted(tmp_path
         [line] = second.stderr.strip().splitlines()[-1:]
         assert line.startswith(f"error: run folder {run_dir} is in use by pid {proc.pid} on ")
         assert read_summary(run_dir)["status"] == "running"  # the holder's record is untouched
+        overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()  # and so is Hydra's record of it
+        assert "trainer.max_steps=100000" in overrides and "trainer.max_steps=2" not in overrides
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     finally:
@@ -92,6 +100,44 @@ def test_a_full_disk_records_failed_with_the_reason(tmp_path, monkeypatch):
         run_train(tmp_path / "run", "samples.every_n_steps=0", "checkpoint.every_n_steps=0")
     summary = read_summary(tmp_path / "run")
     assert summary["status"] == "failed" and "No space left on device" in summary["error"]
+
+
+@pytest.mark.parametrize("kept_space_helps", [True, False])
+def test_a_disk_that_fills_during_training_still_takes_the_record_or_the_console_says_why(
+    tmp_path, monkeypatch, capsys, kept_space_helps
+):
+    """The disk fills at the first concept file: the space kept for the record's last write
+    (.conceptlab.reserve) is what the failure record gets; where even that is not enough, the console
+    names the run, how it ended and why."""
+    import errno
+
+    import conceptlab.atomic
+    import conceptlab.formats
+
+    real, run_dir, filled = conceptlab.atomic.atomic_path, tmp_path / "run", []
+
+    def full(target):
+        if str(target).endswith((".safetensors", ".pt")):
+            filled.append(target)  # the disk is full from here on
+        reserve_freed = not (run_dir / ".conceptlab.reserve").exists()
+        if filled and not (kept_space_helps and reserve_freed and target.name == "summary.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return real(target)
+
+    for module in (conceptlab.atomic, conceptlab.formats):
+        monkeypatch.setattr(module, "atomic_path", full)
+    with pytest.raises(OSError, match="No space left"):
+        run_train(run_dir, "samples.every_n_steps=0", "checkpoint.every_n_steps=0")
+    summary = read_summary(run_dir)
+    assert not (run_dir / ".conceptlab.reserve").exists()
+    said = capsys.readouterr().err
+    if kept_space_helps:
+        assert summary["status"] == "failed" and "No space left on device" in summary["error"]
+        assert "could not be written" not in said
+    else:
+        assert summary["status"] == "running"  # the last record that could be written
+        assert f"error: the run in {run_dir} failed: OSError: [Errno 28] No space left on device" in said
+        assert "its record" in said and "could not be written (No space left on device)" in said
 
 
 def test_ctrl_c_records_interrupted_and_stops(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conceptlab.errors import ConfigError
 from conceptlab.report import collect, write_report
+from conceptlab.runfolder import find_run_dirs
 from conceptlab.sweeps import flatten, run_name
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
@@ -122,7 +123,8 @@ def test_four_job_sweep_then_the_report(tmp_path):
     page = (out / "report.html").read_text()
     images = re.findall(r"<img src='([^']+)'", page)
     assert "plots/loss_curves.png" in images and "plots/methods.png" in images
-    assert sum(src.startswith("samples/") for src in images) == 4  # a sample grid per run
+    # a sample grid per run, and the side-by-side sheet's first run of each method (ti, hypernet)
+    assert sum(src.startswith("samples/") for src in images) == 4 + 2
     assert all((out / src).is_file() for src in images)
 
 
@@ -131,9 +133,12 @@ def test_report_shows_failed_and_missing_jobs(tmp_path):
     proc, folder = sweep(
         tmp_path, f"data.path={tmp_path / 'nope'},bundled:robot,bundled:ink", "samples.every_n_steps=0"
     )
-    assert proc.returncode != 0  # the sweep ran its other jobs, then reported the failure
-    assert "image folder" in proc.stderr
-    jobs = sorted(p for p in folder.iterdir() if p.is_dir())
+    assert proc.returncode == 1  # the sweep ran its other jobs, then reported the failure
+    # one line for the failed job and one at the end; no traceback of a user's mistake
+    assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr
+    assert f"error: image folder {tmp_path / 'nope'} does not exist" in proc.stderr
+    assert re.search(r"^sweep: 1 of 3 jobs did not complete \(0_ti\)", proc.stderr, re.M)
+    jobs = find_run_dirs(folder)
     shutil.rmtree(jobs[-1])  # as if the last job had not started yet
     result = collect(folder)
     statuses = dict(zip(result.runs["run_dir"], result.runs["status"]))
@@ -171,7 +176,7 @@ def test_every_sweep_job_is_its_own_wandb_run_with_a_flat_config(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(folder.glob("*/wandb/offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[-1] for r in runs}) == 2
-    for job in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for job in find_run_dirs(folder):
         run_id = (job / "wandb_run_id").read_text()
         [run] = list(job.glob("wandb/offline-run-*"))
         assert run.name.endswith(run_id)

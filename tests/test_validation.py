@@ -31,6 +31,9 @@ TRAIN_CASES = [
     ),
     (["data.sample_prompts=[]"], r"data.sample_prompts=\[\]: give at least one"),
     (["concept=" + "a" * 230], r"is 230 characters: at most 200"),
+    (["seed=-1"], r"seed=-1: must be a finite number in \[0, 4294967295\]"),
+    (["seed=1099511627776"], r"seed=1099511627776: must be a finite number in \[0, 4294967295\]"),
+    (["optim.scheduler=bogus"], r"optim.scheduler='bogus': use one of linear, cosine, .*constant"),
     # Two problems: both named in the one line.
     (["data.batch_size=0", "optim.eps=0"], r"optim.eps=0.0: must be .*; data.batch_size=0: must be"),
 ]

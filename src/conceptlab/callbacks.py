@@ -24,6 +24,7 @@ from .inference import labelled_grid, to_pil
 from .prompts import fill_prompt
 from .runfolder import RunFolder
 from .sampling import Draw, draw_images
+from .smoothing import RunningEMA
 
 # diffusers load inside the functions that use them, not here: importing them costs diffusers ~5 s on the
 # 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
@@ -238,6 +239,7 @@ class RunStats(pl.Callback):
         steps = trainer.global_step - self.steps_at_start
         return {
             "final_loss": losses[-1] if losses else None,
+            "smoothed_loss": RunningEMA().update(losses).value,
             "mean_loss": sum(losses) / len(losses) if losses else None,
             "train_time_s": round(elapsed, 3),
             "steps_this_process": steps,

@@ -360,7 +360,7 @@ class TrainConfig:
     encoders: EncodersConfig = opt(EncodersConfig, "encoders of the similarity metrics (group: encoders)")
     protocol: ProtocolConfig = opt(ProtocolConfig, "evaluation prompts and sampling (group: protocol)")
     concept: str | None = opt(None, "the concept's name; null = the image folder's name")
-    seed: int = opt(0, "seeds data order, noise, timesteps and the sample grids")
+    seed: int = opt(0, "seeds data order, noise, timesteps and the sample grids", valid="[0, 4294967295]")
     resume: bool = opt(False, "continue the newest earlier run of this same command from its last.ckpt")
     ckpt_path: str | None = opt(None, "continue from this checkpoint instead")
     output_root: str = opt("outputs", "run directories are created below this folder")

@@ -18,10 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.utilities import rank_zero_only
 from tqdm.auto import tqdm
+
+from .smoothing import RunningEMA
 
 # diffusers and transformers load inside the functions that use them, not here: importing them costs diffusers ~5 s, transformers ~1 s on the
 # 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
@@ -147,9 +150,12 @@ class StepProgress(ProgressBar):
     """One bar in optimizer steps of trainer.max_steps: rate, ETA, the loss and the last evaluation's
     headline scores (read from the run record)."""
 
-    def __init__(self, record=None, enabled: bool = True):
+    def __init__(self, record=None, enabled: bool = True, stats=None):
         super().__init__()
         self.record = record
+        self.stats = stats  # callbacks.RunStats: its per-step losses feed the bar's smoothed loss
+        self.loss = RunningEMA()
+        self.seen = 0
         self._enabled = enabled  # off for a packed sweep's jobs: the pack draws one bar for them all
         self.bar = None
 
@@ -191,9 +197,11 @@ class StepProgress(ProgressBar):
     def _postfix(self, trainer: pl.Trainer) -> None:
         self._shown = self.bar.n
         parts = []
-        loss = trainer.progress_bar_metrics.get("train/loss")
-        if loss is not None:
-            parts.append(f"loss {float(loss):.4f}")
+        if self.stats is not None and len(self.stats.losses) > self.seen:  # the steps since the last redraw
+            self.loss.update(torch.stack(self.stats.losses[self.seen :]).float().cpu().tolist())
+            self.seen = len(self.stats.losses)
+        if self.loss.value is not None:
+            parts.append(f"loss (EMA) {self.loss.value:.4f}")
         scores = self.record.summary.metrics if self.record is not None else {}
         headline = self.record.summary.headline if self.record is not None else ()
         parts += [f"{k} {scores[k]:.2f}" for k in headline if isinstance(scores.get(k), float | int)]

@@ -26,6 +26,33 @@ from .wandbmode import wandb_mode
 # for a module that conceptlab.cli already pays torch for; measured on the 2-core CI machine).
 
 
+class CheckOutputRoot(Callback):
+    """`output_root=` a file, or a folder nobody may write: one line and exit status 2 before Hydra makes
+    the run's folder below it (Hydra would stop with a traceback)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.check(config)
+
+    @staticmethod
+    def check(config: DictConfig) -> None:
+        root = config.get("output_root")
+        if root is None:
+            return
+        path = Path(str(root)).expanduser()
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        problem = None
+        if existing is not None and not existing.is_dir():
+            problem = f"{existing} is a file, not a folder: give a folder (it is made if missing)"
+        elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            problem = f"{existing} is not writable here: give a folder you can write in"
+        if problem:
+            print(f"error: output_root={root}: {problem}", file=sys.stderr)
+            sys.exit(2)
+
+
 class CheckLauncher(Callback):
     """`hydra/launcher=slurm` without SLURM's sbatch is one line and exit status 2, not a hang."""
 
@@ -134,9 +161,9 @@ class SweepSummary(Callback):
     """At a sweep's end: the study's sweep-wide step (`study.at_end`: composition), the table of its
     jobs (status and the study's metric) and the report command.
 
-    The local launcher runs the jobs in this process: the table follows the last job, so a sweep with
-    a failed job (which Hydra then reports as an error) shows it too. The packed launcher ends its sweep
-    itself (end_sweep). Other launchers (SLURM) wait for their jobs and end the sweep here.
+    The local launcher runs the jobs in this process: the table follows the last job. The packed
+    launcher ends its sweep itself (end_sweep). Other launchers (SLURM) wait for their jobs and end the
+    sweep here. A sweep with a job that did not complete exits with status 1 at its end.
     """
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
@@ -150,8 +177,21 @@ class SweepSummary(Callback):
             end_sweep(config, sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from . import report  # deferred: see the note at the imports
+
+        sweep_dir = Path(config.hydra.sweep.dir)
         if launcher_kind(config) == "other":
-            end_sweep(config, Path(config.hydra.sweep.dir))
+            end_sweep(config, sweep_dir)
+        # A job that failed said why in one line and in its record; the sweep as a whole did not succeed.
+        try:
+            runs = report.collect(sweep_dir).runs
+        except ConceptLabError:
+            return
+        failed = [str(r["run_dir"]) for _, r in runs.iterrows() if r.get("status") != "completed"]
+        if failed:
+            print(f"sweep: {len(failed)} of {len(runs)} jobs did not complete ({', '.join(failed)}): "
+                  "their records (summary.json) and lines above say why", file=sys.stderr)  # fmt: skip
+            sys.exit(1)
 
 
 def launcher_kind(config: DictConfig) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,14 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
         return logger
 
     if mode == "online":
+        # Asked first, within logger.init_timeout: a server that accepts connections and never answers
+        # would otherwise hold W&B's start past its own timeout, and its service at exit.
+        url = os.environ.get("WANDB_BASE_URL") or DEFAULT_WANDB_URL
+        silence = unanswered(url, cfg.init_timeout)
+        if silence is not None:
+            log.warning("W&B: could not reach the server at %s within %g s (%s); logging offline, sync later with "
+                        "`wandb sync %s`", url, cfg.init_timeout, silence, run_dir / "wandb")  # fmt: skip
+            return start("offline", run_id)
         try:
             return start(mode, run_id)
         # W&B raises many kinds of errors for an unreachable or refusing server; any of them means
@@ -130,6 +140,21 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
                 wandb.teardown()
             return start("offline", fresh)
     return start(mode, run_id)
+
+
+DEFAULT_WANDB_URL = "https://api.wandb.ai"
+
+
+def unanswered(url: str, timeout: float) -> str | None:
+    """Why the server at `url` gave no HTTP answer within `timeout` seconds, or None if it answered (an
+    error status is an answer: the server is there)."""
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()  # noqa: S310 - the W&B server the user named
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as err:  # refused, no DNS, timed out, a bad URL
+        return str(getattr(err, "reason", None) or err) or type(err).__name__
+    return None
 
 
 class HistoryCSVLogger(CSVLogger):

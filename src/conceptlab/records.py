@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -22,6 +23,9 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from .atomic import write_json
 from .runfolder import RunFolder
+
+# Kept for the record's last write (a record is a few KB; this keeps several times that).
+RESERVED_BYTES = 64 * 1024
 
 PACKAGES = (
     "conceptlab",
@@ -78,6 +82,7 @@ class RunSummary:
     # training (reported by RunStats)
     steps: int | None = None
     final_loss: float | None = None
+    smoothed_loss: float | None = None  # the loss as the console shows it: its EMA (smoothing.py)
     mean_loss: float | None = None
     train_time_s: float | None = None
     steps_this_process: int | None = None
@@ -122,6 +127,7 @@ class RunRecord(pl.Callback):
         )
         self.update(**fields)
         self.write()
+        self.keep_space()
 
     @property
     def data(self) -> dict[str, Any]:
@@ -150,11 +156,33 @@ class RunRecord(pl.Callback):
         self.update(**trainer.callback_metrics.get(REPORT_KEY, {}))
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
+        """The record's last write. Its kept space is freed first, so it goes through on a disk that
+        filled during training; if it still cannot be written, the console says which run ended how."""
         self.summary.status = status
         if error is not None:
             self.summary.error = f"{type(error).__name__}: {error}"
         self.summary.wall_time_s = round(time.time() - self.started, 3)
-        self.write()
+        RunFolder(self.run_dir).reserve.unlink(missing_ok=True)
+        try:
+            self.write()
+        except OSError as failed:
+            ended = f"{status}: {self.summary.error}" if error is not None else status
+            print(
+                f"error: the run in {self.run_dir} {ended}; its record {self.path} could not be written "
+                f"({failed.strerror or failed})",
+                file=sys.stderr,
+                flush=True,
+            )
+            if error is None:
+                raise  # a run that completed but has no record has not completed
+
+    def keep_space(self) -> None:
+        """Set aside space for the last write of the record (removed when the run ends)."""
+        if rank_zero_only.rank == 0:
+            try:
+                RunFolder(self.run_dir).reserve.write_bytes(b"\0" * RESERVED_BYTES)
+            except OSError:
+                pass  # a disk already too full for it: the run's own writes will say so
 
     def write(self) -> None:
         if rank_zero_only.rank == 0:  # one record per run, however many processes train it

@@ -23,12 +23,18 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .atomic import write_text
 from .errors import ConfigError
 from .formats import refuse_unsafe_pickle
 from .sweeps import flatten
 
 
-class RunFolderInUse(ConfigError):
+class RunFolderRefused(ConfigError):
+    """The run folder belongs to another run (it holds it, or its checkpoint is another configuration's):
+    this run writes nothing there."""
+
+
+class RunFolderInUse(RunFolderRefused):
     """Another run holds the run folder."""
 
 
@@ -128,11 +134,29 @@ class RunFolder:
     def lock(self) -> Path:
         return self.root / LOCK_FILE
 
+    @property
+    def reserve(self) -> Path:
+        """Space kept on the disk for the record's last write (records.RunRecord): a disk that fills
+        during training still takes the record that says so."""
+        return self.root / ".conceptlab.reserve"
+
     def composed_config(self) -> DictConfig:
         """The config train.py composed for the run (Hydra's .hydra/config.yaml)."""
         if not self.hydra_config.is_file():
             raise ConfigError(f"{self.root}: no .hydra/config.yaml there; give a run directory train.py made")
         return OmegaConf.load(self.hydra_config)
+
+    def write_hydra_record(self, task: DictConfig, hydra: DictConfig) -> None:
+        """Hydra's record of the run (.hydra/config.yaml, hydra.yaml, overrides.yaml), as Hydra writes it,
+        written by the run itself once it holds the folder (train.yaml: hydra.output_subdir=null), so a
+        run refused the folder never rewrites the record of the run that has it."""
+        overrides = list(hydra.overrides.task)
+        for name, content in (
+            ("config.yaml", task),
+            ("hydra.yaml", {"hydra": hydra}),
+            ("overrides.yaml", overrides),
+        ):
+            write_text(self.root / ".hydra" / name, OmegaConf.to_yaml(OmegaConf.create(content)))
 
     def relative(self, path: Path) -> str:
         """`path` relative to the run folder (as the record names files), or as it is if outside."""
@@ -254,7 +278,7 @@ def check_same_configuration(checkpoint: Path, config: dict[str, Any], run_dir: 
         shown = "; ".join(differences[:4]) + (
             f"; and {len(differences) - 4} more" if len(differences) > 4 else ""
         )
-        raise ConfigError(
+        raise RunFolderRefused(
             f"run folder {run_dir} holds the checkpoint of another configuration ({shown}): give this run "
             f"another folder, or delete {checkpoint.parent} to start this folder over"
         )

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 import yaml
+from diffusers.optimization import SchedulerType
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -47,7 +49,7 @@ from .records import RunRecord, package_versions
 from .runfolder import (
     HYDRA_OVERRIDES,
     RunFolder,
-    RunFolderInUse,
+    RunFolderRefused,
     check_checkpoint_safe,
     check_same_configuration,
     remove_stray_temporaries,
@@ -57,6 +59,7 @@ from .sampling import SharedDraws
 from .schedules import scaled
 from .sweeps import run_name as sweep_run_name
 from .sweeps import swept_values, wandb_group
+from .wandbmode import check_wandb_environment
 
 # wandb load inside the functions that use them, not here: importing them costs wandb ~1 s on the
 # 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
@@ -77,11 +80,13 @@ def main(cfg: DictConfig, pack: Member | None = None) -> dict[str, Any]:
     try:
         return run(cfg, pack)
     except ConceptLabError as err:
-        if not isinstance(err, RunFolderInUse):  # that folder's record belongs to the run holding it
+        if not isinstance(err, RunFolderRefused):  # that folder's record belongs to the run it is
             say(f"run record: {Path(HydraConfig.get().runtime.output_dir) / 'summary.json'} (failed)")
         print(error_line(err), file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # Hydra runs the sweep's other jobs, then fails with this error
+            # Said in one line and recorded: the sweep's other jobs go on, and the sweep exits non-zero at
+            # its end (hydra_callbacks.SweepSummary), without Hydra's traceback of this job's error.
+            return {"status": "failed", "error": error_line(err)}
         sys.exit(2)
     except SystemExit as stop:
         if isinstance(stop, SIGTERMException):  # Lightning stops at the next step with a bare SystemExit
@@ -95,10 +100,15 @@ def run(cfg: DictConfig, pack: Member | None = None) -> dict[str, Any]:
 
     if rank_zero_only.rank != 0:  # DDP ranks started by re-running the command: rank zero holds the folder
         return run_in_folder(cfg, pack)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    job_log = pack.job_log(run_dir, HydraConfig.get().job.name) if pack else contextlib.nullcontext()
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    job_log = pack.job_log(run_dir, hydra_cfg.job.name) if pack else contextlib.nullcontext()
     with run_folder_lock(run_dir), job_log, logging_around_bars():
         remove_stray_temporaries(run_dir)
+        folder = RunFolder(run_dir)
+        if folder.checkpoint.is_file():  # this very job ran here before: only its own configuration goes on
+            check_same_configuration(folder.checkpoint, OmegaConf.to_container(cfg, resolve=True), run_dir)
+        folder.write_hydra_record(cfg, hydra_cfg)  # once the folder is this run's (nothing written before)
         return run_in_folder(cfg, pack)
 
 
@@ -135,7 +145,7 @@ def job_line(record: RunRecord) -> str:
     """One line per finished job of a sweep: its name, status and headline."""
     s = record.summary
     headline = scores_line(record, before=False) or (
-        f"loss {s.final_loss:.4f}" if s.final_loss is not None else ""
+        f"loss (EMA) {s.smoothed_loss:.4f}" if s.smoothed_loss is not None else ""
     )
     status = s.status if s.status == "completed" else f"{s.status}: {s.error}"
     return f"[{Path(s.run_dir).name}] {s.run_name or s.method}: {status}" + (
@@ -147,7 +157,8 @@ def end_summary(record: RunRecord) -> str:
     """What a finished run did and where its results are, with the command that uses them."""
     s = record.summary
     run_dir = Path(s.run_dir)
-    loss = f" · final loss {s.final_loss:.4f}" if s.final_loss is not None else ""
+    # The loss as the progress bar showed it: smoothed (one step's loss jumps with its timestep).
+    loss = f" · loss (EMA) {s.smoothed_loss:.4f}" if s.smoothed_loss is not None else ""
     lines = [f"conceptlab: {s.status} in {s.wall_time_s:.0f} s · {s.steps} steps{loss}"]
     if scores_line(record):
         lines.append(f"  {scores_line(record)}")
@@ -275,6 +286,11 @@ def check_settings(cfg: DictConfig, concept: str) -> None:
     schemas = [("", TrainConfig), ("model.", ModelConfig), ("data.", DataConfig)]
     check_config(cfg, schemas + ([("method.", method.Config)] if method else []))
     compile_mode(cfg.trainer.compile)
+    schedulers = [s.value for s in SchedulerType]
+    if cfg.optim.scheduler not in schedulers:
+        raise ConfigError(f"optim.scheduler={cfg.optim.scheduler!r}: use one of {', '.join(schedulers)}")
+    if cfg.logger.wandb:
+        check_wandb_environment()  # before anything loads: W&B would refuse the run over its environment
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)}: give two, e.g. [0.9,0.999]")
 
@@ -318,14 +334,16 @@ def run_callbacks(cfg: DictConfig, record: RunRecord, method, in_pack: bool = Fa
     folder = RunFolder(run_dir)
     last = LastCheckpoint(folder.checkpoint, cfg.checkpoint.every_n_steps)
     cache = EvaluationCache(default_cache_dir(cfg.model.cache_dir)) if cfg.evaluate.cache else None
+    stats = RunStats(record, job_started=record.started)
+    progress = StepProgress(record, enabled=not in_pack, stats=stats)  # the same smoothed loss as the end's
     return [
         last,
         PreemptionCheckpoint(last),
         SampleGrid(cfg.samples, list(cfg.data.sample_prompts), method.prompt_text, folder, cache),
         ConceptExport(folder.concepts),
-        RunStats(record, job_started=record.started),
+        stats,
         record,
-        *([StepProgress(record, enabled=not in_pack)] if cfg.trainer.enable_progress_bar else []),
+        *([progress] if cfg.trainer.enable_progress_bar else []),
     ]
 
 
@@ -452,7 +470,10 @@ def finish_wandb(trainer, summary: dict[str, Any] | None) -> None:
             if summary is None:
                 run.finish(exit_code=1)
                 continue
-            final = {k: summary.get(k) for k in ("final_loss", "mean_loss", "steps_per_s", "steps", "lr")}
+            final = {
+                k: summary.get(k)
+                for k in ("final_loss", "smoothed_loss", "mean_loss", "steps_per_s", "steps", "lr")
+            }
             # The evaluators' scores are in the summary already, as their logged history leaves them (the
             # evidence's best and last value: loggers.define_summaries); the table shows their last.
             run.summary.update(final)
@@ -475,17 +496,29 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str])
         path = resolve_path(cfg.ckpt_path)
         if not path.is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        check_checkpoint_safe(path)
+        try:
+            check_checkpoint_safe(path)
+        except ConceptLabError as err:
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: {err}") from None
         return path
     if not cfg.resume:
         return None
     wanted = same_run_key(overrides)
     found = []
+    unreadable = []
     for saved in Path(cfg.output_root).glob(f"**/{HYDRA_OVERRIDES}"):
         candidate = RunFolder(saved.parent.parent).checkpoint
         if saved.parent.parent.resolve() != run_dir.resolve() and candidate.is_file():
-            if same_run_key(yaml.safe_load(saved.read_text()) or []) == wanted:
+            try:
+                overrides_there = yaml.safe_load(saved.read_text(encoding="utf-8")) or []
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                unreadable.append(str(saved))  # another run's damaged record: not this command's, said once
+                continue
+            if isinstance(overrides_there, list) and same_run_key(overrides_there) == wanted:
                 found.append(candidate)
+    if unreadable:
+        log.warning("resume=true: %d earlier run record(s) could not be read and were passed over: %s",
+                    len(unreadable), ", ".join(unreadable))  # fmt: skip
     if not found:
         raise ConfigError(
             f"resume=true, but no earlier run of this command has a checkpoints/last.ckpt under "
@@ -493,6 +526,12 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path, overrides: list[str])
         )
     newest = max(found, key=lambda p: p.stat().st_mtime)
     check_checkpoint_safe(newest)
+    done = int(torch.load(newest, map_location="cpu", weights_only=True).get("global_step", 0))
+    if done >= cfg.trainer.max_steps:
+        raise ConfigError(
+            f"resume=true: the newest earlier run of this command ({newest.parent.parent}) already reached "
+            f"trainer.max_steps={cfg.trainer.max_steps} (step {done}); give a larger trainer.max_steps to continue it"
+        )
     return newest
 
 

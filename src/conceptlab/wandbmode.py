@@ -15,10 +15,31 @@ log = logging.getLogger(__name__)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
+def check_wandb_environment() -> None:
+    """W&B's settings from the environment, checked with W&B's own reader before W&B starts (it refuses a
+    whole run over one of them): an empty WANDB_* variable, as CI systems and .env files leave them,
+    counts as unset (removed); a value W&B refuses is one line naming the variable and what it accepts."""
+    import wandb  # ~1 s: only where a run or a sweep logs to W&B
+
+    for name in [k for k, v in os.environ.items() if k.startswith("WANDB_") and not v.strip()]:
+        log.info("%s is empty: treated as unset", name)
+        del os.environ[name]
+    for name, value in sorted(os.environ.items()):
+        if name.startswith("WANDB_"):
+            try:
+                wandb.Settings().update_from_env_vars({name: value})
+            except ValueError as err:  # pydantic's ValidationError is a ValueError
+                reason = err.errors()[0]["msg"] if hasattr(err, "errors") else str(err)
+                raise ConfigError(
+                    f"{name}={value!r}: W&B refuses it ({reason}); correct it or unset it"
+                ) from None
+
+
 def wandb_mode(cfg: LoggerConfig) -> str:
     """`auto`: WANDB_MODE if set, else online with credentials and offline without."""
     if cfg.mode not in WANDB_MODES:
         raise ConfigError(f"logger.mode={cfg.mode!r}: use one of {', '.join(WANDB_MODES)}")
+    check_wandb_environment()
     if cfg.mode != "auto":
         return cfg.mode
     if os.environ.get("WANDB_MODE"):

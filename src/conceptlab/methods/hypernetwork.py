@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -709,7 +710,20 @@ def hypernetwork_file_from(file: TensorFile) -> HypernetworkFile | None:
         "last_layer_dropout": data.get("last_layer_dropout", False),
     }
     extra = {k: data.get(k) for k in ("sd_checkpoint", "sd_checkpoint_name", "optional_info")}
+    check_file_structure(path, structure)
     return HypernetworkFile(str(data.get("name") or path.stem), structure, pairs, data.get("step"), extra)
+
+
+def check_file_structure(path: Path, structure: dict[str, Any]) -> None:
+    """A file's layer_structure must build layers: positive multiples of the width, 1 first and last."""
+    layers = structure.get("layer_structure")
+    ok = isinstance(layers, list | tuple) and len(layers) >= 2
+    ok = ok and all(isinstance(x, int | float) and math.isfinite(x) and x > 0 for x in layers)
+    if not ok or float(layers[0]) != 1 or float(layers[-1]) != 1:
+        raise ConceptFileError(
+            f"{path}: its layer_structure {layers} cannot build a hypernetwork: give positive multiples of the "
+            "width, starting and ending with 1 (AUTOMATIC1111 writes e.g. [1, 2, 1])"
+        )
 
 
 def _from_safetensors(file: TensorFile) -> HypernetworkFile:
@@ -718,6 +732,7 @@ def _from_safetensors(file: TensorFile) -> HypernetworkFile:
         size, role, param = key.split(".", 2)
         pairs.setdefault(int(size), ({}, {}))[0 if role == "k" else 1][param] = tensor
     structure = {key: json.loads(file.metadata[key]) for key in HYPERNETWORK_STRUCTURE_KEYS}
+    check_file_structure(file.path, structure)
     return HypernetworkFile(
         file.metadata.get("name", file.path.stem), structure, pairs, int(file.metadata.get("step", 0))
     )

@@ -280,7 +280,11 @@ class LoRAConcept(Concept):
 
     def install(self, backbone: Backbone) -> None:
         try:
-            backbone.pipeline().load_lora_weights(dict(self.tensors), adapter_name=self.adapter)
+            # From the file, not its tensors: diffusers' own files keep each part's alpha in their metadata
+            # (kohya's in `.alpha` tensors); without it a LoRA would apply at multiplier x 1, not x alpha/rank.
+            backbone.pipeline().load_lora_weights(
+                str(self.path.parent), weight_name=self.path.name, adapter_name=self.adapter
+            )
         except (ValueError, RuntimeError, KeyError) as err:
             raise ConceptFileError(
                 f"LoRA {self.name!r} ({self.path}) does not fit this model: {one_line(err)}"
