@@ -4,13 +4,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, run_train, train_subprocess
+from conftest import ROOT, compose, run_train, train_subprocess
 
 
 @pytest.mark.slow
 def test_an_empty_wandb_variable_counts_as_unset_and_a_value_wandb_refuses_is_one_line(tmp_path):
     # WANDB_MODE= (as CI systems and .env files leave it): the run goes on, offline without credentials
-    proc, [run_dir] = train_subprocess(tmp_path / "empty", "logger=wandb", "samples.every_n_steps=0",
+    proc, [run_dir] = train_subprocess(tmp_path / "empty", "logger=wandb", "samples.every_n_steps=0", "trainer.max_steps=1",
                                        env={"WANDB_MODE": "", "WANDB_API_KEY": None, "HOME": str(tmp_path)})  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list((run_dir / "wandb").glob("offline-run-*"))
@@ -96,13 +96,20 @@ def test_an_unquoted_tilde_gets_the_fix_not_a_lexer_error(tmp_path):
 def test_generate_on_a_device_that_is_not_there_is_one_line(tmp_path):
     import torch
 
-    for device, said in [("bogus", "device='bogus': use auto, cpu, cuda or cuda:N"),
-                         ("cuda", "device=cuda, but torch sees no CUDA device here")]:  # fmt: skip
-        if device == "cuda" and torch.cuda.is_available():
-            continue
-        proc = command(tmp_path, "generate.py", f"device={device}", "prompt=a photo", "model=tiny")
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert said in proc.stderr.strip().splitlines()[-1]
+    from conceptlab.errors import ConfigError
+    from conceptlab.generate import run
+
+    cases = [("bogus", r"device='bogus': use auto, cpu, cuda or cuda:N")]
+    if not torch.cuda.is_available():
+        cases.append(
+            ("cuda", r"device=cuda, but torch sees no CUDA device here: use device=cpu or device=auto")
+        )
+    for device, said in cases:  # refused before the backbone loads
+        with pytest.raises(ConfigError, match=said):
+            run(
+                compose([f"device={device}", "prompt=a photo", "model=tiny"], config="generate"),
+                tmp_path / device,
+            )
 
 
 def command(tmp_path, app: str, *args: str) -> subprocess.CompletedProcess:

@@ -98,6 +98,9 @@ def test_four_job_sweep_then_the_report(tmp_path):
     ]
     assert len(finished) == 4, proc.stdout
     assert "sweep: 4 jobs in" in proc.stdout and f"report: conceptlab-report {folder}" in proc.stdout
+    # model=tiny has no evaluator: the loss stands in for the answer, and the console says it compares nothing
+    assert re.search(r"^best by final_loss: method=\w+ \(", proc.stdout, re.M)
+    assert "note: No evaluator scored these runs" in proc.stdout and "does not compare methods" in proc.stdout
     summaries = [json.loads(p.read_text()) for p in sorted(folder.glob("*/summary.json"))]
     assert [s["status"] for s in summaries] == ["completed"] * 4
     assert sorted(s["run_name"] for s in summaries) == [
