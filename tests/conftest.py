@@ -203,11 +203,13 @@ def train_subprocess(
     return proc, sorted(after - before)
 
 
-def sweep(tmp_path: Path, *args: str):
-    """`python train.py -m` (FAST settings) into tmp_path; returns (completed process, the sweep folder)."""
+def sweep(tmp_path: Path, *args: str, env: dict | None = None):
+    """`python train.py -m` (FAST settings) into tmp_path; returns (completed process, the sweep folder).
+    env: extra variables; a None value removes one."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "-m", *FAST, *args, f"output_root={tmp_path}"],
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+        env={k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None},
     )  # fmt: skip
     [folder] = list((tmp_path / "multirun").iterdir())
     return proc, folder

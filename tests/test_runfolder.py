@@ -102,6 +102,7 @@ def test_a_full_disk_records_failed_with_the_reason(tmp_path, monkeypatch):
     assert summary["status"] == "failed" and "No space left on device" in summary["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kept_space_helps", [True, False])
 def test_a_disk_that_fills_during_training_still_takes_the_record_or_the_console_says_why(
     tmp_path, monkeypatch, capsys, kept_space_helps

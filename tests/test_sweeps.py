@@ -175,8 +175,11 @@ def test_ddp_jobs_inside_a_local_sweep_do_not_start_new_sweeps(tmp_path):
 
 @pytest.mark.slow
 def test_every_sweep_job_is_its_own_wandb_run_with_a_flat_config(tmp_path):
-    proc, folder = sweep(tmp_path, "method=ti,hypernet", "logger=wandb", "samples.every_n_steps=0")
+    # WANDB_MODE= (empty, as CI systems and .env files leave it) counts as unset: offline without credentials
+    env = {"WANDB_MODE": "", "WANDB_API_KEY": None, "HOME": str(tmp_path)}
+    proc, folder = sweep(tmp_path, "method=ti,hypernet", "logger=wandb", "samples.every_n_steps=0", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("W&B: no credentials") == 1  # the sweep decided the mode once, for its jobs
     runs = sorted(folder.glob("*/wandb/offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[-1] for r in runs}) == 2
     for job in find_run_dirs(folder):
