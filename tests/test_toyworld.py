@@ -286,8 +286,13 @@ def test_judge_scores_reach_metrics_summary_and_report(tmp_path):
         tmp_path, "model=toy", "method=hypernet", "data=toy_pastel", "evaluate.every_n_steps=2"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    judge = read_summary(run_dir)["metrics"]
+    summary = read_summary(run_dir)
+    judge = summary["metrics"]
     assert judge["step"] == 4
+    # the run's best step is chosen by the best evidence it has: the judge's score, not CLIP-I
+    assert summary["evidence"] == ["judge/concept", "metrics/clip_i"]
+    assert summary["best"]["metric"] == "judge/concept"
+    assert summary["best"]["value"] == max(float(r["judge/concept"]) for r in _judge_rows(run_dir))
     for prefix in ("judge/", "judge_m0.5/", "judge_m0/"):
         assert {
             f"{prefix}concept",

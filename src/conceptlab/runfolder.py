@@ -150,13 +150,13 @@ class RunFolder:
         """Hydra's record of the run (.hydra/config.yaml, hydra.yaml, overrides.yaml), as Hydra writes it,
         written by the run itself once it holds the folder (train.yaml: hydra.output_subdir=null), so a
         run refused the folder never rewrites the record of the run that has it."""
-        overrides = list(hydra.overrides.task)
-        for name, content in (
-            ("config.yaml", task),
-            ("hydra.yaml", {"hydra": hydra}),
-            ("overrides.yaml", overrides),
-        ):
-            write_text(self.root / ".hydra" / name, OmegaConf.to_yaml(OmegaConf.create(content)))
+        records = (
+            (self.hydra_config, task),
+            (self.hydra_config.with_name("hydra.yaml"), {"hydra": hydra}),
+            (self.overrides, list(hydra.overrides.task)),
+        )
+        for path, content in records:
+            write_text(path, OmegaConf.to_yaml(OmegaConf.create(content)))
 
     def relative(self, path: Path) -> str:
         """`path` relative to the run folder (as the record names files), or as it is if outside."""
