@@ -4,6 +4,7 @@
     python scripts/bench_sweep.py --launcher packed   # the same sweep, hydra/launcher=packed
     python scripts/bench_sweep.py --launcher both     # both, one after the other, and the speed-up
     python scripts/bench_sweep.py --launcher both --repeat 3   # three rounds in turns: the median speed-up
+    python scripts/bench_sweep.py --launcher both --repeat 3 --min-speedup 2.5   # fails below the target
 
 Prints JSON: each sweep's wall time (target, local: under 5 minutes on 2 CPU cores) and, from each job's
 summary.json, the time from job start to its first training step (target: under 10 s), and with
@@ -42,6 +43,10 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--repeat", type=int, default=1, help="sweeps per launcher, in turns; the median of each"
     )
+    parser.add_argument(
+        "--min-speedup", type=float, default=None,
+        help="with --launcher both: exit non-zero below this packed speed-up (target: 2.5)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     launchers = ["local", "packed"] if args.launcher == "both" else [args.launcher]
     report: dict = {"steps_per_job": args.steps}
@@ -74,6 +79,7 @@ def main(argv=None) -> dict:
         )
         report["same_final_losses"] = same
         failed |= not same
+        failed |= args.min_speedup is not None and report["packed_speedup"] < args.min_speedup
         if args.repeat > 1:
             report["rounds"] = [
                 {"local_s": a["sweep_wall_s"], "packed_s": b["sweep_wall_s"],

@@ -165,6 +165,16 @@ def test_bench_sweep_repeat_fails_when_any_round_differs_in_a_jobs_loss(monkeypa
     assert report["same_final_losses"] is False and report["failed"]
 
 
+def test_bench_sweep_fails_below_the_packed_speedup_asked_for(monkeypatch):
+    bench = load_script("bench_sweep")
+    same = {"0_ti": 1.5}
+    for packed, failed in ((20.0, False), (25.0, True)):  # 2.5x and 2.0x against a 50 s local sweep
+        walls = {"local": [50.0], "packed": [packed]}
+        monkeypatch.setattr(bench, "time_sweep", fake_sweeps(walls, {k: [same] for k in walls}, []))
+        report = bench.main(["--launcher", "both", "--min-speedup", "2.5"])
+        assert report["failed"] is failed, report
+
+
 def test_bench_eval_repeat_alternates_the_runs_and_takes_the_medians(monkeypatch, capsys):
     bench = load_script("bench_eval")
     walls = {"plain1": 10.0, "warm1": 13.0, "plain2": 14.0, "warm2": 20.0, "plain3": 11.0, "warm3": 12.0}

@@ -255,3 +255,88 @@ def test_the_shared_pass_groups_the_hypernetwork_jobs_and_each_loss_stays_its_ow
     report = bench.main("--jobs 4 --methods hypernet,ti --batch 1 --rounds 1 --warmup 0".split())
     assert report["same_losses"] is True and not report["failed"]
     assert grouped and all(found and jobs == 2 for jobs, found in grouped)  # the two hypernetwork jobs
+
+
+def test_a_pack_shares_its_tokenizer_until_a_method_adds_words(tiny_dir):
+    """A job whose method leaves the text encoding alone uses the pack's tokenizer; one that adds words
+    (textual inversion) gets a copy of its own, and the pack's vocabulary stays as it was."""
+    from hydra.utils import instantiate
+
+    from conceptlab.config import ModelConfig
+
+    configs = [job_config(0, "method=hypernet"), job_config(1, "method=ti")]
+    pack = Pack(configs, lambda config, member: None)
+    hypernet, ti = (instantiate(config.method, concept="robot") for config in configs)
+    model = ModelConfig(path=str(tiny_dir))
+    shared = pack.members[0].backbone(model, hypernet)
+    own = pack.members[1].backbone(model, ti)
+    words = len(pack.lead.tokenizer)
+    assert shared.tokenizer is pack.lead.tokenizer and own.tokenizer is not pack.lead.tokenizer
+    ti.attach(own)
+    assert len(own.tokenizer) == words + 1 and len(pack.lead.tokenizer) == words
+    assert ti.placeholder in own.tokenizer.get_vocab()
+    assert ti.placeholder not in pack.lead.tokenizer.get_vocab()
+
+
+def test_jobs_of_a_pack_encode_the_same_images_and_captions_once(backbone, monkeypatch):
+    """Data modules given one memo (a pack's) share what they computed for the same images and captions;
+    other images, or no memo, are encoded anew."""
+    from conceptlab import data as data_module
+    from conceptlab.config import DataConfig
+    from conceptlab.data import ConceptDataModule, read_concept_images
+
+    encoded = []
+    original = data_module.encode_latents
+    monkeypatch.setattr(data_module, "encode_latents", lambda *a: encoded.append(1) or original(*a))
+    memo: dict = {}
+
+    def setup(path: str, prompt: str, memo) -> ConceptDataModule:
+        cfg = DataConfig(path=path)
+        dm = ConceptDataModule(cfg, read_concept_images(cfg), backbone, prompt, 0, 64, True, memo=memo)
+        dm.setup()
+        return dm
+
+    a, b = setup("bundled:robot", "robot", memo), setup("bundled:robot", "robot", memo)
+    assert len(encoded) == 1 and a.dataset.mean is b.dataset.mean
+    assert a.dataset.captions.data_ptr() == b.dataset.captions.data_ptr()  # the same contexts, computed once
+    other_words = setup("bundled:robot", "a robot", memo)
+    assert len(encoded) == 1 and not torch.equal(other_words.dataset.captions, a.dataset.captions)
+    setup("bundled:ink", "robot", memo)
+    alone = setup("bundled:robot", "robot", None)
+    assert len(encoded) == 3 and torch.equal(alone.dataset.mean, a.dataset.mean)
+    assert torch.equal(alone.dataset.captions, a.dataset.captions)
+
+
+def test_the_packed_launcher_composes_each_job_once():
+    """The sweeper's check composes every job through the loader it shares with the launcher; the
+    launcher's load of the same job gets that configuration, not a second composition."""
+    from types import SimpleNamespace
+
+    from hydra.plugins.sweeper import Sweeper
+
+    from hydra_plugins.conceptlab_launcher.packed_launcher import ComposedOnce, PackedLauncher
+
+    class Loader:
+        calls: list = []
+
+        def load_sweep_config(self, master_config, sweep_overrides):
+            self.calls.append(tuple(sweep_overrides))
+            return {"job": list(sweep_overrides)}
+
+        def list_groups(self, parent):
+            return ["method"]
+
+    context = SimpleNamespace(config_loader=Loader(), callbacks=None)
+    master = object()
+    launcher = PackedLauncher()
+    launcher.setup(hydra_context=context, task_function=None, config=master)
+    launcher.setup(hydra_context=context, task_function=None, config=master)  # wrapped once
+    assert isinstance(context.config_loader, ComposedOnce)
+    assert isinstance(context.config_loader.loader, Loader)
+    checker = SimpleNamespace(hydra_context=context, config=master)
+    batch = [["method=ti", "seed=0"], ["method=hypernet", "seed=0"]]
+    Sweeper.validate_batch_is_legal(checker, batch)  # Hydra's own check, as the sweeper runs it
+    jobs = [context.config_loader.load_sweep_config(master, job) for job in batch]
+    assert Loader.calls == [tuple(job) for job in batch] and jobs == [{"job": job} for job in batch]
+    context.config_loader.load_sweep_config(master, batch[0])  # a third load composes again
+    assert len(Loader.calls) == 3 and context.config_loader.list_groups("") == ["method"]

@@ -9,13 +9,16 @@ batch B the same samples as one device with batch W*B.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -363,8 +366,12 @@ class ConceptDataModule(pl.LightningDataModule):
     """Concept images -> cached latents and tokenized captions -> a resumable stream of samples."""
 
     def __init__(self, cfg: DataConfig, images: list[ConceptImage], backbone: Backbone, prompt_text: str,
-                 seed: int, resolution: int, cache_context: bool = False):  # fmt: skip
+                 seed: int, resolution: int, cache_context: bool = False, memo: dict | None = None):  # fmt: skip
+        """memo: where jobs of one process that share a backbone (a packed sweep's pack) keep the latents
+        and text contexts they compute, keyed by what these depend on, so the same images and captions
+        are encoded once."""
         super().__init__()
+        self.memo = memo
         check_resolution(resolution, backbone)
         self.cfg, self.images, self.backbone, self.seed = cfg, images, backbone, seed
         self.resolution = resolution
@@ -381,14 +388,48 @@ class ConceptDataModule(pl.LightningDataModule):
             return
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         squares = [to_square(im.image, self.resolution, self.cfg.center_crop) for im in self.images]
-        mean, std = encode_latents(self.backbone, squares, self.cfg.flip_p > 0, device)
-        ids = self.backbone.tokenize([c for captions in self.captions for c in captions])
-        captions = encode_contexts(self.backbone, ids, device) if self.cache_context else ids
+        flips = self.cfg.flip_p > 0
+        mean, std = self._once(
+            ("latents", str(device), self.resolution, flips, *(np.asarray(im).tobytes() for im in squares)),
+            lambda: encode_latents(self.backbone, squares, flips, device),
+        )
+        texts = [c for captions in self.captions for c in captions]
+        tokenizer = self.backbone.tokenizer  # the same words (added ones too) tokenize the same
+        ids = self._once(
+            (
+                "ids",
+                tokenizer.name_or_path,
+                len(tokenizer),
+                sorted(tokenizer.get_added_vocab().items()),
+                texts,
+            ),
+            lambda: self.backbone.tokenize(texts),
+        )
+        if self.cache_context:  # the text encoder is the backbone's own: its output is the same for every job
+            captions = self._once(
+                ("contexts", str(device), tuple(ids.shape), ids.numpy().tobytes()),
+                lambda: encode_contexts(self.backbone, ids, device),
+            )
+        else:
+            captions = ids
         self.dataset = ConceptLatents(
             mean, std, captions.view(len(self.images), -1, *captions.shape[1:]), self.cfg.flip_p, self.seed,
             self.backbone.vae.config.scaling_factor, self.backbone.scheduler.config.num_train_timesteps,
             captions_are_contexts=self.cache_context,
         )  # fmt: skip
+
+    def _once(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """compute(), or what it gave for the same key before (self.memo); keyed by a digest of `key`'s
+        parts (bytes as they are: image pixels, token ids)."""
+        if self.memo is None:
+            return compute()
+        digest = hashlib.sha256()
+        for part in key:
+            digest.update(part if isinstance(part, bytes) else repr(part).encode())
+        name = digest.hexdigest()
+        if name not in self.memo:
+            self.memo[name] = compute()
+        return self.memo[name]
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

@@ -167,10 +167,9 @@ class SweepSummary(Callback):
     """
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        from . import report  # deferred: see the note at the imports
-
         if config.hydra.mode != RunMode.MULTIRUN or launcher_kind(config) != "local":
             return
+        from . import report  # deferred: see the note at the imports
 
         sweep_dir = Path(config.hydra.sweep.dir)
         if config.hydra.job.num + 1 >= (report.expected_job_count(sweep_dir) or 0):

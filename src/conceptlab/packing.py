@@ -220,6 +220,7 @@ class Pack:
         self.split_paths: set[str] = set()
         self.lead_cast = False
         self.tokenizer_blob: bytes | None = None  # the lead's tokenizer, pickled in this process
+        self.data_memo: dict = {}  # latents and text contexts of the jobs' images, computed once (data.py)
         self.passing: list[tuple[Member, slice]] = []  # who is in the running pass, and where
         self._slices: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._runs: dict[str, list[tuple[nn.Module, slice]]] = {}
@@ -527,13 +528,21 @@ class Member:
         self._state: tuple | None = None
 
     # the job's view of the shared things
-    def backbone(self, cfg_model) -> Backbone:
-        """This job's copy of the pack's backbone: its own modules (its method installs into them),
-        the pack's weights."""
+    def backbone(self, cfg_model, method: Method) -> Backbone:
+        """This job's copy of the pack's backbone: its own modules (its method installs into them), the
+        pack's weights; the pack's tokenizer unless the method changes the text encoding (it may add
+        words), in which case a copy of its own (copy on write: most of a pack's jobs need none)."""
         lead = self.pack.lead_backbone(cfg_model)
+        if not method.changes_text_encoding:
+            return shared_copy(lead, share_tokenizer=True)
         if self.pack.tokenizer_blob is None:  # unpickling a copy takes half a deep copy's time
             self.pack.tokenizer_blob = pickle.dumps(lead.tokenizer)
         return shared_copy(lead, self.pack.tokenizer_blob)
+
+    @property
+    def data_memo(self) -> dict:
+        """What the pack's jobs compute once from the same images (latents, cached text contexts)."""
+        return self.pack.data_memo
 
     @contextmanager
     def job_log(self, run_dir: Path, job_name: str) -> Iterator[None]:
@@ -612,15 +621,20 @@ def reach(root: Any, path: str) -> Any:
     return root
 
 
-def shared_copy(backbone: Backbone, tokenizer_blob: bytes | None = None) -> Backbone:
+def shared_copy(
+    backbone: Backbone, tokenizer_blob: bytes | None = None, share_tokenizer: bool = False
+) -> Backbone:
     """The backbone again for one job: module objects of its own (its method installs into them: tokens,
-    processors, adapters), every parameter and buffer the backbone's own tensor, its own tokenizer and
-    model configs (a new word resizes a vocabulary). The VAE and the noise scheduler, which no method
-    changes, are shared as they are."""
+    processors, adapters), every parameter and buffer the backbone's own tensor, its own model configs
+    (a new word resizes a vocabulary) and its own tokenizer unless `share_tokenizer`. The VAE and the
+    noise scheduler, which no method changes, are shared as they are."""
     memo: dict[int, nn.Module] = {id(backbone.vae): backbone.vae}
     clone = _module_copy(backbone, memo)
-    # The tokenizer from this process's own pickle of it (tokenizer_blob), when given: no outside data.
-    clone.tokenizer = pickle.loads(tokenizer_blob) if tokenizer_blob else copy.deepcopy(backbone.tokenizer)
+    if not share_tokenizer:
+        # From this process's own pickle of the tokenizer (tokenizer_blob), when given: no outside data.
+        clone.tokenizer = (
+            pickle.loads(tokenizer_blob) if tokenizer_blob else copy.deepcopy(backbone.tokenizer)
+        )
     return clone
 
 

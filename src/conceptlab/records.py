@@ -10,6 +10,7 @@ process that writes the record, so no side files are needed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import platform
 import sys
 import time
@@ -41,6 +42,12 @@ REPORT_KEY = "conceptlab/record"
 
 
 def package_versions() -> dict[str, str | None]:
+    """The versions of Python and of the packages a result depends on (read once per process)."""
+    return dict(_package_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
         try:

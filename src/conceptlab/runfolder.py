@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import socket
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -150,13 +151,15 @@ class RunFolder:
         """Hydra's record of the run (.hydra/config.yaml, hydra.yaml, overrides.yaml), as Hydra writes it,
         written by the run itself once it holds the folder (train.yaml: hydra.output_subdir=null), so a
         run refused the folder never rewrites the record of the run that has it."""
-        records = (
-            (self.hydra_config, task),
-            (self.hydra_config.with_name("hydra.yaml"), {"hydra": hydra}),
-            (self.overrides, list(hydra.overrides.task)),
+        # Hydra's YAML of each, without first copying the configs into new ones (a packed sweep writes
+        # sixteen of these in a row): hydra.yaml nests Hydra's settings under `hydra:`, indented as
+        # YAML nests a mapping.
+        write_text(self.hydra_config, OmegaConf.to_yaml(task))
+        write_text(
+            self.hydra_config.with_name("hydra.yaml"),
+            "hydra:\n" + textwrap.indent(OmegaConf.to_yaml(hydra), "  "),
         )
-        for path, content in records:
-            write_text(path, OmegaConf.to_yaml(OmegaConf.create(content)))
+        write_text(self.overrides, OmegaConf.to_yaml(OmegaConf.create(list(hydra.overrides.task))))
 
     def relative(self, path: Path) -> str:
         """`path` relative to the run folder (as the record names files), or as it is if outside."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +53,9 @@ def swept_keys(hydra_cfg: Any) -> list[str]:
     # The job sees only its own values; the sweep's command line is in <sweep dir>/multirun.yaml.
     record = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
     if record.is_file():
-        overrides = (
-            (yaml.safe_load(record.read_text()) or {}).get("hydra", {}).get("overrides", {}).get("task", [])
-        )
-        for override in OverridesParser.create().parse_overrides(overrides):
-            if override.is_sweep_override() and override.key_or_group not in keys:
-                keys.append(override.key_or_group)
+        keys += [
+            key for key in command_line_sweeps(str(record), record.stat().st_mtime_ns) if key not in keys
+        ]
     return keys
 
 
@@ -74,6 +72,17 @@ def swept_values(hydra_cfg: Any) -> dict[str, str]:
     """The swept keys with this job's values."""
     values = job_values(hydra_cfg)
     return {key: values[key] for key in swept_keys(hydra_cfg) if key in values}
+
+
+@functools.lru_cache(maxsize=8)
+def command_line_sweeps(record: str, mtime_ns: int) -> tuple[str, ...]:
+    """The keys a sweep's command line sweeps, from its multirun.yaml (read once per sweep and version
+    of the file: every job of a sweep in one process asks)."""
+    overrides = (
+        (yaml.safe_load(Path(record).read_text()) or {}).get("hydra", {}).get("overrides", {}).get("task", [])
+    )
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return tuple(dict.fromkeys(o.key_or_group for o in parsed if o.is_sweep_override()))
 
 
 def short_name(key: str) -> str:

@@ -192,12 +192,12 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
     images = read_concept_images(cfg.data)
     method = make_method(cfg, concept)  # its own checks, before any model loads
     # In a packed sweep: this job's copy of the pack's backbone (its own modules, the pack's weights).
-    backbone = pack.backbone(cfg.model) if pack is not None else load_backbone(cfg.model)
+    backbone = pack.backbone(cfg.model, method) if pack is not None else load_backbone(cfg.model)
     method.attach(backbone)
     resolution = cfg.data.resolution or backbone.native_resolution
     data = ConceptDataModule(
         cfg.data, images, backbone, method.prompt_text, cfg.seed, resolution,
-        cache_context=not method.changes_text_encoding,
+        cache_context=not method.changes_text_encoding, memo=pack.data_memo if pack is not None else None,
     )  # fmt: skip
     record.update(
         headline=[key for e in evaluators for key in getattr(e, "headline", ())],

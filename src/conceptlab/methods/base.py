@@ -122,7 +122,8 @@ class Method(nn.Module, ABC):
 
     @property
     def changes_text_encoding(self) -> bool:
-        """Whether training changes what the text encoder outputs; if not, contexts are cached once."""
+        """Whether training changes what the text encoder outputs (new words included); if not, contexts
+        are cached once, and in a packed sweep the job shares the pack's tokenizer instead of a copy."""
         return True
 
     @property
