@@ -184,3 +184,63 @@ def test_real_photos_from_the_dreambooth_set(backbone):
     dm = ConceptDataModule(cfg, images, backbone, "<cat>", seed=0, resolution=64)
     dm.setup("fit")
     assert torch.isfinite(dm.dataset.mean).all()
+
+
+def test_min_snr_weights_follow_the_formula_per_timestep(backbone):
+    """optim.snr_gamma: w_t = min(SNR_t, γ) / SNR_t (noise prediction) or / (SNR_t + 1) (v-prediction),
+    SNR_t = ᾱ_t / (1 - ᾱ_t), for every timestep of the backbone's schedule."""
+    from conceptlab.data import snr_weights
+
+    alphas = backbone.scheduler.alphas_cumprod
+    gamma = 5.0
+    eps, v = snr_weights(alphas, gamma, False), snr_weights(alphas, gamma, True)
+    assert eps.shape == v.shape == (len(alphas),)
+    for t in (0, 10, 100, 250, 500, 999):
+        snr = float(alphas[t]) / (1 - float(alphas[t]))
+        assert float(eps[t]) == pytest.approx(min(snr, gamma) / snr, rel=1e-5)
+        assert float(v[t]) == pytest.approx(min(snr, gamma) / (snr + 1), rel=1e-5)
+    snr = alphas / (1 - alphas)
+    assert torch.all(eps[snr <= gamma] == 1)
+    assert torch.all(eps[snr > gamma] < 1)  # only the least noisy timesteps are weighted down
+
+
+def test_min_snr_and_noise_offset_change_the_samples_and_the_loss_as_defined(backbone):
+    """With optim.snr_gamma each sample carries its timestep's weight and the loss is the weighted mean of
+    the samples' errors; with optim.noise_offset the noise moves by a constant per channel and sample,
+    every other draw the same. Batches of both kinds in one pass (a pack's) keep each its own loss."""
+    from conceptlab.data import snr_weights
+    from conceptlab.module import diffusion_losses
+
+    cfg = DataConfig(path="bundled:robot", batch_size=2)
+    images = read_concept_images(cfg)
+
+    def dataset(**knobs):
+        dm = ConceptDataModule(cfg, images, backbone, "<robot>", seed=0, resolution=64, **knobs)
+        dm.setup("fit")
+        return dm.dataset
+
+    plain, tuned = dataset(), dataset(snr_gamma=5.0, noise_offset=0.1)
+    a, b = plain[(1, 17)], tuned[(1, 17)]
+    assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["timesteps"], b["timesteps"])
+    shift = b["noise"] - a["noise"]
+    assert not torch.allclose(shift, torch.zeros_like(shift))
+    assert torch.allclose(shift, shift[:, :1, :1].expand_as(shift), atol=1e-6)  # one draw per channel
+    weights = snr_weights(backbone.scheduler.alphas_cumprod, 5.0, False)
+    assert float(b["loss_weight"]) == float(weights[b["timesteps"]]) and "loss_weight" not in a
+
+    def batch(data, positions):
+        items = [data[(i, p)] for i, p in positions]
+        return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+    weighted, unweighted = batch(tuned, [(0, 7), (0, 3)]), batch(plain, [(1, 5), (3, 9)])
+    assert weighted["loss_weight"].tolist() == pytest.approx([0.10006, 1.0], abs=1e-4)  # t = 21 and 983
+    with torch.no_grad():
+        together = diffusion_losses(backbone, [weighted, unweighted])
+        alone = [diffusion_losses(backbone, [weighted])[0], diffusion_losses(backbone, [unweighted])[0]]
+        by_hand = []
+        for row in range(2):  # each sample's own error, times its weight, averaged
+            one = {k: v[row : row + 1] for k, v in weighted.items() if k != "loss_weight"}
+            by_hand.append(diffusion_losses(backbone, [one])[0] * weighted["loss_weight"][row])
+    torch.testing.assert_close(together[0], alone[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(together[1], alone[1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(alone[0], (by_hand[0] + by_hand[1]) / 2, rtol=1e-4, atol=1e-6)

@@ -150,6 +150,21 @@ def test_ckpt_path_continues_from_a_given_checkpoint(tmp_path):
     assert summary["steps"] == 4 and summary["steps_this_process"] == 2
 
 
+def test_min_snr_and_noise_offset_train_through_train_py_and_are_recorded(tmp_path):
+    plain = run_train(tmp_path / "plain", "trainer.max_steps=2")
+    tuned = run_train(
+        tmp_path / "tuned", "trainer.max_steps=2", "optim.snr_gamma=5", "optim.noise_offset=0.1"
+    )
+    assert plain["snr_gamma"] is None and plain["noise_offset"] is None
+    assert tuned["snr_gamma"] == 5 and tuned["noise_offset"] == 0.1 and tuned["status"] == "completed"
+    assert tuned["final_loss"] != plain["final_loss"]
+    for bad, said in (("optim.snr_gamma=0", r"^optim\.snr_gamma=0\.0: .*\(0, inf\)"),
+                      ("optim.noise_offset=-0.1", r"^optim\.noise_offset=-0\.1: .*\[0, inf\)")):  # fmt: skip
+        with pytest.raises(ConfigError, match=said):
+            run_train(tmp_path / "bad", bad)
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
 def test_resume_without_an_earlier_run_says_what_to_do(tmp_path):
     with pytest.raises(ConceptLabError, match="no earlier run of this command"):
         run_train(tmp_path / "run", "resume=true")

@@ -168,7 +168,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate scheduler."""
+    """AdamW, the learning-rate scheduler and the loss's recipe knobs."""
 
     weight_decay: float = opt(1.0e-2, "AdamW weight decay", valid="[0, inf)")
     betas: list[float] = opt([0.9, 0.999], "AdamW betas (two)", valid="[0, 1)")
@@ -177,6 +177,17 @@ class OptimConfig:
         "constant", "diffusers.optimization scheduler: constant, constant_with_warmup, linear, cosine, ..."
     )
     warmup_steps: int = opt(0, "warm-up steps of the scheduler", valid="[0, inf)")
+    snr_gamma: float | None = opt(
+        None,
+        "min-SNR-γ loss weighting (5 in the paper): each sample's loss x min(SNR, γ)/SNR of its timestep "
+        "(/ (SNR+1) for v-prediction); null = off",
+        valid="(0, inf)",
+    )
+    noise_offset: float | None = opt(
+        None,
+        "noise offset: each sample's noise plus this x one normal draw per latent channel (0.05-0.1 usual); null = off",
+        valid="[0, inf)",
+    )
 
 
 @dataclass

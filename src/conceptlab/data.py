@@ -303,8 +303,13 @@ class ConceptLatents(Dataset):
     """
 
     def __init__(self, mean, std, captions, flip_p: float, seed: int, scaling_factor: float, num_timesteps: int,
-                 captions_are_contexts: bool = False):  # fmt: skip
+                 captions_are_contexts: bool = False, noise_offset: float | None = None,
+                 loss_weights: torch.Tensor | None = None):  # fmt: skip
+        """noise_offset: each sample's noise plus this times one normal draw per channel (drawn after the
+        rest of the sample, so a run without it draws what it always drew). loss_weights: a weight per
+        timestep for the sample's loss (min-SNR-γ, `snr_weights`), given with the sample."""
         self.mean, self.std = mean, std  # [images, flips, C, h, w]
+        self.noise_offset, self.loss_weights = noise_offset, loss_weights
         self.captions = captions
         self.caption_key = "context" if captions_are_contexts else "input_ids"
         self.flip_p, self.seed = flip_p, seed
@@ -320,12 +325,26 @@ class ConceptLatents(Dataset):
         template = int(torch.randint(self.captions.shape[1], (), generator=gen))
         mean, std = self.mean[index, flip], self.std[index, flip]
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scaling_factor
-        return {
+        sample = {
             "latents": latents,
             "noise": torch.randn(mean.shape, generator=gen),
             "timesteps": torch.randint(self.num_timesteps, (), generator=gen),
             self.caption_key: self.captions[index, template],
         }
+        if self.noise_offset:
+            offset = torch.randn((mean.shape[0], 1, 1), generator=gen)
+            sample["noise"] = sample["noise"] + self.noise_offset * offset
+        if self.loss_weights is not None:
+            sample["loss_weight"] = self.loss_weights[sample["timesteps"]]
+        return sample
+
+
+def snr_weights(alphas_cumprod: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """min-SNR-γ loss weights per timestep (Hang et al., 2023): min(SNR, γ) / SNR for a model that
+    predicts the noise, min(SNR, γ) / (SNR + 1) for v-prediction; SNR_t = ᾱ_t / (1 - ᾱ_t)."""
+    alphas = alphas_cumprod.double()
+    snr = alphas / (1 - alphas)
+    return (torch.clamp(snr, max=gamma) / (snr + 1 if v_prediction else snr)).float()
 
 
 class StreamSampler(Sampler):
@@ -366,12 +385,14 @@ class ConceptDataModule(pl.LightningDataModule):
     """Concept images -> cached latents and tokenized captions -> a resumable stream of samples."""
 
     def __init__(self, cfg: DataConfig, images: list[ConceptImage], backbone: Backbone, prompt_text: str,
-                 seed: int, resolution: int, cache_context: bool = False, memo: dict | None = None):  # fmt: skip
+                 seed: int, resolution: int, cache_context: bool = False, memo: dict | None = None,
+                 noise_offset: float | None = None, snr_gamma: float | None = None):  # fmt: skip
         """memo: where jobs of one process that share a backbone (a packed sweep's pack) keep the latents
         and text contexts they compute, keyed by what these depend on, so the same images and captions
         are encoded once."""
         super().__init__()
         self.memo = memo
+        self.noise_offset, self.snr_gamma = noise_offset, snr_gamma
         check_resolution(resolution, backbone)
         self.cfg, self.images, self.backbone, self.seed = cfg, images, backbone, seed
         self.resolution = resolution
@@ -415,8 +436,16 @@ class ConceptDataModule(pl.LightningDataModule):
         self.dataset = ConceptLatents(
             mean, std, captions.view(len(self.images), -1, *captions.shape[1:]), self.cfg.flip_p, self.seed,
             self.backbone.vae.config.scaling_factor, self.backbone.scheduler.config.num_train_timesteps,
-            captions_are_contexts=self.cache_context,
+            captions_are_contexts=self.cache_context, noise_offset=self.noise_offset,
+            loss_weights=self._loss_weights(),
         )  # fmt: skip
+
+    def _loss_weights(self) -> torch.Tensor | None:
+        if self.snr_gamma is None:
+            return None
+        scheduler = self.backbone.scheduler
+        v_prediction = scheduler.config.prediction_type == "v_prediction"
+        return snr_weights(scheduler.alphas_cumprod, self.snr_gamma, v_prediction)
 
     def _once(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """compute(), or what it gave for the same key before (self.memo); keyed by a digest of `key`'s

@@ -60,7 +60,21 @@ def diffusion_losses(
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    return [F.mse_loss(p.float(), t.float()) for p, t in zip(prediction.split(sizes), target.split(sizes))]
+    return [
+        sample_weighted_mse(p.float(), t.float(), batch.get("loss_weight"))
+        for p, t, batch in zip(prediction.split(sizes), target.split(sizes), batches)
+    ]
+
+
+def sample_weighted_mse(
+    prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
+) -> torch.Tensor:
+    """The mean squared error; with a weight per sample (min-SNR-γ), each sample's mean error times its
+    weight, averaged over the batch (as the diffusers and kohya scripts weight it)."""
+    if weight is None:
+        return F.mse_loss(prediction, target)
+    per_sample = F.mse_loss(prediction, target, reduction="none").flatten(1).mean(1)
+    return (per_sample * weight.to(per_sample)).mean()
 
 
 class ConceptModule(pl.LightningModule):

@@ -86,6 +86,8 @@ class RunSummary:
     images: list[str] = field(default_factory=list)
     resolution: int | None = None
     resumed_from: str | None = None
+    snr_gamma: float | None = None  # optim.snr_gamma: min-SNR-γ loss weighting (None: off)
+    noise_offset: float | None = None  # optim.noise_offset (None: off)
     # training (reported by RunStats)
     steps: int | None = None
     final_loss: float | None = None

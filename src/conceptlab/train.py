@@ -198,6 +198,7 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
     data = ConceptDataModule(
         cfg.data, images, backbone, method.prompt_text, cfg.seed, resolution,
         cache_context=not method.changes_text_encoding, memo=pack.data_memo if pack is not None else None,
+        noise_offset=cfg.optim.noise_offset, snr_gamma=cfg.optim.snr_gamma,
     )  # fmt: skip
     record.update(
         headline=[key for e in evaluators for key in getattr(e, "headline", ())],
@@ -219,6 +220,7 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
         num_images=len(images), images=[str(im.path) for im in images], resolution=resolution,
         resumed_from=str(ckpt_path) if ckpt_path else None,
         trainable_params=sum(p.numel() for p in method.trainable_parameters()),
+        snr_gamma=cfg.optim.snr_gamma, noise_offset=cfg.optim.noise_offset,
     )  # fmt: skip
     record.write()
     with warnings.catch_warnings():
