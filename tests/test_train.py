@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -163,6 +164,57 @@ def test_min_snr_and_noise_offset_train_through_train_py_and_are_recorded(tmp_pa
         with pytest.raises(ConfigError, match=said):
             run_train(tmp_path / "bad", bad)
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "lr", "mark"),
+    [("adamw", "1e-3", "amsgrad"), ("adafactor", "1e-3", "relative_step"), ("prodigy", "1.0", "d0")],
+)
+def test_optim_name_trains_with_that_optimizer_and_checkpoints_its_state(tmp_path, name, lr, mark):
+    run = tmp_path / name
+    summary = run_train(run, f"optim.name={name}", f"method.lr={lr}", "trainer.max_steps=2")
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    [state] = checkpoint["optimizer_states"]
+    assert mark in state["param_groups"][0] and state["state"]  # that optimizer's, stepped and saved
+    assert math.isfinite(summary["final_loss"])
+
+
+@pytest.mark.slow
+def test_prodigy_resumes_bit_for_bit(tmp_path):
+    check_resume(tmp_path, "optim.name=prodigy", "method.lr=1.0")
+
+
+def test_an_unknown_or_unusable_optimizer_is_refused_in_one_line(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"^optim\.name='sgd': use one of adamw, adamw8bit, adafactor, prodigy$"
+    ):
+        run_train(tmp_path / "sgd", "optim.name=sgd")
+    if not torch.cuda.is_available():
+        with pytest.raises(
+            ConfigError, match=r"^optim\.name=adamw8bit: .* CUDA GPU .* use optim\.name=adamw"
+        ):
+            run_train(tmp_path / "8bit", "optim.name=adamw8bit")
+    assert not any(tmp_path.glob("*/checkpoints"))
+
+
+def test_gradient_checkpointing_recomputes_the_unet_and_trains_the_same(tmp_path, monkeypatch):
+    import torch.utils.checkpoint
+
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    args = ("method=hypernet", "trainer.max_steps=2", "samples.every_n_steps=0")
+    plain = run_train(tmp_path / "plain", *args)
+    assert not calls
+    saving = run_train(tmp_path / "saving", *args, "trainer.gradient_checkpointing=true")
+    assert calls  # the UNet's blocks went through torch's checkpoint
+    assert saving["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-5)
+    a, b = (load_file(next((tmp_path / d / "concepts").glob("*.safetensors"))) for d in ("plain", "saving"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
 
 
 def test_resume_without_an_earlier_run_says_what_to_do(tmp_path):

@@ -166,13 +166,21 @@ class DataConfig:
     )
 
 
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW, the learning-rate scheduler and the loss's recipe knobs."""
+    """The optimizer, the learning-rate scheduler and the loss's recipe knobs."""
 
-    weight_decay: float = opt(1.0e-2, "AdamW weight decay", valid="[0, inf)")
-    betas: list[float] = opt([0.9, 0.999], "AdamW betas (two)", valid="[0, 1)")
-    eps: float = opt(1.0e-8, "AdamW epsilon", valid="(0, inf)")
+    name: str = opt(
+        "adamw",
+        "adamw (torch) | adamw8bit (bitsandbytes, CUDA only) | adafactor (transformers) | prodigy "
+        "(prodigyopt: it finds the step size itself; give method.lr=1)",
+    )
+    weight_decay: float = opt(1.0e-2, "weight decay (decoupled, as AdamW's)", valid="[0, inf)")
+    betas: list[float] = opt([0.9, 0.999], "betas (two; Adafactor takes none)", valid="[0, 1)")
+    eps: float = opt(1.0e-8, "epsilon (AdamW, AdamW 8-bit, Prodigy)", valid="(0, inf)")
     scheduler: str = opt(
         "constant", "diffusers.optimization scheduler: constant, constant_with_warmup, linear, cosine, ..."
     )
@@ -192,7 +200,8 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    """Keyword arguments of Lightning's Trainer (only these are accepted), and `compile`."""
+    """Keyword arguments of Lightning's Trainer (only these are accepted), `compile` and
+    `gradient_checkpointing`."""
 
     accelerator: str = opt("auto", "cpu | gpu | auto")
     devices: Any = opt(1, "devices per node")
@@ -215,6 +224,11 @@ class TrainerConfig:
         False,
         "torch.compile the UNet (conceptlab's key, not Lightning's): true, or a mode: default, "
         "reduce-overhead (CUDA graphs), max-autotune",
+    )
+    gradient_checkpointing: bool = opt(
+        False,
+        "recompute the UNet's blocks in the backward instead of keeping their activations (conceptlab's key: "
+        "less memory, ~30% more compute)",
     )
 
 

@@ -77,6 +77,26 @@ def sample_weighted_mse(
     return (per_sample * weight.to(per_sample)).mean()
 
 
+def make_optimizer(optim: OptimConfig, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """optim.name's optimizer over `params` (each from its own library, loaded only when chosen)."""
+    betas, eps, decay = tuple(optim.betas), optim.eps, optim.weight_decay
+    if optim.name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=decay)
+    if optim.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # The given rate as it is (no relative step, no parameter scaling): a rate like every other's.
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=decay)  # fmt: skip
+    if optim.name == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=lr, betas=betas, eps=eps, weight_decay=decay)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=decay)
+
+
 class ConceptModule(pl.LightningModule):
     def __init__(self, backbone: Backbone, method: Method, optim: OptimConfig,
                  lr_schedule: list[tuple[float, int | None]], max_steps: int,
@@ -125,13 +145,7 @@ class ConceptModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            self.method.trainable_parameters(),
-            lr=self.lr,
-            betas=tuple(self.optim.betas),
-            eps=self.optim.eps,
-            weight_decay=self.optim.weight_decay,
-        )
+        optimizer = make_optimizer(self.optim, self.method.trainable_parameters(), self.lr)
         if len(self.lr_schedule) > 1:  # an AUTOMATIC1111 step schedule
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda step: rate_at(self.lr_schedule, step) / self.lr_schedule[0][0]

@@ -117,6 +117,8 @@ def pack_key(config: DictConfig) -> str | None:
         one_device = str(trainer.get("devices", 1)) == "1" and str(trainer.get("num_nodes", 1)) == "1"
         if not one_device or trainer.get("strategy", "auto") not in ("auto", None) or trainer.get("compile"):
             return None
+        if trainer.get("gradient_checkpointing"):  # recomputed after the shared pass, outside it
+            return None
         if config.data.get("num_workers", 0):
             return None  # forked data-loader workers and the pack's threads do not mix
         if config.hydra.job.get("chdir"):

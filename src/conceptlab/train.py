@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import re
@@ -36,7 +37,7 @@ from .callbacks import (
     RunStats,
     SampleGrid,
 )
-from .config import DataConfig, ModelConfig, TrainConfig, check_config
+from .config import OPTIMIZERS, DataConfig, ModelConfig, TrainConfig, check_config
 from .console import StepProgress, is_verbose, logging_around_bars, quiet_third_party, say
 from .data import ConceptDataModule, read_concept_images
 from .errors import ConceptLabError, ConfigError, error_line
@@ -295,6 +296,22 @@ def check_settings(cfg: DictConfig, concept: str) -> None:
         check_wandb_environment()  # before anything loads: W&B would refuse the run over its environment
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)}: give two, e.g. [0.9,0.999]")
+    check_optimizer(cfg)
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """optim.name is one we build, and where it runs: bitsandbytes' 8-bit AdamW needs a CUDA device."""
+    if cfg.optim.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={cfg.optim.name!r}: use one of {', '.join(OPTIMIZERS)}")
+    if cfg.optim.name == "adamw8bit" and (not torch.cuda.is_available() or cfg.trainer.accelerator == "cpu"):
+        raise ConfigError(
+            "optim.name=adamw8bit: bitsandbytes' 8-bit AdamW runs on a CUDA GPU and this run has none; "
+            "use optim.name=adamw (or adafactor) on the CPU"
+        )
+    if cfg.optim.name == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "optim.name=adamw8bit: bitsandbytes is not installed; pip install bitsandbytes (the gpu extra: pip install -e '.[gpu]')"
+        )
 
 
 def make_evaluators(cfg: DictConfig, record: RunRecord) -> list:
@@ -406,6 +423,11 @@ def make_module(cfg: DictConfig, trainer, backbone, method, record: RunRecord, p
         backbone.to(dtype)
     for parameter in method.trainable_parameters():  # what trains stays float32, whatever the backbone
         parameter.data = parameter.data.float()
+    if cfg.trainer.gradient_checkpointing:
+        # The UNet's blocks recomputed in the backward (the method says how its modules take it). The frozen
+        # text encoder is in eval mode, where transformers does not checkpoint; its 77 tokens' activations
+        # are small beside the UNet's.
+        method.enable_gradient_checkpointing(backbone)
     compile_unet(backbone, cfg.trainer.compile)
     schedule = method.lr_schedule
     if len(schedule) > 1 and cfg.optim.scheduler != "constant":
@@ -453,7 +475,8 @@ def trainer_kwargs(cfg: DictConfig, in_sweep: bool) -> dict[str, Any]:
     local sweep uses `ddp_spawn`, whose ranks are started inside the job.
     """
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kwargs.pop("compile", None)  # conceptlab's own (make_module), not a Trainer argument
+    for own in ("compile", "gradient_checkpointing"):  # conceptlab's own (make_module), not the Trainer's
+        kwargs.pop(own, None)
     started_outside = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     if in_sweep and kwargs.get("strategy") == "ddp" and not started_outside:
         log.info("trainer.strategy=ddp inside a local sweep: using ddp_spawn (ddp would re-run the sweep)")

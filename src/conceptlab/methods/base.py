@@ -13,6 +13,7 @@ A method is one module in this package (or in a user's package, advertised under
   (`lr_schedule`).
 * training: `attach` (install into the backbone, unfreezing whatever part it trains),
   `trainable_parameters`, `prompt_text`, `changes_text_encoding`, `export` (its concept files),
+  `enable_gradient_checkpointing` (`trainer.gradient_checkpointing`),
   `at_multiplier` / `inference` (sampling during training), `usage` (the generate prompt).
 * packed sweeps (optional): `packed_modules` (where it acts), `prepare_pack_lead`, and on the modules
   it installs there a static `packed_group` (`PackedGroup`: several jobs' modules computed together).
@@ -150,6 +151,12 @@ class Method(nn.Module, ABC):
                     yield
         finally:
             self.train(was_training)
+
+    def enable_gradient_checkpointing(self, backbone: Backbone) -> None:
+        """`trainer.gradient_checkpointing`: the UNet's blocks are recomputed in the backward (diffusers'
+        own). A method whose installed modules keep results across layers (a memo) turns that off here:
+        a recomputed block must do exactly what it did the first time."""
+        backbone.unet.enable_gradient_checkpointing()
 
     def packed_modules(self, backbone: Backbone) -> list[str] | None:
         """Where this method acts, for packed sweeps (`hydra/launcher=packed`): the paths in `backbone`

@@ -289,6 +289,12 @@ class Hypernetwork(Method):
         self._stack = install_hypernetworks(backbone.unet)
         self._stack.entries = [(self.net, 1.0)]
 
+    def enable_gradient_checkpointing(self, backbone: Backbone) -> None:
+        """Each layer transforms the text context itself: a block recomputed in the backward would
+        otherwise find the memo another block left and save other tensors than it did the first time."""
+        self._stack.memoize = False
+        super().enable_gradient_checkpointing(backbone)
+
     def packed_modules(self, backbone: Backbone) -> list[str]:
         """The stack of every attention layer whose key/value inputs a module pair of this hypernetwork
         transforms: in a packed sweep only the pairs run per job; the attention itself runs once."""
@@ -423,10 +429,11 @@ class HypernetworkStack:
         # Every cross-attention layer (and every denoising step) reads the same text-context tensor:
         # its transform is computed once and reused while that tensor and the stack are unchanged.
         self._memo: tuple | None = None
+        self.memoize = True  # off under gradient checkpointing (Hypernetwork.enable_gradient_checkpointing)
 
     def __call__(self, context: torch.Tensor, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value inputs for `context`; `shared` = a text context that other layers read too."""
-        if not shared:
+        if not shared or not self.memoize:
             return self._apply(context)
         # Parameter versions change with every in-place optimizer update: a trained module never
         # reuses an output computed with its old weights.
