@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
 
 from conceptlab.cli import quote_text_overrides, reference_markdown, register_configs
 from conceptlab.config import EvaluateRunConfig, GenerateConfig, TrainConfig, key_help
@@ -66,7 +67,9 @@ def first_of_each_sweep(overrides: list[str]) -> list[str]:
     """A sweep's overrides with each swept key at its first value: the first job's command line."""
     chosen = []
     for text, override in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
-        if override.is_sweep_override():
+        if override.value_type == ValueType.INTERVAL_SWEEP:  # a search's range: its lower end
+            text = f"{text.split('=', 1)[0]}={override.value().start}"
+        elif override.is_sweep_override():
             text = f"{text.split('=', 1)[0]}={next(iter(override.sweep_string_iterator()))}"
         chosen.append(text)
     return chosen

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from conftest import ROOT, compose, run_train, sweep
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
 
 from conceptlab.errors import ConfigError
 from conceptlab.report import collect, write_report
@@ -25,9 +26,17 @@ def sweep_params(experiment: str) -> dict[str, list[str]]:
     cfg = compose([f"+experiment={experiment}"], with_hydra=True)
     params = cfg.hydra.sweeper.params or {}
     parser = OverridesParser.create()
-    return {
-        k: list(parser.parse_overrides([f"{k}={v}"])[0].sweep_string_iterator()) for k, v in params.items()
-    }
+    found = {}
+    for key, value in params.items():
+        [override] = parser.parse_overrides([f"{key}={value}"])
+        if override.value_type == ValueType.INTERVAL_SWEEP:  # a search's range: its two ends
+            interval = override.value()
+            found[key] = [str(interval.start), str(interval.end)]
+        elif "optuna" in str(cfg.hydra.sweeper._target_).lower():  # a search's choices, as Optuna writes them
+            found[key] = [str(choice) for choice in override.value().list]
+        else:
+            found[key] = list(override.sweep_string_iterator())
+    return found
 
 
 def test_the_studies_the_framework_answers_are_there():
@@ -382,3 +391,44 @@ def test_expected_jobs_count_a_command_line_value_instead_of_the_experiments_swe
                         "sweeper": {"params": {"method": "ti,hypernet", "data": "x,y,z", "seed": "0,1,2"}}}}  # fmt: skip
     (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(record))
     assert expected_job_count(tmp_path) == 1 * 2 * 3  # method pinned, data swept on the command line, 3 seeds
+
+
+@pytest.mark.slow
+def test_a_search_runs_its_trials_through_train_py_and_the_report_reads_it(tmp_path):
+    """hydra/sweeper=optuna: each trial is a run whose task returns its metric to Optuna; the sweep's record,
+    job count, swept keys and report read the search like any sweep."""
+    args = ["+experiment=search_ti", "hydra.sweeper.n_trials=3", "study.metric=final_loss", "study.goal=min",
+            "hydra.sweeper.direction=minimize", "samples.every_n_steps=0"]  # fmt: skip
+    proc, folder = sweep(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads((d / "summary.json").read_text()) for d in find_run_dirs(folder)]
+    assert len(summaries) == 3 and all(s["status"] == "completed" for s in summaries)
+    assert all(set(s["swept"]) == {"method.lr", "method.num_vectors"} for s in summaries)
+    assert len({s["swept"]["method.lr"] for s in summaries}) == 3  # each trial its own setting
+    best = yaml.safe_load((folder / "optimization_results.yaml").read_text())
+    assert best["best_value"] == min(s["final_loss"] for s in summaries)  # the values train.py returned
+    assert "sweep: 3 jobs in" in proc.stdout and proc.stdout.count("sweep: ") == 1  # ended once, at the end
+    runs = collect(folder).runs
+    assert len(runs) == 3 and "method.lr" in runs.columns
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["model=tiny"],
+            r"^error: study\.metric=judge/concept: no evaluator scores these runs .* study\.metric=final_loss",
+        ),
+        (
+            ["study.goal=min"],
+            r"^error: hydra\.sweeper\.direction=maximize: .* set hydra\.sweeper\.direction=minimize",
+        ),
+    ],
+)
+def test_a_search_that_cannot_optimize_its_metric_is_one_line_before_any_trial(tmp_path, args, said):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "+experiment=search_ti", *args, f"output_root={tmp_path}"],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 2 and re.search(said, proc.stderr.strip()), proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "multirun").exists()

@@ -15,10 +15,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import call
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConceptLabError, error_line
-from .sweeps import wandb_group
+from .sweeps import TRAINING_LOSS, search_problem, wandb_group
 from .wandbmode import wandb_mode
 
 # The report (pandas, matplotlib, torch) loads when a sweep ends, not here: Hydra builds these callbacks
@@ -58,6 +58,7 @@ class CheckLauncher(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         decide_wandb_mode(config)
+        search_check(config)
         target = str(config.hydra.launcher.get("_target_", ""))
         if "Slurm" in target and shutil.which("sbatch") is None:
             print(
@@ -166,6 +167,14 @@ class SweepSummary(Callback):
     sweep here. A sweep with a job that did not complete exits with status 1 at its end.
     """
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra's basic sweeper records the sweep's command line in multirun.yaml (the swept keys, the job
+        # count and the report read it); a search (hydra/sweeper=optuna) does not: the same record here.
+        record = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
+        if not record.exists():
+            record.parent.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(config, record)
+
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN or launcher_kind(config) != "local":
             return
@@ -191,6 +200,22 @@ class SweepSummary(Callback):
             print(f"sweep: {len(failed)} of {len(runs)} jobs did not complete ({', '.join(failed)}): "
                   "their records (summary.json) and lines above say why", file=sys.stderr)  # fmt: skip
             sys.exit(1)
+
+
+def search_check(config: DictConfig) -> None:
+    """A search (hydra/sweeper=optuna) that could not optimize its metric is one line and exit status 2
+    before its first trial (each trial checks it too, with its evaluators' own evidence)."""
+    if "optuna" not in str(config.hydra.sweeper.get("_target_", "")).lower():
+        return
+    study = config.get("study") or {}
+    evaluated = bool(config.get("evaluators")) and bool(config.evaluate.enabled)
+    metric = study.get("metric") or (None if evaluated else TRAINING_LOSS)
+    if metric is None:  # the evaluators' own evidence: known once a trial builds them
+        return
+    problem = search_problem(metric, study.get("goal"), config.hydra.sweeper.get("direction"), evaluated)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
 
 
 def launcher_kind(config: DictConfig) -> str:

@@ -32,7 +32,7 @@ from hydra.utils import get_object
 from .atomic import atomic_path
 from .errors import ConceptLabError, ConfigError, error_line
 from .runfolder import RunFolder, find_run_dirs
-from .sweeps import LOSS_CAVEAT, TRAINING_LOSS, evidence_order
+from .sweeps import LOSS_CAVEAT, TRAINING_LOSS, evidence_order, metric_goal
 
 # wandb load inside the functions that use them, not here: importing them costs wandb ~1 s on the
 # 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
@@ -71,6 +71,8 @@ def expected_job_count(root: Path) -> int | None:
     if not record.is_file():
         return None
     hydra_cfg = (yaml.safe_load(record.read_text()) or {}).get("hydra", {})
+    if (hydra_cfg.get("sweeper") or {}).get("n_trials"):  # a search: its number of trials
+        return int(hydra_cfg["sweeper"]["n_trials"])
     overrides = list(hydra_cfg.get("overrides", {}).get("task", []))
     params = (hydra_cfg.get("sweeper") or {}).get("params") or {}
     swept_on_command_line = set()
@@ -276,7 +278,7 @@ def headline(sweep: Sweep) -> Headline | None:
                 f"it); {stand_in} stands in. " + note
             ).strip()
     done = done[done[metric].notna()]
-    goal = sweep.study.get("goal") or ("min" if "loss" in metric else "max")
+    goal = metric_goal(metric, sweep.study.get("goal"))
     settings = [a for a in sweep.axes if a != "seed" and a in done] or ["method"]
     table = (
         done.assign(**{a: done[a].astype(str) for a in settings})

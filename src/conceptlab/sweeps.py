@@ -33,6 +33,32 @@ def evidence_order(evidence: list[str] | tuple[str, ...] = ()) -> list[str]:
     return list(dict.fromkeys(order))
 
 
+def metric_goal(metric: str, goal: str | None = None) -> str:
+    """max | min: `goal` (study.goal) where given, else min for a loss and max for any other metric."""
+    return goal or ("min" if "loss" in metric else "max")
+
+
+def search_problem(metric: str, goal: str | None, direction: Any, evaluated: bool) -> str | None:
+    """Why a search (hydra/sweeper=optuna) could not optimize `metric`, or None: a metric other than the
+    training loss needs evaluators during training, and `hydra.sweeper.direction` (an enum or a name)
+    must say what the metric's goal says."""
+    if metric != TRAINING_LOSS and not evaluated:
+        return (
+            f"study.metric={metric}: no evaluator scores these runs (evaluators=none, evaluate.enabled=false, or a "
+            f"model without them), so the search has nothing to optimize; search study.metric={TRAINING_LOSS} or "
+            "evaluate during training"
+        )
+    wanted = "maximize" if metric_goal(metric, goal) == "max" else "minimize"
+    given = str(getattr(direction, "name", direction))
+    if given == wanted:
+        return None
+    return (
+        f"hydra.sweeper.direction={given}: the search's metric {metric} is better "
+        f"{'higher' if wanted == 'maximize' else 'lower'} (study.goal={metric_goal(metric, goal)}); "
+        f"set hydra.sweeper.direction={wanted}"
+    )
+
+
 def wandb_group(group: str | None, study: str | None, sweep_dir: str | Path | None) -> str | None:
     """The W&B group of a run: logger.group, else the study's name (or "sweep") and the sweep's id (its
     folder's name) for a sweep's jobs, else the study's name. The jobs of one sweep share it, and so does

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import math
 import os
 import re
 import signal
@@ -58,8 +59,8 @@ from .runfolder import (
 )
 from .sampling import SharedDraws
 from .schedules import scaled
+from .sweeps import TRAINING_LOSS, search_problem, swept_values, wandb_group
 from .sweeps import run_name as sweep_run_name
-from .sweeps import swept_values, wandb_group
 from .wandbmode import check_wandb_environment
 
 # wandb load inside the functions that use them, not here: importing them costs wandb ~1 s on the
@@ -72,28 +73,67 @@ log = logging.getLogger(__name__)
 RESUME_KEYS = ("resume", "ckpt_path", "trainer.max_steps")
 
 
-def main(cfg: DictConfig, pack: Member | None = None) -> dict[str, Any]:
-    """The Hydra task: train, and turn a user's mistake into one line on stderr and exit status 2.
+def main(cfg: DictConfig, pack: Member | None = None) -> dict[str, Any] | float | str:
+    """The Hydra task: train, and turn a user's mistake into one line on stderr and exit status 2. In a
+    search (`hydra/sweeper=optuna`) it returns the run's metric to the sweeper, else the run's summary.
 
     pack: in a packed sweep, this job's member of the pack (the packed launcher passes it)."""
 
     quiet_third_party(verbose=is_verbose())
     try:
-        return run(cfg, pack)
+        summary = run(cfg, pack)
+        return search_value(cfg, summary) if in_search() else summary
     except ConceptLabError as err:
         if not isinstance(err, RunFolderRefused):  # that folder's record belongs to the run it is
             say(f"run record: {Path(HydraConfig.get().runtime.output_dir) / 'summary.json'} (failed)")
         print(error_line(err), file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # Said in one line and recorded: the sweep's other jobs go on, and the sweep exits non-zero at
-            # its end (hydra_callbacks.SweepSummary), without Hydra's traceback of this job's error.
-            return {"status": "failed", "error": error_line(err)}
+            # its end (hydra_callbacks.SweepSummary), without Hydra's traceback of this job's error. To a
+            # search the line itself: no number, so Optuna records the trial as failed.
+            return error_line(err) if in_search() else {"status": "failed", "error": error_line(err)}
         sys.exit(2)
     except SystemExit as stop:
         if isinstance(stop, SIGTERMException):  # Lightning stops at the next step with a bare SystemExit
             say(f"run record: {Path(HydraConfig.get().runtime.output_dir) / 'summary.json'} (interrupted)")
             sys.exit(128 + signal.SIGTERM)  # what a process ended by SIGTERM reports, never success
         raise
+
+
+def in_search() -> bool:
+    """Whether this job is a trial of a search (`hydra/sweeper=optuna`): its task returns the run's metric."""
+    hydra_cfg = HydraConfig.get()
+    return (
+        hydra_cfg.mode == RunMode.MULTIRUN and "optuna" in str(hydra_cfg.sweeper.get("_target_", "")).lower()
+    )
+
+
+def search_metric(cfg: DictConfig, evidence: list[str]) -> str:
+    """What a search optimizes: study.metric, else the evaluators' first evidence during training (the
+    judge's concept score on model=toy), else the final training loss."""
+    return cfg.study.metric or (evidence[0] if evidence else TRAINING_LOSS)
+
+
+def check_search(cfg: DictConfig, evidence: list[str]) -> None:
+    """A search measures its metric, and its direction agrees with the metric's goal (before anything loads)."""
+    if in_search():
+        metric = search_metric(cfg, evidence)
+        direction = HydraConfig.get().sweeper.get("direction")
+        problem = search_problem(metric, cfg.study.goal, direction, evaluated=bool(evidence))
+        if problem:
+            raise ConfigError(problem)
+
+
+def search_value(cfg: DictConfig, summary: dict[str, Any]) -> float | str:
+    """The run's value of the search's metric (its last evaluation's); where the run has none, a line
+    saying so, which is no number: Optuna records the trial as failed (NaN would stop Optuna's sweeper)."""
+    metric = search_metric(cfg, summary.get("evidence") or [])
+    found = (
+        summary.get("final_loss") if metric == TRAINING_LOSS else (summary.get("metrics") or {}).get(metric)
+    )
+    if not isinstance(found, int | float) or math.isnan(found):
+        return f"the run has no {metric} to tell the search"
+    return float(found)
 
 
 def run(cfg: DictConfig, pack: Member | None = None) -> dict[str, Any]:
@@ -190,6 +230,7 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # Cheap checks first: a bad image folder or evaluator setting fails before any model loads.
     evaluators = make_evaluators(cfg, record)
+    check_search(cfg, [e.evidence for e in evaluators if getattr(e, "evidence", None)])
     images = read_concept_images(cfg.data)
     method = make_method(cfg, concept)  # its own checks, before any model loads
     # In a packed sweep: this job's copy of the pack's backbone (its own modules, the pack's weights).
