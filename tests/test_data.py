@@ -15,6 +15,7 @@ from conceptlab.data import (
     fill_template,
     load_templates,
     read_concept_images,
+    resolve_data_path,
     select_subset,
 )
 from conceptlab.errors import ConceptDataError, ConfigError
@@ -244,3 +245,75 @@ def test_min_snr_and_noise_offset_change_the_samples_and_the_loss_as_defined(bac
     torch.testing.assert_close(together[0], alone[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(together[1], alone[1], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(alone[0], (by_hand[0] + by_hand[1]) / 2, rtol=1e-4, atol=1e-6)
+
+
+def masked_set(folder):
+    """Three of the robot's pictures: the first with its left half transparent, the second without an alpha
+    channel, the third fully opaque RGBA."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = sorted(resolve_data_path("bundled:robot").glob("*.png"))[:3]
+    for k, source in enumerate(sources):
+        image = Image.open(source).convert("RGB")
+        if k != 1:
+            alpha = np.full((image.height, image.width), 255, np.uint8)
+            if k == 0:
+                alpha[:, : image.width // 2] = 0
+            image = Image.fromarray(np.dstack([np.asarray(image), alpha]), "RGBA")
+        image.save(folder / f"{k:02d}.png")
+    return folder
+
+
+def test_alpha_masks_weight_the_loss_per_latent_pixel_and_unmasked_images_train_whole(backbone, tmp_path):
+    cfg = DataConfig(path=str(masked_set(tmp_path / "set")), mask="alpha", flip_p=0.5)
+    images = read_concept_images(cfg)
+    assert [im.mask is not None for im in images] == [True, False, True]
+    dm = ConceptDataModule(cfg, images, backbone, "<robot>", seed=0, resolution=64)
+    dm.setup("fit")
+    masks = dm.dataset.masks
+    assert masks.shape == (3, 2, 1, 8, 8)  # images, flips, one channel, the latent grid
+    assert torch.all(masks[0, 0, :, :, :3] == 0) and torch.all(masks[0, 0, :, :, 5:] == 1)  # the edge between
+    assert masks.min() >= 0 and masks.max() <= 1
+    assert torch.equal(masks[0, 1], masks[0, 0].flip(-1))  # the flipped view's mask is mirrored
+    assert torch.all(masks[1] == 1) and torch.all(masks[2] == 1)
+    assert dm.dataset[(0, 3)]["loss_mask"].shape == (1, 8, 8)
+    unmasked = DataConfig(path=cfg.path)
+    plain = ConceptDataModule(
+        unmasked, read_concept_images(unmasked), backbone, "<robot>", seed=0, resolution=64
+    )
+    plain.setup("fit")
+    assert plain.dataset.masks is None and "loss_mask" not in plain.dataset[(0, 3)]
+
+
+def test_masked_pixels_contribute_no_gradient():
+    from conceptlab.module import weighted_mse
+
+    prediction = torch.randn(2, 4, 8, 8, requires_grad=True)
+    target = torch.randn(2, 4, 8, 8)
+    mask = torch.ones(2, 1, 8, 8)
+    mask[:, :, :, :4] = 0
+    loss = weighted_mse(prediction, target, mask=mask)
+    loss.backward()
+    assert torch.all(prediction.grad[..., :4] == 0) and torch.all(prediction.grad[..., 4:] != 0)
+    torch.testing.assert_close(
+        loss, ((prediction - target) ** 2 * mask).mean()
+    )  # over every pixel, as kohya's
+    weight = torch.tensor([0.5, 1.0])
+    per_sample = ((prediction - target) ** 2 * mask).flatten(1).mean(1)
+    torch.testing.assert_close(weighted_mse(prediction, target, weight, mask), (per_sample * weight).mean())
+
+
+def test_folder_masks_of_another_size_or_a_missing_folder_are_one_line(tmp_path):
+    folder = masked_set(tmp_path / "set")
+    with pytest.raises(ConceptDataError, match=r"data\.mask=folder but .*masks is not a folder"):
+        read_concept_images(DataConfig(path=str(folder), mask="folder"))
+    (folder / "masks").mkdir()
+    Image.new("L", (128, 128), 255).save(folder / "masks" / "00.png")
+    images = read_concept_images(DataConfig(path=str(folder), mask="folder"))
+    assert [im.mask is not None for im in images] == [True, False, False]
+    Image.new("L", (10, 20), 255).save(folder / "masks" / "01.png")
+    with pytest.raises(
+        ConceptDataError, match=r"^mask .*01\.png is 10x20 but 01\.png is 128x128: make the mask"
+    ):
+        read_concept_images(DataConfig(path=str(folder), mask="folder"))
+    with pytest.raises(ConfigError, match=r"^data\.mask='depth': use alpha, folder or null"):
+        read_concept_images(DataConfig(path=str(folder), mask="depth"))

@@ -217,6 +217,17 @@ def test_gradient_checkpointing_recomputes_the_unet_and_trains_the_same(tmp_path
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
 
 
+def test_a_masked_run_through_train_py_says_how_many_images_had_a_mask(tmp_path):
+    from test_data import masked_set
+
+    folder = masked_set(tmp_path / "set")
+    summary = run_train(tmp_path / "run", f"data.path={folder}", "data.mask=alpha", "trainer.max_steps=2")
+    assert summary["status"] == "completed" and summary["masked_images"] == 2 and summary["num_images"] == 3
+    assert (
+        run_train(tmp_path / "plain", f"data.path={folder}", "trainer.max_steps=2")["masked_images"] is None
+    )
+
+
 def test_resume_without_an_earlier_run_says_what_to_do(tmp_path):
     with pytest.raises(ConceptLabError, match="no earlier run of this command"):
         run_train(tmp_path / "run", "resume=true")

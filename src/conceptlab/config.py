@@ -146,6 +146,12 @@ class DataConfig:
     flip_p: float = opt(
         0.5, "probability of a horizontal flip (both flips' latents are cached)", valid="[0, 1]"
     )
+    mask: str | None = opt(
+        None,
+        "alpha | folder: weight the loss per pixel by the image's alpha channel, or by a grayscale mask of the "
+        "same name in data.mask_path (white counts, black does not); images without one train unmasked; null = off",
+    )
+    mask_path: str | None = opt(None, "the masks' folder for data.mask=folder; null = <data.path>/masks")
     repeats: int = opt(100, "an epoch shows every image this many times", valid="[1, inf)")
     batch_size: int = opt(4, "images per step and device", valid="[1, inf)")
     num_workers: int = opt(

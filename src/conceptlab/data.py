@@ -79,6 +79,7 @@ class ConceptImage:
     path: Path
     image: Image.Image  # decoded RGB, any size
     caption: str  # the [filewords] text ("" when unused)
+    mask: Image.Image | None = None  # data.mask: grayscale, the image's size (None: trains unmasked)
 
 
 def resolve_data_path(path: str) -> Path:
@@ -226,11 +227,72 @@ def read_concept_images(cfg: DataConfig) -> list[ConceptImage]:
         raise ConceptDataError(f"none of the files in {folder} is a readable image; add PNG or JPEG pictures")
     chosen = set(select_subset([p for p, _ in readable], cfg.num_images, cfg.subset_seed))
     wants_captions = "[filewords]" in " ".join(load_templates(cfg.templates))
-    return [
+    images = [
         ConceptImage(path, image, filewords(path) if wants_captions else "")
         for path, image in readable
         if path in chosen
     ]
+    if getattr(cfg, "mask", None) is not None:
+        read_masks(images, cfg, folder)
+    return images
+
+
+MASK_KINDS = ("alpha", "folder")
+
+
+def read_masks(images: list[ConceptImage], cfg: DataConfig, folder: Path) -> None:
+    """data.mask: each image's loss mask (its alpha channel, or a grayscale image of the same name in the
+    masks' folder), at the image's decoded size; images without one keep None and train unmasked."""
+    if cfg.mask not in MASK_KINDS:
+        raise ConfigError(f"data.mask={cfg.mask!r}: use alpha, folder or null")
+    masks = Path(cfg.mask_path).expanduser() if cfg.mask_path else folder / "masks"
+    if cfg.mask == "folder" and not masks.is_dir():
+        raise ConceptDataError(
+            f"data.mask=folder but {masks} is not a folder; put the masks there or set data.mask_path"
+        )
+    for item in images:
+        if cfg.mask == "alpha":
+            mask = read_alpha(item.path)
+        else:
+            found = sorted(
+                p for p in masks.glob(f"{item.path.stem}.*") if p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            mask = read_mask_file(found[0], item.path) if found else None
+        item.mask = None if mask is None else mask.resize(item.image.size, Image.Resampling.BILINEAR)
+    count = sum(item.mask is not None for item in images)
+    log.info(
+        "data.mask=%s: %d of %d images have a mask (the others train unmasked)", cfg.mask, count, len(images)
+    )
+
+
+def read_alpha(path: Path) -> Image.Image | None:
+    """The image's alpha channel as a grayscale mask (EXIF-rotated), or None if it has none."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        if img.mode not in ("RGBA", "LA", "PA", "RGBa"):
+            return None
+        return img.getchannel("A").copy()
+
+
+def read_mask_file(mask_path: Path, image_path: Path) -> Image.Image:
+    """A mask image for `image_path`: readable, and of the image's own size (one line naming both if not)."""
+    try:
+        with Image.open(mask_path) as mask:
+            mask = ImageOps.exif_transpose(mask).convert("L")
+    except Exception as err:  # noqa: BLE001 - any decoding failure is this file's
+        raise ConceptDataError(
+            f"mask {mask_path} is not a readable image ({err}); replace or remove it"
+        ) from err
+    with Image.open(image_path) as img:
+        size = ImageOps.exif_transpose(img).size
+    if mask.size != size:
+        raise ConceptDataError(
+            f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but {image_path.name} is {size[0]}x{size[1]}: "
+            "make the mask the image's size"
+        )
+    return mask
 
 
 DREAMBOOTH_CLASSES = "prompts_and_classes.txt"  # the DreamBooth data set's subject -> class table
@@ -304,12 +366,13 @@ class ConceptLatents(Dataset):
 
     def __init__(self, mean, std, captions, flip_p: float, seed: int, scaling_factor: float, num_timesteps: int,
                  captions_are_contexts: bool = False, noise_offset: float | None = None,
-                 loss_weights: torch.Tensor | None = None):  # fmt: skip
+                 loss_weights: torch.Tensor | None = None, masks: torch.Tensor | None = None):  # fmt: skip
         """noise_offset: each sample's noise plus this times one normal draw per channel (drawn after the
         rest of the sample, so a run without it draws what it always drew). loss_weights: a weight per
         timestep for the sample's loss (min-SNR-γ, `snr_weights`), given with the sample."""
         self.mean, self.std = mean, std  # [images, flips, C, h, w]
         self.noise_offset, self.loss_weights = noise_offset, loss_weights
+        self.masks = masks  # [images, flips, 1, h, w] at the latent grid, or None (data.mask off)
         self.captions = captions
         self.caption_key = "context" if captions_are_contexts else "input_ids"
         self.flip_p, self.seed = flip_p, seed
@@ -336,6 +399,8 @@ class ConceptLatents(Dataset):
             sample["noise"] = sample["noise"] + self.noise_offset * offset
         if self.loss_weights is not None:
             sample["loss_weight"] = self.loss_weights[sample["timesteps"]]
+        if self.masks is not None:
+            sample["loss_mask"] = self.masks[index, flip]
         return sample
 
 
@@ -437,8 +502,25 @@ class ConceptDataModule(pl.LightningDataModule):
             mean, std, captions.view(len(self.images), -1, *captions.shape[1:]), self.cfg.flip_p, self.seed,
             self.backbone.vae.config.scaling_factor, self.backbone.scheduler.config.num_train_timesteps,
             captions_are_contexts=self.cache_context, noise_offset=self.noise_offset,
-            loss_weights=self._loss_weights(),
+            loss_weights=self._loss_weights(), masks=self._latent_masks(mean.shape[-2:], flips),
         )  # fmt: skip
+
+    def _latent_masks(self, grid: tuple[int, int], flips: bool) -> torch.Tensor | None:
+        """Each image's mask cropped and resized as its image is, averaged down to the latent grid (and
+        mirrored for the flipped view): [images, flips, 1, h, w] in [0, 1]; ones for an image without one."""
+        if not any(image.mask is not None for image in self.images):
+            return None
+        masks = []
+        for image in self.images:
+            if image.mask is None:
+                masks.append(torch.ones(1, *grid))
+                continue
+            square = to_square(image.mask, self.resolution, self.cfg.center_crop)
+            pixels = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0)[None, None]
+            masks.append(torch.nn.functional.adaptive_avg_pool2d(pixels, grid)[0].clamp(0, 1))  # no ringing
+        stacked = torch.stack(masks)  # [images, 1, h, w]
+        views = [stacked, stacked.flip(-1)] if flips else [stacked]
+        return torch.stack(views, 1)
 
     def _loss_weights(self) -> torch.Tensor | None:
         if self.snr_gamma is None:

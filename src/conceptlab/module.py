@@ -61,20 +61,28 @@ def diffusion_losses(
     else:
         target = noise
     return [
-        sample_weighted_mse(p.float(), t.float(), batch.get("loss_weight"))
+        weighted_mse(p.float(), t.float(), batch.get("loss_weight"), batch.get("loss_mask"))
         for p, t, batch in zip(prediction.split(sizes), target.split(sizes), batches)
     ]
 
 
-def sample_weighted_mse(
-    prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
+def weighted_mse(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The mean squared error; with a weight per sample (min-SNR-γ), each sample's mean error times its
-    weight, averaged over the batch (as the diffusers and kohya scripts weight it)."""
-    if weight is None:
+    """The mean squared error. With a mask [batch, 1, h, w] (data.mask) each pixel's error is multiplied by
+    it (a pixel at 0 gives no gradient) and averaged over every pixel, as kohya's masked loss does; with a
+    weight per sample (min-SNR-γ) each sample's mean error is multiplied by it, then averaged over the batch
+    (as the diffusers and kohya scripts weight it)."""
+    if weight is None and mask is None:
         return F.mse_loss(prediction, target)
-    per_sample = F.mse_loss(prediction, target, reduction="none").flatten(1).mean(1)
-    return (per_sample * weight.to(per_sample)).mean()
+    error = F.mse_loss(prediction, target, reduction="none")
+    if mask is not None:
+        error = error * mask.to(error)
+    per_sample = error.flatten(1).mean(1)
+    return (per_sample if weight is None else per_sample * weight.to(per_sample)).mean()
 
 
 def make_optimizer(optim: OptimConfig, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:

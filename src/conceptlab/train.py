@@ -263,6 +263,7 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
         resumed_from=str(ckpt_path) if ckpt_path else None,
         trainable_params=sum(p.numel() for p in method.trainable_parameters()),
         snr_gamma=cfg.optim.snr_gamma, noise_offset=cfg.optim.noise_offset,
+        masked_images=sum(im.mask is not None for im in images) if cfg.data.mask else None,
     )  # fmt: skip
     record.write()
     with warnings.catch_warnings():
