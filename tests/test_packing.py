@@ -340,3 +340,21 @@ def test_the_packed_launcher_composes_each_job_once():
     assert Loader.calls == [tuple(job) for job in batch] and jobs == [{"job": job} for job in batch]
     context.config_loader.load_sweep_config(master, batch[0])  # a third load composes again
     assert len(Loader.calls) == 3 and context.config_loader.list_groups("") == ["method"]
+
+
+@pytest.mark.slow
+def test_the_recipe_knobs_give_packed_jobs_the_files_they_give_alone(tmp_path):
+    """EMA, min-SNR and the noise offset act per job in a pack: each job's exported files (the average)
+    are those it exports alone."""
+    args = ["method=ti,hypernet", "trainer.max_steps=3", "ema.decay=0.5", "optim.snr_gamma=5", "optim.noise_offset=0.1",
+            "samples.every_n_steps=0"]  # fmt: skip
+    alone_proc, alone = sweep(tmp_path / "local", *args)
+    packed_proc, together = sweep(tmp_path / "packed", *args, "hydra/launcher=packed")
+    assert alone_proc.returncode == 0 and packed_proc.returncode == 0, packed_proc.stderr[-2000:]
+    assert "Launching 2 jobs in 1 pack(s)" in packed_proc.stdout + packed_proc.stderr
+    for job in sorted(p.name for p in find_run_dirs(alone)):
+        a, b = concept_tensors(alone / job), concept_tensors(together / job)
+        assert a.keys() == b.keys() and a
+        for name in a:
+            for key, value in a[name].items():
+                torch.testing.assert_close(b[name][key], value, rtol=1e-3, atol=1e-5)

@@ -228,6 +228,54 @@ def test_a_masked_run_through_train_py_says_how_many_images_had_a_mask(tmp_path)
     )
 
 
+def test_the_weight_average_follows_its_recurrence():
+    from conceptlab.module import WeightAverage
+
+    weights = torch.nn.Parameter(torch.zeros(3))
+    average = WeightAverage([weights], decay=0.5, start_step=2)
+    expected = torch.zeros(3)
+    for step, value in enumerate([1.0, 2.0, 4.0, 8.0, 8.0], start=1):
+        weights.data.fill_(value)
+        average.update()
+        expected = torch.full((3,), value) if step <= 2 else 0.5 * expected + 0.5 * value
+        torch.testing.assert_close(average.average_0, expected)
+    assert float(average.average_0[0]) == 6.75  # 1 and 2 copied, then 3, 5.5, 6.75
+    assert int(average.updates) == 5
+    average.use()
+    assert torch.equal(weights.data, average.average_0) and average.raw is not None
+    average.restore()
+    assert torch.all(weights.data == 8.0) and average.raw is None
+
+
+def test_ema_runs_export_the_average_keep_the_weights_and_train_the_same(tmp_path):
+    """ema.decay: the concept files hold the average; the checkpoint holds the weights (the same as a run
+    without EMA: the average never feeds back into training) and the average beside them."""
+    args = ("trainer.max_steps=4", "samples.every_n_steps=0")
+    plain = run_train(tmp_path / "plain", *args)
+    averaged = run_train(tmp_path / "ema", *args, "ema.decay=0.5")
+    assert averaged["ema_decay"] == 0.5 and plain["ema_decay"] is None
+    assert averaged["final_loss"] == plain["final_loss"]  # the same training
+    ckpt_plain, ckpt_ema = (torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)
+                            for d in ("plain", "ema"))  # fmt: skip
+    key = next(
+        k for k in ckpt_plain["state_dict"] if "placeholder" in k or "vectors" in k or "embedding" in k
+    )
+    assert torch.equal(ckpt_ema["state_dict"][key], ckpt_plain["state_dict"][key])  # the weights, kept
+    average = ckpt_ema["state_dict"]["ema.average_0"]
+    assert int(ckpt_ema["state_dict"]["ema.updates"]) == 4 and not torch.equal(
+        average, ckpt_plain["state_dict"][key]
+    )
+    exported = load_file(tmp_path / "ema" / "concepts" / "robot.safetensors")["<robot>"]
+    weights = load_file(tmp_path / "plain" / "concepts" / "robot.safetensors")["<robot>"]
+    torch.testing.assert_close(exported, average.reshape(exported.shape))
+    assert not torch.equal(exported, weights)
+
+
+@pytest.mark.slow
+def test_an_ema_run_resumes_bit_for_bit(tmp_path):
+    check_resume(tmp_path, "ema.decay=0.7", "ema.start_step=1")
+
+
 def test_resume_without_an_earlier_run_says_what_to_do(tmp_path):
     with pytest.raises(ConceptLabError, match="no earlier run of this command"):
         run_train(tmp_path / "run", "resume=true")

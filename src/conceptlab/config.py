@@ -172,6 +172,20 @@ class DataConfig:
     )
 
 
+@dataclass
+class EmaConfig:
+    """An exponential moving average of the trained tensors: sampled, evaluated and exported when on."""
+
+    decay: float | None = opt(
+        None,
+        "ema = decay x ema + (1 - decay) x weights after every step (0.99-0.9999 usual); null = off",
+        valid="(0, 1)",
+    )
+    start_step: int = opt(
+        0, "the average starts as the weights of this step, then follows them", valid="[0, inf)"
+    )
+
+
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 
 
@@ -384,6 +398,7 @@ class TrainConfig:
         {}, "evaluation callbacks by name (group: evaluators): a _target_ and its arguments"
     )
     optim: OptimConfig = opt(OptimConfig, "optimizer and scheduler")
+    ema: EmaConfig = opt(EmaConfig, "an exponential moving average of the trained tensors")
     samples: SamplesConfig = opt(SamplesConfig, "sample grids")
     evaluate: EvaluateConfig = opt(EvaluateConfig, "evaluation schedule")
     checkpoint: CheckpointConfig = opt(CheckpointConfig, "checkpoints")

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
+from torch import nn
 
 from .backbone import Backbone
 from .config import OptimConfig
@@ -105,13 +106,60 @@ def make_optimizer(optim: OptimConfig, params: list[torch.nn.Parameter], lr: flo
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=decay)
 
 
+class WeightAverage(nn.Module):
+    """An exponential moving average of the trained tensors (ema.decay): after each optimizer step u,
+    average = weights while u <= ema.start_step, else decay x average + (1 - decay) x weights. Its tensors
+    (and the step count) are buffers, so checkpoints keep them beside the weights and a run resumes with
+    them. `use` puts the average in the weights' place until `restore` (the module does both)."""
+
+    def __init__(self, params: list[nn.Parameter], decay: float, start_step: int):
+        super().__init__()
+        self.params, self.decay, self.start_step = params, decay, start_step
+        for k, p in enumerate(params):
+            self.register_buffer(f"average_{k}", p.detach().clone())
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self.raw: list[torch.Tensor] | None = None  # the weights while the average stands in for them
+
+    def averages(self) -> list[torch.Tensor]:
+        return [getattr(self, f"average_{k}") for k in range(len(self.params))]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        for average, p in zip(self.averages(), self.params):
+            if int(self.updates) <= self.start_step:
+                average.copy_(p)
+            else:
+                average.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def use(self) -> None:
+        if self.raw is None:
+            self.raw = [p.detach().clone() for p in self.params]
+            for average, p in zip(self.averages(), self.params):
+                p.copy_(average)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.raw is not None:
+            for raw, p in zip(self.raw, self.params):
+                p.copy_(raw)
+            self.raw = None
+
+
 class ConceptModule(pl.LightningModule):
     def __init__(self, backbone: Backbone, method: Method, optim: OptimConfig,
                  lr_schedule: list[tuple[float, int | None]], max_steps: int,
-                 run_info: dict[str, Any] | None = None):  # fmt: skip
+                 run_info: dict[str, Any] | None = None, ema_decay: float | None = None,
+                 ema_start_step: int = 0):  # fmt: skip
         super().__init__()
         self.backbone = backbone
         self.method = method
+        # ema.decay: sampling, evaluation, checkpoints of the best step and the exported files read the
+        # average, which stands in for the weights from each optimizer step until the next training step.
+        self.ema = (
+            WeightAverage(method.trainable_parameters(), ema_decay, ema_start_step) if ema_decay else None
+        )
         self.optim = optim
         self.lr_schedule = lr_schedule  # effective rates (after scale_lr) and the steps they hold until
         self.lr = lr_schedule[0][0]
@@ -127,13 +175,16 @@ class ConceptModule(pl.LightningModule):
     def trained_state_keys(self) -> set[str]:
         """State-dict keys a checkpoint holds: the method's state and every parameter that trains."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        return trainable | set(self.method.state_dict(prefix="method."))
+        averages = {f"ema.{name}" for name, _ in self.ema.named_buffers()} if self.ema is not None else set()
+        return trainable | averages | set(self.method.state_dict(prefix="method."))
 
     def step_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The diffusion loss of one batch (a subclass may compute it elsewhere, as one of many)."""
         return diffusion_losses(self.backbone, [batch])[0]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.ema is not None:
+            self.ema.restore()  # training goes on from the weights, not from their average
         loss = self.step_loss(batch)
         # No host sync in the step: a non-finite loss marks a device flag (the first such step), which
         # is read at logging points, before any checkpoint and before the concept is exported.
@@ -151,6 +202,12 @@ class ConceptModule(pl.LightningModule):
             batch_size=batch["latents"].shape[0],
         )
         return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update()
+            self.ema.use()  # what the step's callbacks sample, score and export
 
     def configure_optimizers(self):
         optimizer = make_optimizer(self.optim, self.method.trainable_parameters(), self.lr)
@@ -171,6 +228,10 @@ class ConceptModule(pl.LightningModule):
         self.check_finite()  # a diverged state never replaces the last good checkpoint
         keep = self.trained_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if self.ema is not None and self.ema.raw is not None:  # the weights themselves, not their average
+            names = {id(p): name for name, p in self.named_parameters()}
+            for p, raw in zip(self.ema.params, self.ema.raw):
+                checkpoint["state_dict"][names[id(p)]] = raw.clone()
         checkpoint["conceptlab"] = self.run_info
         # The random state the next step draws from (dropout masks): a resumed run is the run it resumes.
         # The data stream needs none: every sample is a function of (seed, position).

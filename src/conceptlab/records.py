@@ -87,6 +87,7 @@ class RunSummary:
     resolution: int | None = None
     resumed_from: str | None = None
     snr_gamma: float | None = None  # optim.snr_gamma: min-SNR-γ loss weighting (None: off)
+    ema_decay: float | None = None  # ema.decay: files, samples and scores are of the average (None: off)
     masked_images: int | None = None  # data.mask: how many images had a mask (None: data.mask off)
     noise_offset: float | None = None  # optim.noise_offset (None: off)
     # training (reported by RunStats)

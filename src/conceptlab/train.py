@@ -264,6 +264,7 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
         trainable_params=sum(p.numel() for p in method.trainable_parameters()),
         snr_gamma=cfg.optim.snr_gamma, noise_offset=cfg.optim.noise_offset,
         masked_images=sum(im.mask is not None for im in images) if cfg.data.mask else None,
+        ema_decay=cfg.ema.decay,
     )  # fmt: skip
     record.write()
     with warnings.catch_warnings():
@@ -489,7 +490,8 @@ def make_module(cfg: DictConfig, trainer, backbone, method, record: RunRecord, p
     )
     run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "versions": package_versions()}
     parts = (backbone, method, cfg.optim, schedule, cfg.trainer.max_steps, run_info)
-    return ConceptModule(*parts) if pack is None else PackedConceptModule(pack, *parts)
+    ema = {"ema_decay": cfg.ema.decay, "ema_start_step": cfg.ema.start_step}
+    return ConceptModule(*parts, **ema) if pack is None else PackedConceptModule(pack, *parts, **ema)
 
 
 def run_files(record: RunRecord) -> dict[str, Any]:
