@@ -317,3 +317,54 @@ def test_folder_masks_of_another_size_or_a_missing_folder_are_one_line(tmp_path)
         read_concept_images(DataConfig(path=str(folder), mask="folder"))
     with pytest.raises(ConfigError, match=r"^data\.mask='depth': use alpha, folder or null"):
         read_concept_images(DataConfig(path=str(folder), mask="depth"))
+
+
+def tagged_set(folder):
+    """The robot's first two pictures, each with a caption of comma-separated tags."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, source in enumerate(sorted(resolve_data_path("bundled:robot").glob("*.png"))[:2]):
+        Image.open(source).save(folder / f"{k:02d}.png")
+        (folder / f"{k:02d}.txt").write_text("robot, teal, toy, grass, sky, standing", encoding="utf-8")
+    return str(folder)
+
+
+def test_shuffled_tags_keep_the_first_tokens_and_are_drawn_once_per_run(backbone, tmp_path):
+    from conceptlab.data import tag_orders
+
+    cfg = DataConfig(path=tagged_set(tmp_path / "set"), templates="filewords", shuffle_tags=True, keep_tokens=2,
+                     shuffle_orders=6)  # fmt: skip
+    orders = tag_orders("robot, teal, toy, grass, sky, standing", cfg, seed=0, image=0)
+    assert len(orders) == 6 and len(set(orders)) > 1
+    assert all(o.startswith("robot, teal, ") for o in orders)
+    assert all(
+        sorted(o.split(", ")) == sorted(["robot", "teal", "toy", "grass", "sky", "standing"]) for o in orders
+    )
+    assert orders == tag_orders("robot, teal, toy, grass, sky, standing", cfg, seed=0, image=0)  # seeded
+    assert orders != tag_orders("robot, teal, toy, grass, sky, standing", cfg, seed=1, image=0)
+    dm = ConceptDataModule(cfg, read_concept_images(cfg), backbone, "<robot>", seed=0, resolution=64)
+    templates = len(load_templates("filewords"))
+    assert all(len(captions) == templates * 6 for captions in dm.captions)
+    assert {c.split("<robot>, ", 1)[1] for c in dm.captions[0]} == set(orders)
+
+
+def test_caption_dropout_draws_the_bare_template_at_its_rate_and_off_changes_nothing(backbone, tmp_path):
+    path = tagged_set(tmp_path / "set")
+
+    def dataset(**knobs):
+        cfg = DataConfig(path=path, templates="filewords", **knobs)
+        dm = ConceptDataModule(cfg, read_concept_images(cfg), backbone, "<robot>", seed=0, resolution=64)
+        dm.setup("fit")
+        return dm
+
+    plain, dropped, always = dataset(), dataset(caption_dropout=0.3), dataset(caption_dropout=1.0)
+    assert dropped.captions[0][-1] == "<robot>"  # the bare template {}
+    bare = dropped.dataset.captions[0, -1]
+    drawn = [dropped.dataset[(p % 2, p)] for p in range(400)]
+    rate = sum(torch.equal(d["input_ids"], bare) for d in drawn) / len(drawn)
+    assert 0.22 < rate < 0.38
+    assert all(torch.equal(always.dataset[(0, p)]["input_ids"], bare) for p in range(20))
+    for p in range(20):  # the other draws are the same with dropout on or off
+        a, b = plain.dataset[(0, p)], dropped.dataset[(0, p)]
+        assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["noise"], b["noise"])
+        assert torch.equal(a["timesteps"], b["timesteps"])
+        assert torch.equal(b["input_ids"], bare) or torch.equal(b["input_ids"], a["input_ids"])

@@ -159,3 +159,22 @@ def test_ctrl_c_records_interrupted_and_stops(tmp_path, monkeypatch):
     assert stop.value.code not in (0, None)
     summary = read_summary(tmp_path / "run")
     assert summary["status"] == "interrupted" and "SystemExit" in summary["error"]
+
+
+def test_a_key_a_later_version_added_is_no_difference_but_a_changed_or_dropped_one_is():
+    from conceptlab.runfolder import identity_differences
+
+    saved = {"seed": 0, "optim": {"weight_decay": 0.01}, "method": {"lr": 0.001}}
+    current = {
+        "seed": 0,
+        "optim": {"weight_decay": 0.01, "name": "adamw"},
+        "method": {"lr": 0.001},
+        "ema": {},
+    }
+    assert identity_differences(saved, current) == []  # optim.name is new: the saved run used its default
+    current["method"]["lr"] = 0.002
+    del current["optim"]["weight_decay"]
+    assert identity_differences(saved, current) == [
+        "method.lr: 0.001 -> 0.002",
+        "optim.weight_decay: 0.01 -> (unset)",
+    ]

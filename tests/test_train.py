@@ -276,6 +276,14 @@ def test_an_ema_run_resumes_bit_for_bit(tmp_path):
     check_resume(tmp_path, "ema.decay=0.7", "ema.start_step=1")
 
 
+def test_caption_knobs_train_through_train_py(tmp_path):
+    summary = run_train(tmp_path / "run", "data.templates=filewords", "data.shuffle_tags=true", "data.keep_tokens=1",
+                        "data.caption_dropout=0.2", "trainer.max_steps=2", "samples.every_n_steps=0")  # fmt: skip
+    assert summary["status"] == "completed"
+    with pytest.raises(ConfigError, match=r"^data\.caption_dropout=1\.5: .*\[0, 1\]"):
+        run_train(tmp_path / "bad", "data.caption_dropout=1.5")
+
+
 def test_resume_without_an_earlier_run_says_what_to_do(tmp_path):
     with pytest.raises(ConceptLabError, match="no earlier run of this command"):
         run_train(tmp_path / "run", "resume=true")

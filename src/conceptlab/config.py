@@ -152,6 +152,18 @@ class DataConfig:
         "same name in data.mask_path (white counts, black does not); images without one train unmasked; null = off",
     )
     mask_path: str | None = opt(None, "the masks' folder for data.mask=folder; null = <data.path>/masks")
+    caption_dropout: float | None = opt(
+        None,
+        "probability that a sample's caption is dropped to the bare template {} (the concept's words alone); null = never",
+        valid="[0, 1]",
+    )
+    shuffle_tags: bool = opt(False, "shuffle the comma-separated tags of each [filewords] caption")
+    keep_tokens: int = opt(0, "with shuffle_tags: the first N tags stay in place", valid="[0, inf)")
+    shuffle_orders: int = opt(
+        16,
+        "with shuffle_tags: orders drawn per image (once, seeded; each sample takes one)",
+        valid="[1, inf)",
+    )
     repeats: int = opt(100, "an epoch shows every image this many times", valid="[1, inf)")
     batch_size: int = opt(4, "images per step and device", valid="[1, inf)")
     num_workers: int = opt(

@@ -209,6 +209,20 @@ def read_text(path: Path, what: str) -> str:
         ) from None
 
 
+def tag_orders(caption: str, cfg: DataConfig, seed: int, image: int) -> list[str]:
+    """data.shuffle_tags: `data.shuffle_orders` orders of the caption's comma-separated tags, the first
+    `data.keep_tokens` in place, drawn once from the run's seed (so cached text encodings stay valid)."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    fixed, rest = tags[: cfg.keep_tokens], tags[cfg.keep_tokens :]
+    rng = random.Random(sample_seed(seed, -(10**6) - image))
+    orders = []
+    for _ in range(cfg.shuffle_orders):
+        shuffled = list(rest)
+        rng.shuffle(shuffled)
+        orders.append(", ".join(fixed + shuffled))
+    return orders
+
+
 def fill_template(template: str, name: str, caption: str) -> str:
     text = fill_prompt(template, name).replace("[filewords]", caption)
     return re.sub(r"\s+", " ", text).strip(" ,")
@@ -366,7 +380,8 @@ class ConceptLatents(Dataset):
 
     def __init__(self, mean, std, captions, flip_p: float, seed: int, scaling_factor: float, num_timesteps: int,
                  captions_are_contexts: bool = False, noise_offset: float | None = None,
-                 loss_weights: torch.Tensor | None = None, masks: torch.Tensor | None = None):  # fmt: skip
+                 loss_weights: torch.Tensor | None = None, masks: torch.Tensor | None = None,
+                 caption_dropout: float = 0.0):  # fmt: skip
         """noise_offset: each sample's noise plus this times one normal draw per channel (drawn after the
         rest of the sample, so a run without it draws what it always drew). loss_weights: a weight per
         timestep for the sample's loss (min-SNR-γ, `snr_weights`), given with the sample."""
@@ -374,6 +389,9 @@ class ConceptLatents(Dataset):
         self.noise_offset, self.loss_weights = noise_offset, loss_weights
         self.masks = masks  # [images, flips, 1, h, w] at the latent grid, or None (data.mask off)
         self.captions = captions
+        # With caption dropout each image's last caption is the bare template's, drawn with that probability.
+        self.caption_dropout = caption_dropout
+        self.regular_captions = captions.shape[1] - (1 if caption_dropout else 0)
         self.caption_key = "context" if captions_are_contexts else "input_ids"
         self.flip_p, self.seed = flip_p, seed
         self.scaling_factor, self.num_timesteps = scaling_factor, num_timesteps
@@ -385,7 +403,7 @@ class ConceptLatents(Dataset):
         index, position = item
         gen = torch.Generator().manual_seed(sample_seed(self.seed, position))
         flip = int(self.mean.shape[1] > 1 and torch.rand((), generator=gen).item() < self.flip_p)
-        template = int(torch.randint(self.captions.shape[1], (), generator=gen))
+        template = int(torch.randint(self.regular_captions, (), generator=gen))
         mean, std = self.mean[index, flip], self.std[index, flip]
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scaling_factor
         sample = {
@@ -394,6 +412,10 @@ class ConceptLatents(Dataset):
             "timesteps": torch.randint(self.num_timesteps, (), generator=gen),
             self.caption_key: self.captions[index, template],
         }
+        if self.caption_dropout and torch.rand((), generator=gen).item() < self.caption_dropout:
+            sample[self.caption_key] = self.captions[
+                index, -1
+            ]  # drawn after the rest: off, the stream is as it was
         if self.noise_offset:
             offset = torch.randn((mean.shape[0], 1, 1), generator=gen)
             sample["noise"] = sample["noise"] + self.noise_offset * offset
@@ -463,9 +485,15 @@ class ConceptDataModule(pl.LightningDataModule):
         self.resolution = resolution
         self.cache_context = cache_context
         templates = load_templates(cfg.templates)
-        self.captions = [
-            [fill_template(t, prompt_text, image.caption) for t in templates] for image in images
-        ]
+        shuffling = bool(getattr(cfg, "shuffle_tags", False))
+        orders = [tag_orders(image.caption, cfg, seed, k) if shuffling else [image.caption]
+                  for k, image in enumerate(images)]  # fmt: skip
+        # Per image: every template with every order of its caption, then (data.caption_dropout) the bare one.
+        self.captions = [[fill_template(t, prompt_text, c) for t in templates for c in cs] for cs in orders]
+        self.caption_dropout = getattr(cfg, "caption_dropout", None) or 0.0
+        if self.caption_dropout:
+            for captions in self.captions:
+                captions.append(fill_template("{}", prompt_text, ""))
         check_captions_fit(backbone.tokenizer, prompt_text, {c for cs in self.captions for c in cs})
         self.dataset: ConceptLatents | None = None
 
@@ -503,6 +531,7 @@ class ConceptDataModule(pl.LightningDataModule):
             self.backbone.vae.config.scaling_factor, self.backbone.scheduler.config.num_train_timesteps,
             captions_are_contexts=self.cache_context, noise_offset=self.noise_offset,
             loss_weights=self._loss_weights(), masks=self._latent_masks(mean.shape[-2:], flips),
+            caption_dropout=self.caption_dropout,
         )  # fmt: skip
 
     def _latent_masks(self, grid: tuple[int, int], flips: bool) -> torch.Tensor | None:

@@ -257,9 +257,10 @@ def remove_stray_temporaries(run_dir: Path) -> list[Path]:
 
 
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`key: saved -> current` for every setting that makes a checkpoint what it is and differs."""
+    """`key: saved -> current` for every setting that makes a checkpoint what it is and differs. A key the
+    saved configuration lacks is one a later version added (its default is what the run did): no difference."""
     old, new = flatten(saved), flatten(current)
-    keys = sorted(k for k in old.keys() | new.keys() if k.startswith(IDENTITY))
+    keys = sorted(k for k in old if k.startswith(IDENTITY))
     return [
         f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in keys if old.get(k) != new.get(k)
     ]
