@@ -432,3 +432,19 @@ def test_a_search_that_cannot_optimize_its_metric_is_one_line_before_any_trial(t
     )  # fmt: skip
     assert proc.returncode == 2 and re.search(said, proc.stderr.strip()), proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "multirun").exists()
+
+
+def test_a_group_the_sweep_adds_is_a_swept_key_by_its_name(tmp_path):
+    """`+knob: none,ema` in an experiment's params (a config group the sweep adds) is the swept key `knob`."""
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from conceptlab.sweeps import swept_values
+
+    hydra_cfg = OmegaConf.create({
+        "mode": RunMode.MULTIRUN, "sweep": {"dir": str(tmp_path)},
+        "sweeper": {"params": {"+knob": "none,ema", "seed": "0,1"}},
+        "overrides": {"task": ["+knob=ema", "seed=1", "model=tiny"]},
+    })  # fmt: skip
+    assert swept_values(hydra_cfg) == {"knob": "ema", "seed": "1"}
+    assert run_name("ti", "robot", 1, swept_values(hydra_cfg)) == "ti-ema-seed1"

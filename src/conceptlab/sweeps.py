@@ -75,13 +75,13 @@ def swept_keys(hydra_cfg: Any) -> list[str]:
 
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return []
-    keys = list((hydra_cfg.sweeper.get("params") or {}).keys())
+    # As job_values names them: `+knob` (a config group the sweep adds) is the key `knob`.
+    keys = [str(key).lstrip("+~") for key in (hydra_cfg.sweeper.get("params") or {})]
     # The job sees only its own values; the sweep's command line is in <sweep dir>/multirun.yaml.
     record = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
     if record.is_file():
-        keys += [
-            key for key in command_line_sweeps(str(record), record.stat().st_mtime_ns) if key not in keys
-        ]
+        found = [key.lstrip("+~") for key in command_line_sweeps(str(record), record.stat().st_mtime_ns)]
+        keys += [key for key in found if key not in keys]
     return keys
 
 
