@@ -15,7 +15,9 @@ GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
     [(g, p.stem) for g in GROUPS for p in sorted((ROOT / "conf" / g).glob("*.yaml"))],
 )
 def test_every_config_option_composes(group, option):
-    plus = "+" if group == "experiment" else ""  # experiments are added to the defaults, not chosen
+    plus = (
+        "+" if group in ("experiment", "knob") else ""
+    )  # added to the defaults (experiments, knobs), not chosen
     cfg = compose([f"{plus}{group}={option}"])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
