@@ -246,7 +246,7 @@ def read_concept_images(cfg: DataConfig) -> list[ConceptImage]:
         for path, image in readable
         if path in chosen
     ]
-    if getattr(cfg, "mask", None) is not None:
+    if cfg.mask is not None:
         read_masks(images, cfg, folder)
     return images
 
@@ -412,10 +412,9 @@ class ConceptLatents(Dataset):
             "timesteps": torch.randint(self.num_timesteps, (), generator=gen),
             self.caption_key: self.captions[index, template],
         }
+        # Drawn after the rest of the sample: with dropout off, the stream is what it always was.
         if self.caption_dropout and torch.rand((), generator=gen).item() < self.caption_dropout:
-            sample[self.caption_key] = self.captions[
-                index, -1
-            ]  # drawn after the rest: off, the stream is as it was
+            sample[self.caption_key] = self.captions[index, -1]
         if self.noise_offset:
             offset = torch.randn((mean.shape[0], 1, 1), generator=gen)
             sample["noise"] = sample["noise"] + self.noise_offset * offset
@@ -485,12 +484,11 @@ class ConceptDataModule(pl.LightningDataModule):
         self.resolution = resolution
         self.cache_context = cache_context
         templates = load_templates(cfg.templates)
-        shuffling = bool(getattr(cfg, "shuffle_tags", False))
-        orders = [tag_orders(image.caption, cfg, seed, k) if shuffling else [image.caption]
+        orders = [tag_orders(image.caption, cfg, seed, k) if cfg.shuffle_tags else [image.caption]
                   for k, image in enumerate(images)]  # fmt: skip
         # Per image: every template with every order of its caption, then (data.caption_dropout) the bare one.
         self.captions = [[fill_template(t, prompt_text, c) for t in templates for c in cs] for cs in orders]
-        self.caption_dropout = getattr(cfg, "caption_dropout", None) or 0.0
+        self.caption_dropout = cfg.caption_dropout or 0.0
         if self.caption_dropout:
             for captions in self.captions:
                 captions.append(fill_template("{}", prompt_text, ""))

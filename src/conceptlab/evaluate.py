@@ -308,7 +308,9 @@ def log_prompt_table(trainer: pl.Trainer, step: int, scores: dict[str, Any]) -> 
 def real_images(data) -> list:
     """Every real image of the concept (all of the folder, whatever subset trained)."""
 
-    return [im.image for im in read_concept_images(OmegaConf.merge(data, {"num_images": None}))]
+    # The pictures alone: no masks (data.mask weights training's loss, not the references).
+    everything = OmegaConf.merge(data, {"num_images": None, "mask": None})
+    return [im.image for im in read_concept_images(everything)]
 
 
 def images_digest(images: list) -> str:

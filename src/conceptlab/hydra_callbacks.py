@@ -18,7 +18,7 @@ from hydra.utils import call
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConceptLabError, error_line
-from .sweeps import TRAINING_LOSS, search_problem, wandb_group
+from .sweeps import TRAINING_LOSS, is_search, search_problem, wandb_group
 from .wandbmode import wandb_mode
 
 # The report (pandas, matplotlib, torch) loads when a sweep ends, not here: Hydra builds these callbacks
@@ -205,7 +205,7 @@ class SweepSummary(Callback):
 def search_check(config: DictConfig) -> None:
     """A search (hydra/sweeper=optuna) that could not optimize its metric is one line and exit status 2
     before its first trial (each trial checks it too, with its evaluators' own evidence)."""
-    if "optuna" not in str(config.hydra.sweeper.get("_target_", "")).lower():
+    if not is_search(config.hydra.sweeper):
         return
     study = config.get("study") or {}
     evaluated = bool(config.get("evaluators")) and bool(config.evaluate.enabled)

@@ -126,8 +126,9 @@ class WeightAverage(nn.Module):
     @torch.no_grad()
     def update(self) -> None:
         self.updates += 1
+        copying = int(self.updates) <= self.start_step  # one read of the count a step, not one a tensor
         for average, p in zip(self.averages(), self.params):
-            if int(self.updates) <= self.start_step:
+            if copying:
                 average.copy_(p)
             else:
                 average.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)

@@ -38,6 +38,11 @@ def metric_goal(metric: str, goal: str | None = None) -> str:
     return goal or ("min" if "loss" in metric else "max")
 
 
+def is_search(sweeper: Any) -> bool:
+    """Whether a sweep's `hydra.sweeper` is a search (Optuna's), whose trials return their metric."""
+    return "optuna" in str(sweeper.get("_target_", "")).lower()
+
+
 def search_problem(metric: str, goal: str | None, direction: Any, evaluated: bool) -> str | None:
     """Why a search (hydra/sweeper=optuna) could not optimize `metric`, or None: a metric other than the
     training loss needs evaluators during training, and `hydra.sweeper.direction` (an enum or a name)

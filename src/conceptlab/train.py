@@ -59,7 +59,7 @@ from .runfolder import (
 )
 from .sampling import SharedDraws
 from .schedules import scaled
-from .sweeps import TRAINING_LOSS, search_problem, swept_values, wandb_group
+from .sweeps import TRAINING_LOSS, is_search, search_problem, swept_values, wandb_group
 from .sweeps import run_name as sweep_run_name
 from .wandbmode import check_wandb_environment
 
@@ -103,9 +103,7 @@ def main(cfg: DictConfig, pack: Member | None = None) -> dict[str, Any] | float 
 def in_search() -> bool:
     """Whether this job is a trial of a search (`hydra/sweeper=optuna`): its task returns the run's metric."""
     hydra_cfg = HydraConfig.get()
-    return (
-        hydra_cfg.mode == RunMode.MULTIRUN and "optuna" in str(hydra_cfg.sweeper.get("_target_", "")).lower()
-    )
+    return hydra_cfg.mode == RunMode.MULTIRUN and is_search(hydra_cfg.sweeper)
 
 
 def search_metric(cfg: DictConfig, evidence: list[str]) -> str:
