@@ -16,7 +16,6 @@ from conceptlab.data import (
     load_templates,
     read_concept_images,
     resolve_data_path,
-    select_subset,
 )
 from conceptlab.errors import ConceptDataError, ConfigError
 from conceptlab.example_sets import EXAMPLE_SETS
@@ -88,14 +87,6 @@ def test_num_images_larger_than_folder(tmp_path):
         read_concept_images(DataConfig(path=str(tmp_path), num_images=5))
     with pytest.raises(ConfigError, match="at least 1"):
         read_concept_images(DataConfig(path=str(tmp_path), num_images=0))
-
-
-def test_subsets_are_deterministic_and_nested(tmp_path):
-    paths = [tmp_path / f"{i:02d}.png" for i in range(10)]
-    three, five = select_subset(paths, 3, seed=0), select_subset(paths, 5, seed=0)
-    assert three == select_subset(paths, 3, seed=0)
-    assert set(three) <= set(five)
-    assert select_subset(paths, 3, seed=1) != three or select_subset(paths, 5, seed=1) != five
 
 
 def test_filewords_use_the_caption_beside_each_image(tmp_path):

@@ -83,11 +83,12 @@ def test_the_evidence_goes_judge_then_clip_i_from_evaluation_then_from_training_
         "judge/concept",
         "eval/clip_i",
         "metrics/clip_i",
+        "val/loss",
     ]
-    assert evidence_order([]) == ["eval/clip_i", "metrics/clip_i"]
+    assert evidence_order([]) == ["eval/clip_i", "metrics/clip_i", "val/loss"]
     runs = [{"run_dir": str(i), "status": "completed", "method": m, "seed": i, "final_loss": loss,
-             "metrics/clip_i": clip, "eval/clip_i": full}
-            for i, (m, loss, clip, full) in enumerate([("ti", 0.1, 0.5, 0.3), ("lora", 0.05, 0.2, 0.6)])]  # fmt: skip
+             "metrics/clip_i": clip, "eval/clip_i": full, "val/loss": val}
+            for i, (m, loss, clip, full, val) in enumerate([("ti", 0.1, 0.5, 0.3, 0.2), ("lora", 0.05, 0.2, 0.6, 0.3)])]  # fmt: skip
     from conceptlab.report import Sweep
 
     frame = pd.DataFrame(runs)
@@ -97,6 +98,11 @@ def test_the_evidence_goes_judge_then_clip_i_from_evaluation_then_from_training_
     sweep.runs = frame.drop(columns=["eval/clip_i"])
     assert headline(sweep).metric == "metrics/clip_i" and headline(sweep).note == ""
     sweep.runs = frame.drop(columns=["eval/clip_i", "metrics/clip_i"])
+    answer = headline(sweep)  # nothing scored samples: the held-out loss (lower is better), no caveat
+    assert (
+        answer.metric == "val/loss" and answer.note == "" and list(answer.table["method"]) == ["ti", "lora"]
+    )
+    sweep.runs = frame.drop(columns=["eval/clip_i", "metrics/clip_i", "val/loss"])
     answer = headline(sweep)
     assert answer.metric == "final_loss" and answer.note == LOSS_CAVEAT
     sweep.study = {"metric": "study/tv"}  # a study's own metric the runs lack: said, then the same chain

@@ -19,9 +19,12 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from .atomic import atomic_path
 from .config import SamplesConfig
+from .data import validation_batch
 from .evalcache import backbone_identity, method_state
 from .inference import labelled_grid, to_pil
+from .module import diffusion_losses
 from .prompts import fill_prompt
+from .records import publish
 from .runfolder import RunFolder
 from .sampling import Draw, draw_images
 from .smoothing import RunningEMA
@@ -204,6 +207,69 @@ class ConceptExport(pl.Callback):
         module.check_finite()  # a diverged concept is never exported
         if trainer.is_global_zero:
             module.method.export(self.folder, trainer.global_step, module.backbone)
+
+
+def evaluation_due(trainer: pl.Trainer, every: int, done_step: int, event: str) -> bool:
+    """Whether an evaluation runs at `event` ("start", "batch_end", "end") of this step: at step 0, every
+    `every` steps and at the end (the last step at its batch end, so its best step reaches the last
+    checkpoint), once a step, on rank zero; `every` = 0: at the end only."""
+    step = trainer.global_step
+    if step == done_step or not trainer.is_global_zero:
+        return False
+    if event == "start":
+        return every > 0
+    return event == "end" or (every > 0 and step % every == 0) or step >= trainer.max_steps
+
+
+class HeldOutLoss(pl.Callback):
+    """data.val_images: the diffusion loss of the held-out images (val/loss) and of the training images
+    (val/loss_seen) on fixed draws (`data.validation_batch`: the same timesteps and noise in every run),
+    at the evaluation steps; to every logger and summary.json's metrics. The gap between the two is what
+    the concept memorized."""
+
+    CHUNK = 8  # samples per pass
+
+    def __init__(self, record, every_n_steps: int, held_out: list, seen: list, data_cfg, prompt_text: str,
+                 resolution: int):  # fmt: skip
+        self.record, self.every = record, every_n_steps
+        self.sets = {"val/loss": held_out, "val/loss_seen": seen}
+        self.data_cfg, self.prompt_text, self.resolution = data_cfg, prompt_text, resolution
+        self.batches: dict[str, dict[str, torch.Tensor]] = {}
+        self.done_step = -1
+
+    def on_train_start(self, trainer, module) -> None:
+        self.measure(trainer, module, "start")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.measure(trainer, module, "batch_end")
+
+    def on_train_end(self, trainer, module) -> None:
+        self.measure(trainer, module, "end")
+
+    @torch.no_grad()
+    def measure(self, trainer: pl.Trainer, module: pl.LightningModule, event: str) -> None:
+        if not evaluation_due(trainer, self.every, self.done_step, event):
+            return
+        step = self.done_step = trainer.global_step
+        publish(trainer, self.record, step, {name: self.loss(module, name) for name in self.sets})
+
+    def loss(self, module: pl.LightningModule, name: str) -> float:
+        if name not in self.batches:
+            cfg = self.data_cfg
+            self.batches[name] = validation_batch(
+                module.backbone, self.sets[name], cfg.templates, self.prompt_text, self.resolution,
+                cfg.center_crop, module.device,
+            )  # fmt: skip
+        batch = self.batches[name]
+        total, count = 0.0, batch["latents"].shape[0]
+        with module.method.inference(1.0):
+            for start in range(0, count, self.CHUNK):
+                chunk = {
+                    key: value[start : start + self.CHUNK].to(module.device) for key, value in batch.items()
+                }
+                size = chunk["latents"].shape[0]
+                total += diffusion_losses(module.backbone, [chunk])[0].item() * size
+        return total / count
 
 
 class RunStats(pl.Callback):

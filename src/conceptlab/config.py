@@ -136,7 +136,14 @@ class DataConfig:
         "object | style | filewords | bare | a template file ({} or [name]; pkg://package/file too)",
     )
     num_images: int | None = opt(None, "a seeded subset of this many images; null = all", valid="[1, inf)")
-    subset_seed: int = opt(0, "the subset is nested: the first k of one fixed shuffle")
+    subset_seed: int = opt(
+        0, "the subset and the held-out images are nested: the first k and the last v of one fixed shuffle"
+    )
+    val_images: Any = opt(
+        "auto",
+        "images held out of training (validation loss, CLIP-I/DINO and the best step are measured on them): a "
+        "number, 0 = none, or auto = a fifth of the folder when it holds 10 or more images, else none",
+    )
     resolution: int | None = opt(
         None,
         "training size in pixels (a multiple of what the backbone needs); null = the backbone's native size",
@@ -297,7 +304,10 @@ class SamplesConfig:
 class EvaluateConfig:
     """When and how the evaluators (the `evaluators` group, e.g. the toy world's judge) score samples."""
 
-    enabled: bool = opt(True, "run the evaluators the config selects")
+    enabled: bool = opt(
+        True,
+        "run the evaluators the config selects, and the validation loss where data.val_images holds images out",
+    )
     cache: bool = opt(
         True,
         "reuse scores whose every input was scored before (the bare model at multiplier 0, step 0 from the "

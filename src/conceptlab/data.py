@@ -150,20 +150,46 @@ def to_square(img: Image.Image, resolution: int, center_crop: bool) -> Image.Ima
     return img.resize((resolution, resolution), Image.Resampling.BICUBIC)
 
 
-def select_subset(paths: list[Path], num_images: int | None, seed: int) -> list[Path]:
-    """The first `num_images` of one seeded shuffle: subsets of growing size are nested."""
-    if num_images is None:
-        return paths
-    if num_images < 1:
-        raise ConfigError(f"data.num_images={num_images}: use at least 1 (or null for all images)")
-    if num_images > len(paths):
+AUTO_VAL_FOLDER = 10  # data.val_images=auto holds a fifth out of a folder of at least this many images
+
+
+def held_out_count(val_images: Any, total: int) -> int:
+    """How many of `total` usable images data.val_images holds out of training."""
+    if val_images == "auto":
+        return total // 5 if total >= AUTO_VAL_FOLDER else 0
+    if val_images is None or val_images is False:
+        return 0
+    if isinstance(val_images, bool) or not isinstance(val_images, int) or val_images < 0:
+        raise ConfigError(f"data.val_images={val_images!r}: give a number of images (0 = none) or auto")
+    if val_images >= total:
         raise ConceptDataError(
-            f"data.num_images={num_images} but the folder holds only {len(paths)} usable images; "
-            f"use data.num_images<={len(paths)} or null for all"
+            f"data.val_images={val_images} but the folder holds only {total} usable images: hold out fewer "
+            "(some must train), or data.val_images=0"
+        )
+    return val_images
+
+
+def split_images(paths: list[Path], cfg: DataConfig) -> tuple[list[Path], list[Path]]:
+    """(training, held out): one seeded shuffle (data.subset_seed) whose last data.val_images are held out
+    and whose first data.num_images train (all the others when null), so subsets and held-out sets of
+    growing size are nested, and the training subsets are those of a run without held-out images."""
+    held = held_out_count(cfg.val_images, len(paths))
+    available = len(paths) - held
+    num_images = cfg.num_images
+    if num_images is not None and num_images < 1:
+        raise ConfigError(f"data.num_images={num_images}: use at least 1 (or null for all images)")
+    if num_images is not None and num_images > available:
+        held_note = (
+            f" once data.val_images holds {held} out (data.val_images=0 trains on all)" if held else ""
+        )
+        raise ConceptDataError(
+            f"data.num_images={num_images} but the folder holds only {available} usable images{held_note}; "
+            f"use data.num_images<={available} or null for all"
         )
     order = list(paths)
-    random.Random(seed).shuffle(order)
-    return sorted(order[:num_images])
+    random.Random(cfg.subset_seed).shuffle(order)
+    train = order[:available] if num_images is None else order[:num_images]
+    return sorted(train), sorted(order[available:])
 
 
 def filewords(path: Path) -> str:
@@ -229,7 +255,13 @@ def fill_template(template: str, name: str, caption: str) -> str:
 
 
 def read_concept_images(cfg: DataConfig) -> list[ConceptImage]:
-    """Read and check the concept images; raise before any model loads if they cannot work."""
+    """The training images, read and checked; raise before any model loads if they cannot work."""
+    return read_concept_split(cfg)[0]
+
+
+def read_concept_split(cfg: DataConfig) -> tuple[list[ConceptImage], list[ConceptImage]]:
+    """(training images, held-out images) of the concept folder (`split_images`); the held-out ones carry
+    their captions but no masks (they are measured, never trained on)."""
     folder = resolve_data_path(cfg.path)
     decode_size = cfg.resolution or 1024
     readable = []
@@ -239,16 +271,17 @@ def read_concept_images(cfg: DataConfig) -> list[ConceptImage]:
             readable.append((path, image))
     if not readable:
         raise ConceptDataError(f"none of the files in {folder} is a readable image; add PNG or JPEG pictures")
-    chosen = set(select_subset([p for p, _ in readable], cfg.num_images, cfg.subset_seed))
+    train, held = (set(part) for part in split_images([p for p, _ in readable], cfg))
     wants_captions = "[filewords]" in " ".join(load_templates(cfg.templates))
-    images = [
-        ConceptImage(path, image, filewords(path) if wants_captions else "")
-        for path, image in readable
-        if path in chosen
-    ]
+
+    def chosen(paths: set[Path]) -> list[ConceptImage]:
+        return [ConceptImage(path, image, filewords(path) if wants_captions else "")
+                for path, image in readable if path in paths]  # fmt: skip
+
+    images = chosen(train)
     if cfg.mask is not None:
         read_masks(images, cfg, folder)
-    return images
+    return images, chosen(held)
 
 
 MASK_KINDS = ("alpha", "folder")
@@ -580,6 +613,33 @@ class ConceptDataModule(pl.LightningDataModule):
         )
         return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler,
                           num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)  # fmt: skip
+
+
+VAL_TIMESTEPS = 8  # the validation loss's timesteps per image, evenly spaced over the noise schedule
+VAL_SEED = 0  # its noise: the same draws in every run, so its values compare across runs
+
+
+@torch.no_grad()
+def validation_batch(backbone: Backbone, images: list[ConceptImage], templates: str, prompt_text: str,
+                     resolution: int, center_crop: bool, device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Fixed samples of `images` for a loss that compares across steps, methods and seeds: each image's
+    latent mean (no flip) at VAL_TIMESTEPS evenly spaced timesteps, each with noise drawn from VAL_SEED,
+    captioned with the first template (and the image's [filewords])."""
+    squares = [to_square(im.image, resolution, center_crop) for im in images]
+    mean, _ = encode_latents(backbone, squares, False, device)
+    latents = mean[:, 0] * backbone.vae.config.scaling_factor
+    total = backbone.scheduler.config.num_train_timesteps
+    timesteps = ((torch.arange(VAL_TIMESTEPS) + 0.5) * total / VAL_TIMESTEPS).long()
+    generator = torch.Generator().manual_seed(VAL_SEED)
+    noise = torch.randn((len(images) * VAL_TIMESTEPS, *latents.shape[1:]), generator=generator)
+    template = load_templates(templates)[0]
+    ids = backbone.tokenize([fill_template(template, prompt_text, im.caption) for im in images])
+    return {
+        "latents": latents.repeat_interleave(VAL_TIMESTEPS, 0),
+        "noise": noise,
+        "timesteps": timesteps.repeat(len(images)),
+        "input_ids": ids.repeat_interleave(VAL_TIMESTEPS, 0),
+    }
 
 
 @torch.no_grad()

@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path, write_json
 from .backbone import resolve_path
+from .callbacks import evaluation_due
 from .config import EvaluateRunConfig, check_config
 from .console import bar_text, is_verbose, quiet_third_party, say
-from .data import concept_class, read_concept_images
+from .data import concept_class, read_concept_split
 from .errors import ConceptLabError, ConfigError, error_line
 from .evalcache import EvaluationCache, backbone_identity, default_cache_dir, method_state
 from .inference import labelled_grid, prepare, readable, to_pil
@@ -41,7 +42,7 @@ from .metrics import Encoders, encoder_identity, score_images
 from .prompts import fill_prompt
 from .runfolder import RunFolder, find_run_dirs
 from .sampling import Draw, draw_images
-from .sweeps import evidence_order
+from .sweeps import evidence_order, metric_goal
 
 # wandb load inside the functions that use them, not here: importing them costs wandb ~1 s on the
 # 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
@@ -88,9 +89,12 @@ def build_prompts(
 class Scorer:
     """The encoders and the real images' features, computed once; scores generated images."""
 
-    def __init__(self, encoders, real_images: list):
+    def __init__(self, encoders, real_images: list, seen_images: list | None = None):
+        """real_images: what CLIP-I / DINO compare with (the held-out images when data.val_images holds
+        some out); seen_images: the training images then, scored as seen_clip_i / seen_dino too."""
         self.encoders = encoders
         self.real = encoders.image_features(real_images)
+        self.seen = encoders.image_features(seen_images) if seen_images else None
 
     def score(
         self, prompts: list[Prompted], images: list, per_prompt: int, prefix: str = PREFIX
@@ -110,7 +114,7 @@ class Scorer:
             if not pairs:
                 continue
             texts = [p.plain for _, p in pairs] if name == "editing" else None
-            scores = score_images(self.encoders, [images[j] for j, _ in pairs], self.real, texts)
+            scores = score_images(self.encoders, [images[j] for j, _ in pairs], self.real, texts, self.seen)
             out[name] = scores.summary([p.template for _, p in pairs])
             for metric, values in scores.values.items():
                 key = metric if name == "editing" else f"recon_{metric}"
@@ -138,8 +142,8 @@ class MetricEvaluation(pl.Callback):
         self.cache = EvaluationCache(default_cache_dir(cache_dir)) if settings.cache else None
         self.protocol = protocol
         self.class_word, self.kind = concept_class(data)
-        self.real_images = real_images(data)
-        self.real_digest = images_digest(self.real_images)
+        self.real_images, self.seen_images = real_images(data), seen_images(data)
+        self.real_digest = images_digest(self.real_images + (self.seen_images or []))
 
         # Checked here, before the backbone loads: an encoder that cannot be found fails the run at once.
         # The models load at the first evaluation the cache does not hold.
@@ -174,14 +178,7 @@ class MetricEvaluation(pl.Callback):
         self.evaluate(trainer, module, "end")  # a run that ended before max_steps (done already otherwise)
 
     def due(self, trainer: pl.Trainer, event: str) -> bool:
-        step, every = trainer.global_step, self.cfg.every_n_steps
-        if step == self.done_step or not trainer.is_global_zero:
-            return False
-        if event == "start":
-            return every > 0
-        # The last step too, at its batch end rather than at the end: its best step then reaches the last
-        # checkpoint.
-        return event == "end" or (every > 0 and step % every == 0) or step >= trainer.max_steps
+        return evaluation_due(trainer, self.cfg.every_n_steps, self.done_step, event)
 
     def plan(self, module: pl.LightningModule) -> tuple[list[Prompted], Draw, str | None]:
         """The prompts, what to sample for them, and the cache key of their scores (None: no cache)."""
@@ -221,7 +218,8 @@ class MetricEvaluation(pl.Callback):
         metrics = self.cache.get(key) if key is not None else None
         if metrics is None:
             if self.scorer is None:
-                self.scorer = Scorer(Encoders(*self.encoder_names, device=module.device), self.real_images)
+                encoders = Encoders(*self.encoder_names, device=module.device)
+                self.scorer = Scorer(encoders, self.real_images, self.seen_images)
             images = to_pil(
                 draw_images(
                     self, trainer, module, draw, progress=bar_text(trainer, f"metrics at step {step}")
@@ -262,7 +260,7 @@ class MetricEvaluation(pl.Callback):
         module.method.export(folder, step, module.backbone)
         fields: dict[str, Any] = {"metrics": {"step": step, **metrics}}
         metric, value = self.best_metric(step, metrics)
-        if not self.best or (metric == self.best["metric"] and value > self.best["value"]):
+        if not self.best or (metric == self.best["metric"] and improves(metric, value, self.best["value"])):
             self.best = {
                 "metric": metric,
                 "value": value,
@@ -271,6 +269,11 @@ class MetricEvaluation(pl.Callback):
             }
             fields["best"] = self.best
         self.record.report(trainer, **fields)
+
+
+def improves(metric: str, value: float, previous: float) -> bool:
+    """Whether `value` of `metric` is better than `previous` (lower for a loss, higher otherwise)."""
+    return value < previous if metric_goal(metric) == "min" else value > previous
 
 
 def log_image_table(trainer: pl.Trainer, step: int, rows: list[tuple[str, int]], images: list) -> None:
@@ -306,11 +309,19 @@ def log_prompt_table(trainer: pl.Trainer, step: int, scores: dict[str, Any]) -> 
 
 
 def real_images(data) -> list:
-    """Every real image of the concept (all of the folder, whatever subset trained)."""
+    """The real images CLIP-I / DINO compare with: the held-out ones where data.val_images holds some out
+    (a concept is not rewarded for reproducing its training images), else every image of the folder,
+    whatever subset trained."""
 
     # The pictures alone: no masks (data.mask weights training's loss, not the references).
-    everything = OmegaConf.merge(data, {"num_images": None, "mask": None})
-    return [im.image for im in read_concept_images(everything)]
+    seen, held = read_concept_split(OmegaConf.merge(data, {"num_images": None, "mask": None}))
+    return [im.image for im in (held or seen)]
+
+
+def seen_images(data) -> list | None:
+    """The training images where others are held out (scored as seen_clip_i / seen_dino), else None."""
+    seen, held = read_concept_split(OmegaConf.merge(data, {"mask": None}))
+    return [im.image for im in seen] if held else None
 
 
 def images_digest(images: list) -> str:
@@ -384,7 +395,7 @@ def evaluate_concepts(
 
 
 _ENCODERS: dict[tuple[str | None, str | None], Any] = {}
-_SCORERS: dict[tuple[Any, str], Scorer] = {}
+_SCORERS: dict[tuple, Scorer] = {}
 
 
 def _scorer(encoders, data_cfg) -> Scorer:
@@ -392,9 +403,10 @@ def _scorer(encoders, data_cfg) -> Scorer:
     names = (encoders.clip, encoders.dino)
     if names not in _ENCODERS:
         _ENCODERS[names] = Encoders(*names)
-    key = (names, str(data_cfg.path))
+    split = ("path", "val_images", "num_images", "subset_seed")  # what chooses the reference images
+    key = (names, *(str(data_cfg[k]) for k in split))
     if key not in _SCORERS:
-        _SCORERS[key] = Scorer(_ENCODERS[names], real_images(data_cfg))
+        _SCORERS[key] = Scorer(_ENCODERS[names], real_images(data_cfg), seen_images(data_cfg))
     return _SCORERS[key]
 
 

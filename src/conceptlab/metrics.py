@@ -183,14 +183,17 @@ def image_similarity(generated: torch.Tensor, real: torch.Tensor) -> torch.Tenso
 
 def score_images(
     encoders: Encoders, images: list, real_features: dict[str, torch.Tensor] | None = None,
-    texts: list[str] | None = None,
+    texts: list[str] | None = None, seen_features: dict[str, torch.Tensor] | None = None,
 ) -> ImageScores:  # fmt: skip
-    """CLIP-I / DINO against `real_features` (Encoders.image_features of the real images), and CLIP-T
+    """CLIP-I / DINO against `real_features` (Encoders.image_features of the real images), also against
+    `seen_features` (the training images, when others are held out: seen_clip_i, seen_dino), and CLIP-T
     and CLIPScore of images[i] against texts[i]."""
     features = encoders.image_features(images)
     values: dict[str, list[float]] = {}
-    for name, real in (real_features or {}).items():
-        values["clip_i" if name == "clip" else name] = image_similarity(features[name], real).tolist()
+    for prefix, references in (("", real_features), ("seen_", seen_features)):
+        for name, real in (references or {}).items():
+            metric = "clip_i" if name == "clip" else name
+            values[prefix + metric] = image_similarity(features[name], real).tolist()
     if texts is not None and "clip" in features:
         cos = (features["clip"] * encoders.text_features(texts)).sum(dim=1)
         values["clip_t"] = cos.tolist()

@@ -84,6 +84,7 @@ class RunSummary:
     trainable_params: int | None = None
     num_images: int | None = None
     images: list[str] = field(default_factory=list)
+    held_out_images: list[str] = field(default_factory=list)  # data.val_images: measured, never trained on
     resolution: int | None = None
     resumed_from: str | None = None
     snr_gamma: float | None = None  # optim.snr_gamma: min-SNR-γ loss weighting (None: off)

@@ -13,6 +13,7 @@ from hydra.types import RunMode
 # What stands in when no evaluator scored the runs. It compares nothing across methods (each trains other
 # parameters, on its own noise draws), so wherever it stands in for the evidence, the page says so.
 TRAINING_LOSS = "final_loss"
+VAL_LOSS = "val/loss"  # data.val_images: the held-out images' loss on fixed draws (callbacks.HeldOutLoss)
 LOSS_CAVEAT = (
     "No evaluator scored these runs, so the final training loss stands in; it does not compare methods "
     "(each trains other parameters on its own noise draws): train with evaluators=metrics, or run "
@@ -23,14 +24,17 @@ LOSS_CAVEAT = (
 def evidence_order(evidence: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The metrics that say what runs learned, best evidence first: each evaluator's own (`evidence`, in
     the order the config lists the evaluators: a judge's ground truth before the similarity metrics),
-    evaluate.py's full-protocol score before the same score during training, and CLIP-I last. The one
-    rule wherever a best is chosen: the report's answer, the sweep's table, the best step of a run."""
+    evaluate.py's full-protocol score before the same score during training, CLIP-I, then the held-out
+    validation loss. The one rule wherever a best is chosen: the report's answer, the sweep's table, the
+    best step of a run."""
     order: list[str] = []
     for metric in [*evidence, "metrics/clip_i"]:
         if metric.startswith("metrics/"):
             order.append("eval/" + metric.removeprefix("metrics/"))
         order.append(metric)
-    return list(dict.fromkeys(order))
+    # Then the held-out validation loss: the same images, timesteps and noise in every run, so it compares
+    # runs where nothing scored samples (the training loss does not).
+    return list(dict.fromkeys([*order, VAL_LOSS]))
 
 
 def metric_goal(metric: str, goal: str | None = None) -> str:

@@ -33,6 +33,7 @@ from .backbone import load_backbone, resolve_dtype, resolve_path
 from .callbacks import (
     AtomicCheckpointIO,
     ConceptExport,
+    HeldOutLoss,
     LastCheckpoint,
     PreemptionCheckpoint,
     RunStats,
@@ -40,7 +41,7 @@ from .callbacks import (
 )
 from .config import OPTIMIZERS, DataConfig, ModelConfig, TrainConfig, check_config
 from .console import StepProgress, is_verbose, logging_around_bars, quiet_third_party, say
-from .data import ConceptDataModule, read_concept_images
+from .data import ConceptDataModule, read_concept_split
 from .errors import ConceptLabError, ConfigError, error_line
 from .evalcache import EvaluationCache, default_cache_dir
 from .loggers import make_loggers
@@ -229,7 +230,7 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
     # Cheap checks first: a bad image folder or evaluator setting fails before any model loads.
     evaluators = make_evaluators(cfg, record)
     check_search(cfg, [e.evidence for e in evaluators if getattr(e, "evidence", None)])
-    images = read_concept_images(cfg.data)
+    images, held_out = read_concept_split(cfg.data)
     method = make_method(cfg, concept)  # its own checks, before any model loads
     # In a packed sweep: this job's copy of the pack's backbone (its own modules, the pack's weights).
     backbone = pack.backbone(cfg.model, method) if pack is not None else load_backbone(cfg.model)
@@ -246,7 +247,8 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
         example_prompt=method.usage(list(cfg.data.sample_prompts)[0]),
     )
     # Evaluators first: what they record at a step (the best step) is in the checkpoint of that step.
-    callbacks = evaluators + run_callbacks(cfg, record, method, in_pack=pack is not None)
+    validation = held_out_loss(cfg, record, held_out, images, method.prompt_text, resolution)
+    callbacks = validation + evaluators + run_callbacks(cfg, record, method, in_pack=pack is not None)
     trainer = make_trainer(cfg, record, shared_draws(callbacks) + callbacks, in_pack=pack is not None)
     module = make_module(cfg, trainer, backbone, method, record, pack)
     if pack is None:  # a pack's jobs start together: the pack says so once, and draws their one bar
@@ -258,6 +260,7 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
         pack.record = record  # the pack's bar shows the best score so far among its jobs
     record.update(
         num_images=len(images), images=[str(im.path) for im in images], resolution=resolution,
+        held_out_images=[str(im.path) for im in held_out],
         resumed_from=str(ckpt_path) if ckpt_path else None,
         trainable_params=sum(p.numel() for p in method.trainable_parameters()),
         snr_gamma=cfg.optim.snr_gamma, noise_offset=cfg.optim.noise_offset,
@@ -363,6 +366,18 @@ def make_evaluators(cfg: DictConfig, record: RunRecord) -> list:
     return [
         instantiate_checked(spec, settings=cfg.evaluate, data=cfg.data, record=record)
         for spec in cfg.evaluators.values()
+    ]
+
+
+def held_out_loss(cfg: DictConfig, record: RunRecord, held_out: list, images: list, prompt_text: str,
+                  resolution: int) -> list:  # fmt: skip
+    """The validation loss where data.val_images holds images out (evaluate.enabled): on them and on as
+    many training images (at least 4), at the evaluation steps."""
+    if not held_out or not cfg.evaluate.enabled:
+        return []
+    seen = images[: max(4, len(held_out))]
+    return [
+        HeldOutLoss(record, cfg.evaluate.every_n_steps, held_out, seen, cfg.data, prompt_text, resolution)
     ]
 
 
