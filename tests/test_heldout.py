@@ -120,3 +120,47 @@ def split_images_of(data):
     from conceptlab.data import list_images, resolve_data_path
 
     return split_images(list_images(resolve_data_path(data.path)), data)
+
+
+def fake_run(root, name: str, method: str, rows: list[dict]) -> None:
+    """A completed run folder as train.py leaves it, with these metrics.csv rows."""
+    import json
+
+    import pandas as pd
+
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("{}\n")
+    (run / "summary.json").write_text(json.dumps({"status": "completed", "method": method}))
+    pd.DataFrame(rows).to_csv(run / "metrics.csv", index=False)
+
+
+def test_the_agreement_script_scores_each_choice_against_the_judge(tmp_path, capsys):
+    from test_bench import load_script
+
+    script = load_script("heldout_agreement")
+    # The judge peaks at step 100. Held-out CLIP-I and loss peak there too; the training images' scores keep
+    # rising (memorization) and pick the last step, where the judge has dropped to 0.5.
+    steps = [0, 50, 100, 150]
+    judge, held, seen = [0.0, 0.6, 0.9, 0.5], [0.1, 0.3, 0.5, 0.4], [0.1, 0.3, 0.5, 0.7]
+    loss, loss_seen = [0.3, 0.2, 0.1, 0.25], [0.3, 0.2, 0.1, 0.05]
+    rows = []
+    for k, step in enumerate(steps):  # evaluators log on rows of their own at the same step
+        rows.append({"step": step, "judge/concept": judge[k]})
+        rows.append({"step": step, "metrics/clip_i": held[k], "metrics/seen_clip_i": seen[k]})
+        rows.append({"step": step, "val/loss": loss[k], "val/loss_seen": loss_seen[k]})
+        rows.append({"step": step, "train/loss": 0.2})
+    fake_run(tmp_path, "0_ti", "ti", rows)
+    frame = script.agreement(tmp_path).set_index("criterion")
+    assert frame.loc["held-out CLIP-I", "step"] == 100 and frame.loc["held-out CLIP-I", "regret"] == 0
+    assert frame.loc["held-out loss", "step"] == 100 and frame.loc[
+        "held-out loss", "spearman"
+    ] == pytest.approx(1.0)
+    assert frame.loc["training-image CLIP-I", "step"] == 150
+    assert frame.loc["training-image CLIP-I", "regret"] == pytest.approx(0.4)
+    assert frame.loc["training-image loss", "regret"] == pytest.approx(0.4)
+    assert frame.loc["last step", "step"] == 150
+    assert script.main([str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| ti | held-out CLIP-I | 0.000 ± 0.000 | 0.80 ± 0.00 | 1 |" in table
+    assert script.main([str(tmp_path / "nothing")]) == 2

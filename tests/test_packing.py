@@ -38,12 +38,14 @@ def test_jobs_pack_when_they_share_backbone_resolution_and_device():
         job_config(6, "method=ti", "model.dtype=bfloat16"),  # another backbone setting
         job_config(7, "method=ti", "seed=9"),
         job_config(8, "method=ti", "hydra.job.chdir=true"),  # a working directory per job: alone
+        job_config(9, "method=ti", "data.buckets=true"),  # its batches' sizes change from step to step: alone
     ]
     assert pack_key(jobs[0]) == pack_key(jobs[1]) == pack_key(jobs[2]) == pack_key(jobs[7])
     assert pack_key(jobs[4]) is None and pack_key(jobs[5]) is None and pack_key(jobs[8]) is None
+    assert pack_key(jobs[9]) is None
     assert len({pack_key(jobs[0]), pack_key(jobs[3]), pack_key(jobs[6])}) == 3
     packs = [[int(j.hydra.job.num) for j in pack] for pack in plan_packs(jobs, pack_size=3)]
-    assert packs == [[0, 1, 2], [3], [4], [5], [6], [7], [8]]  # job order; pack_size cuts the first group
+    assert packs == [[0, 1, 2], [3], [4], [5], [6], [7], [8], [9]]  # job order; pack_size cuts the first group
     assert [[int(j.hydra.job.num) for j in p] for p in plan_packs(jobs, pack_size=16)][0] == [0, 1, 2, 7]
 
 

@@ -150,6 +150,11 @@ class DataConfig:
         valid="[8, inf)",
     )
     center_crop: bool = opt(True, "crop the central square (false: squash the whole image to a square)")
+    buckets: bool = opt(
+        False,
+        "aspect-ratio buckets: each image at the size of about resolution² pixels nearest its aspect ratio (sides "
+        "from half to twice the resolution), batches drawn within a bucket; false = every image a square",
+    )
     flip_p: float = opt(
         0.5, "probability of a horizontal flip (both flips' latents are cached)", valid="[0, 1]"
     )

@@ -143,11 +143,39 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def to_square(img: Image.Image, resolution: int, center_crop: bool) -> Image.Image:
     """Crop the central square (or squash the whole image), then resize to resolution x resolution."""
+    return fit(img, (resolution, resolution), center_crop)
+
+
+def fit(img: Image.Image, size: tuple[int, int], center_crop: bool = True) -> Image.Image:
+    """Crop the largest central region of the target's aspect ratio (or squash the whole image), then
+    resize to size = (width, height)."""
     if center_crop:
-        side = min(img.size)
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-    return img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+        width, height = img.size
+        if width * size[1] > height * size[0]:  # wider than the target: keep the full height
+            width = max(1, round(height * size[0] / size[1]))
+        else:
+            height = max(1, round(width * size[1] / size[0]))
+        left, top = (img.width - width) // 2, (img.height - height) // 2
+        img = img.crop((left, top, left + width, top + height))
+    return img.resize(size, Image.Resampling.BICUBIC)
+
+
+def bucket_sizes(resolution: int, multiple: int) -> list[tuple[int, int]]:
+    """data.buckets: (width, height) pairs of about resolution² pixels (never more), each side a multiple of
+    `multiple` between half and twice the resolution, as kohya's sd-scripts makes them."""
+    low, high = max(multiple, resolution // 2 // multiple * multiple), 2 * resolution
+    sizes = set()
+    for width in range(low, high + 1, multiple):
+        height = min(high, resolution * resolution // width // multiple * multiple)
+        if height >= low:
+            sizes |= {(width, height), (height, width)}
+    return sorted(sizes)
+
+
+def choose_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest the image's (on a log scale; the larger area on a tie)."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - ratio), 9), -b[0] * b[1]))
 
 
 AUTO_VAL_FOLDER = 10  # data.val_images=auto holds a fifth out of a folder of at least this many images
@@ -373,9 +401,14 @@ def concept_class(cfg: DataConfig) -> tuple[str, str]:
     return class_word, kind
 
 
+def size_multiple(backbone: Backbone) -> int:
+    """What every image side must be a multiple of: the VAE's factor times the UNet's downsampling."""
+    return backbone.vae_scale_factor * 2 ** (len(backbone.unet.config.block_out_channels) - 1)
+
+
 def check_resolution(resolution: int, backbone: Backbone, key: str = "data.resolution") -> None:
     """A size the VAE and the UNet can take: a multiple of the VAE's factor times the UNet's downsampling."""
-    multiple = backbone.vae_scale_factor * 2 ** (len(backbone.unet.config.block_out_channels) - 1)
+    multiple = size_multiple(backbone)
     if resolution < multiple or resolution % multiple:
         raise ConfigError(
             f"{key}={resolution} must be a multiple of {multiple} for this backbone "
@@ -418,7 +451,7 @@ class ConceptLatents(Dataset):
         """noise_offset: each sample's noise plus this times one normal draw per channel (drawn after the
         rest of the sample, so a run without it draws what it always drew). loss_weights: a weight per
         timestep for the sample's loss (min-SNR-γ, `snr_weights`), given with the sample."""
-        self.mean, self.std = mean, std  # [images, flips, C, h, w]
+        self.mean, self.std = mean, std  # [images, flips, C, h, w], or per image [flips, C, h, w] (buckets)
         self.noise_offset, self.loss_weights = noise_offset, loss_weights
         self.masks = masks  # [images, flips, 1, h, w] at the latent grid, or None (data.mask off)
         self.captions = captions
@@ -430,14 +463,14 @@ class ConceptLatents(Dataset):
         self.scaling_factor, self.num_timesteps = scaling_factor, num_timesteps
 
     def __len__(self) -> int:
-        return self.mean.shape[0]
+        return len(self.mean)
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, position = item
         gen = torch.Generator().manual_seed(sample_seed(self.seed, position))
-        flip = int(self.mean.shape[1] > 1 and torch.rand((), generator=gen).item() < self.flip_p)
+        flip = int(len(self.mean[index]) > 1 and torch.rand((), generator=gen).item() < self.flip_p)
         template = int(torch.randint(self.regular_captions, (), generator=gen))
-        mean, std = self.mean[index, flip], self.std[index, flip]
+        mean, std = self.mean[index][flip], self.std[index][flip]
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scaling_factor
         sample = {
             "latents": latents,
@@ -454,7 +487,7 @@ class ConceptLatents(Dataset):
         if self.loss_weights is not None:
             sample["loss_weight"] = self.loss_weights[sample["timesteps"]]
         if self.masks is not None:
-            sample["loss_mask"] = self.masks[index, flip]
+            sample["loss_mask"] = self.masks[index][flip]
         return sample
 
 
@@ -475,10 +508,13 @@ class StreamSampler(Sampler):
     """
 
     def __init__(self, num_images: int, batch_size: int, world_size: int, rank: int, seed: int,
-                 batches_per_epoch: int, next_batch: int = 0):  # fmt: skip
+                 batches_per_epoch: int, next_batch: int = 0, buckets: list[list[int]] | None = None):  # fmt: skip
+        """buckets (data.buckets): the images of each bucket; every global batch then holds one bucket's."""
         self.n, self.batch_size, self.world_size, self.rank = num_images, batch_size, world_size, rank
         self.seed, self.batches_per_epoch, self.next_batch = seed, batches_per_epoch, next_batch
+        self.buckets = buckets if buckets is not None and len(buckets) > 1 else None
         self._order: tuple[int, list[int]] | None = None
+        self._chunks: tuple[int, list[list[int]]] | None = None
 
     def _image(self, position: int) -> int:
         shuffle = position // self.n
@@ -487,13 +523,36 @@ class StreamSampler(Sampler):
             self._order = (shuffle, torch.randperm(self.n, generator=gen).tolist())
         return self._order[1][position % self.n]
 
+    def _bucket_batch(self, batch: int) -> list[int]:
+        """With buckets: the images of global batch `batch`. Pass k over the images shuffles each bucket,
+        cuts it into global batches (a bucket's last one filled up with its own first images, so every
+        batch is whole), and shuffles the batches of all buckets, all from one seeded generator."""
+        size = self.batch_size * self.world_size
+        per_pass = sum(math.ceil(len(images) / size) for images in self.buckets)
+        which, index = divmod(batch, per_pass)
+        if self._chunks is None or self._chunks[0] != which:
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, -1 - which))
+            chunks = []
+            for images in self.buckets:
+                order = [images[i] for i in torch.randperm(len(images), generator=gen).tolist()]
+                for first in range(0, len(order), size):
+                    chunk = order[first : first + size]
+                    chunks.append(chunk + [order[k % len(order)] for k in range(size - len(chunk))])
+            self._chunks = (which, [chunks[i] for i in torch.randperm(len(chunks), generator=gen).tolist()])
+        return self._chunks[1][index]
+
     def __iter__(self):
         end = (self.next_batch // self.batches_per_epoch + 1) * self.batches_per_epoch
         start, self.next_batch = self.next_batch, end
         for batch in range(start, end):
             first = (batch * self.world_size + self.rank) * self.batch_size
-            for position in range(first, first + self.batch_size):
-                yield self._image(position), position
+            if self.buckets is None:
+                for position in range(first, first + self.batch_size):
+                    yield self._image(position), position
+            else:
+                images = self._bucket_batch(batch)[self.rank * self.batch_size :]
+                for k in range(self.batch_size):
+                    yield images[k], first + k
 
     def __len__(self) -> int:
         # The full epoch: Lightning counts a resumed epoch's batches from where it stopped.
@@ -526,17 +585,36 @@ class ConceptDataModule(pl.LightningDataModule):
             for captions in self.captions:
                 captions.append(fill_template("{}", prompt_text, ""))
         check_captions_fit(backbone.tokenizer, prompt_text, {c for cs in self.captions for c in cs})
+        # data.buckets: each image at the size of its aspect ratio's bucket; else all at resolution².
+        if cfg.buckets:
+            sizes = bucket_sizes(resolution, size_multiple(backbone))
+            self.sizes = [choose_bucket(im.image.size, sizes) for im in images]
+        else:
+            self.sizes = [(resolution, resolution)] * len(images)
+        self.buckets = {
+            size: [k for k, s in enumerate(self.sizes) if s == size] for size in sorted(set(self.sizes))
+        }
+        small = [f"{w}x{h} ({len(ks)})" for (w, h), ks in self.buckets.items() if len(ks) < cfg.batch_size]
+        if cfg.buckets and small:
+            log.warning(
+                "data.buckets: %s hold fewer images than the batch of %d; their batches repeat their images "
+                "(each with its own noise and timestep)", ", ".join(small), cfg.batch_size,
+            )  # fmt: skip
         self.dataset: ConceptLatents | None = None
+
+    def bucket_counts(self) -> dict[str, int]:
+        """The run record's buckets: images per size, "WxH"."""
+        return {f"{w}x{h}": len(images) for (w, h), images in self.buckets.items()}
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        squares = [to_square(im.image, self.resolution, self.cfg.center_crop) for im in self.images]
+        pictures = [fit(im.image, size, self.cfg.center_crop) for im, size in zip(self.images, self.sizes)]
         flips = self.cfg.flip_p > 0
         mean, std = self._once(
-            ("latents", str(device), self.resolution, flips, *(np.asarray(im).tobytes() for im in squares)),
-            lambda: encode_latents(self.backbone, squares, flips, device),
+            ("latents", str(device), self.sizes, flips, *(np.asarray(im).tobytes() for im in pictures)),
+            lambda: self._encode(pictures, flips, device),
         )
         texts = [c for captions in self.captions for c in captions]
         tokenizer = self.backbone.tokenizer  # the same words (added ones too) tokenize the same
@@ -561,26 +639,41 @@ class ConceptDataModule(pl.LightningDataModule):
             mean, std, captions.view(len(self.images), -1, *captions.shape[1:]), self.cfg.flip_p, self.seed,
             self.backbone.vae.config.scaling_factor, self.backbone.scheduler.config.num_train_timesteps,
             captions_are_contexts=self.cache_context, noise_offset=self.noise_offset,
-            loss_weights=self._loss_weights(), masks=self._latent_masks(mean.shape[-2:], flips),
+            loss_weights=self._loss_weights(), masks=self._latent_masks([m.shape[-2:] for m in mean], flips),
             caption_dropout=self.caption_dropout,
         )  # fmt: skip
 
-    def _latent_masks(self, grid: tuple[int, int], flips: bool) -> torch.Tensor | None:
-        """Each image's mask cropped and resized as its image is, averaged down to the latent grid (and
-        mirrored for the flipped view): [images, flips, 1, h, w] in [0, 1]; ones for an image without one."""
+    def _encode(self, pictures: list[Image.Image], flips: bool, device: torch.device):
+        """Latent (mean, std) per image: [images, flips, C, h, w], or per image [flips, C, h, w] when
+        buckets give them several sizes (each bucket encoded in batches of its own)."""
+        if len(self.buckets) == 1:
+            return encode_latents(self.backbone, pictures, flips, device)
+        mean: list = [None] * len(pictures)
+        std: list = [None] * len(pictures)
+        for images in self.buckets.values():
+            means, stds = encode_latents(self.backbone, [pictures[k] for k in images], flips, device)
+            for k, m, s in zip(images, means, stds):
+                mean[k], std[k] = m, s
+        return mean, std
+
+    def _latent_masks(self, grids: list, flips: bool) -> torch.Tensor | list | None:
+        """Each image's mask cropped and resized as its image is, averaged down to its latent grid (and
+        mirrored for the flipped view): [images, flips, 1, h, w] in [0, 1] (per image with buckets); ones
+        for an image without one."""
         if not any(image.mask is not None for image in self.images):
             return None
         masks = []
-        for image in self.images:
+        for image, size, grid in zip(self.images, self.sizes, grids):
             if image.mask is None:
-                masks.append(torch.ones(1, *grid))
-                continue
-            square = to_square(image.mask, self.resolution, self.cfg.center_crop)
-            pixels = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0)[None, None]
-            masks.append(torch.nn.functional.adaptive_avg_pool2d(pixels, grid)[0].clamp(0, 1))  # no ringing
-        stacked = torch.stack(masks)  # [images, 1, h, w]
-        views = [stacked, stacked.flip(-1)] if flips else [stacked]
-        return torch.stack(views, 1)
+                mask = torch.ones(1, *grid)
+            else:
+                fitted = fit(image.mask, size, self.cfg.center_crop)
+                pixels = torch.from_numpy(np.asarray(fitted, dtype=np.float32) / 255.0)[None, None]
+                mask = torch.nn.functional.adaptive_avg_pool2d(pixels, tuple(grid))[0].clamp(
+                    0, 1
+                )  # no ringing
+            masks.append(torch.stack([mask, mask.flip(-1)] if flips else [mask]))
+        return torch.stack(masks) if len(self.buckets) == 1 else masks
 
     def _loss_weights(self) -> torch.Tensor | None:
         if self.snr_gamma is None:
@@ -609,8 +702,9 @@ class ConceptDataModule(pl.LightningDataModule):
         done = trainer.global_step * accumulate if trainer else 0  # restored before this is called
         per_epoch = max(1, math.ceil(len(self.images) * self.cfg.repeats / (self.cfg.batch_size * world)))
         sampler = StreamSampler(
-            len(self.images), self.cfg.batch_size, world, rank, self.seed, per_epoch, done
-        )
+            len(self.images), self.cfg.batch_size, world, rank, self.seed, per_epoch, done,
+            buckets=list(self.buckets.values()),
+        )  # fmt: skip
         return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler,
                           num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)  # fmt: skip
 

@@ -119,6 +119,8 @@ def pack_key(config: DictConfig) -> str | None:
             return None
         if trainer.get("gradient_checkpointing"):  # recomputed after the shared pass, outside it
             return None
+        if config.data.get("buckets"):  # its batches' sizes change from step to step
+            return None
         if config.data.get("num_workers", 0):
             return None  # forked data-loader workers and the pack's threads do not mix
         if config.hydra.job.get("chdir"):

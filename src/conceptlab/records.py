@@ -86,6 +86,7 @@ class RunSummary:
     images: list[str] = field(default_factory=list)
     held_out_images: list[str] = field(default_factory=list)  # data.val_images: measured, never trained on
     resolution: int | None = None
+    buckets: dict[str, int] | None = None  # data.buckets: images per size "WxH" (None: off, all squares)
     resumed_from: str | None = None
     snr_gamma: float | None = None  # optim.snr_gamma: min-SNR-γ loss weighting (None: off)
     ema_decay: float | None = None  # ema.decay: files, samples and scores are of the average (None: off)

@@ -261,6 +261,7 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
     record.update(
         num_images=len(images), images=[str(im.path) for im in images], resolution=resolution,
         held_out_images=[str(im.path) for im in held_out],
+        buckets=data.bucket_counts() if cfg.data.buckets else None,
         resumed_from=str(ckpt_path) if ckpt_path else None,
         trainable_params=sum(p.numel() for p in method.trainable_parameters()),
         snr_gamma=cfg.optim.snr_gamma, noise_offset=cfg.optim.noise_offset,
