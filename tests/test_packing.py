@@ -45,7 +45,16 @@ def test_jobs_pack_when_they_share_backbone_resolution_and_device():
     assert pack_key(jobs[9]) is None
     assert len({pack_key(jobs[0]), pack_key(jobs[3]), pack_key(jobs[6])}) == 3
     packs = [[int(j.hydra.job.num) for j in pack] for pack in plan_packs(jobs, pack_size=3)]
-    assert packs == [[0, 1, 2], [3], [4], [5], [6], [7], [8], [9]]  # job order; pack_size cuts the first group
+    assert packs == [
+        [0, 1, 2],
+        [3],
+        [4],
+        [5],
+        [6],
+        [7],
+        [8],
+        [9],
+    ]  # job order; pack_size cuts the first group
     assert [[int(j.hydra.job.num) for j in p] for p in plan_packs(jobs, pack_size=16)][0] == [0, 1, 2, 7]
 
 

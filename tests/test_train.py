@@ -217,6 +217,31 @@ def test_gradient_checkpointing_recomputes_the_unet_and_trains_the_same(tmp_path
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
 
 
+def test_gradient_checkpointing_recomputes_the_text_encoder_where_the_gradient_passes_it(
+    tmp_path, monkeypatch
+):
+    """Textual inversion's gradient goes through the text encoder: with checkpointing each of its layers
+    runs again in the backward (its MLP twice a step), and the run trains the same."""
+    from transformers.models.clip import modeling_clip
+
+    calls = []
+    forward = modeling_clip.CLIPMLP.forward
+    monkeypatch.setattr(
+        modeling_clip.CLIPMLP,
+        "forward",
+        lambda self, x: calls.append(torch.is_grad_enabled()) or forward(self, x),
+    )
+    args = ("method=ti", "trainer.max_steps=2", "samples.every_n_steps=0")
+    plain = run_train(tmp_path / "plain", *args)
+    plain_calls, calls[:] = len(calls), []
+    saving = run_train(tmp_path / "saving", *args, "trainer.gradient_checkpointing=true")
+    assert plain_calls > 0 and len(calls) == 2 * plain_calls  # each layer's forward, then its recomputation in the backward
+    assert saving["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-5)
+    a, b = (load_file(next((tmp_path / d / "concepts").glob("*.safetensors"))) for d in ("plain", "saving"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
 def test_a_masked_run_through_train_py_says_how_many_images_had_a_mask(tmp_path):
     from test_data import masked_set
 

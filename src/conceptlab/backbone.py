@@ -61,7 +61,23 @@ class Backbone(nn.Module):
 
     def train(self, mode: bool = True) -> Backbone:
         # The frozen parts never train (no dropout), whatever Lightning asks of the module holding us.
-        return super().train(False)
+        super().train(False)
+        for layer in getattr(self, "_checkpointed_layers", ()):
+            layer.training = True  # the layer alone (see checkpoint_text_encoder): its children stay in eval
+        return self
+
+    def checkpoint_text_encoder(self) -> None:
+        """trainer.gradient_checkpointing where gradients pass through the text encoder (a method that
+        changes the text encoding): transformers' own checkpointing, which recomputes a layer only when it
+        is marked as training. The layers themselves are marked, not their attention and MLP, so no
+        dropout acts and the encoder computes what it did before."""
+        self.text_encoder.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        self._checkpointed_layers = [
+            m for m in self.text_encoder.modules() if getattr(m, "gradient_checkpointing", False) is True
+        ]
+        self.train()
 
     @functools.cached_property
     def checkpoint_hash(self) -> str | None:

@@ -481,9 +481,8 @@ def make_module(cfg: DictConfig, trainer, backbone, method, record: RunRecord, p
     for parameter in method.trainable_parameters():  # what trains stays float32, whatever the backbone
         parameter.data = parameter.data.float()
     if cfg.trainer.gradient_checkpointing:
-        # The UNet's blocks recomputed in the backward (the method says how its modules take it). The frozen
-        # text encoder is in eval mode, where transformers does not checkpoint; its 77 tokens' activations
-        # are small beside the UNet's.
+        # The UNet's blocks recomputed in the backward, and the text encoder's where the gradient passes
+        # through it (the method says how its modules take it).
         method.enable_gradient_checkpointing(backbone)
     compile_unet(backbone, cfg.trainer.compile)
     schedule = method.lr_schedule

@@ -154,9 +154,12 @@ class Method(nn.Module, ABC):
 
     def enable_gradient_checkpointing(self, backbone: Backbone) -> None:
         """`trainer.gradient_checkpointing`: the UNet's blocks are recomputed in the backward (diffusers'
-        own). A method whose installed modules keep results across layers (a memo) turns that off here:
-        a recomputed block must do exactly what it did the first time."""
+        own), and the text encoder's layers where the gradient passes through them (transformers' own). A
+        method whose installed modules keep results across layers (a memo) turns that off here: a
+        recomputed block must do exactly what it did the first time."""
         backbone.unet.enable_gradient_checkpointing()
+        if self.changes_text_encoding:
+            backbone.checkpoint_text_encoder()
 
     def packed_modules(self, backbone: Backbone) -> list[str] | None:
         """Where this method acts, for packed sweeps (`hydra/launcher=packed`): the paths in `backbone`
