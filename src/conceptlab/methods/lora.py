@@ -11,6 +11,7 @@ exactly the bare model.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from ..config import opt
 from ..errors import ConceptFileError, ConfigError
 from ..formats import TensorFile, one_line, read_tensor_file, write_safetensors
 from .base import Concept, Method, MethodConfig, method_key
+from .lycoris import NAMES, VARIANTS, WeightChange, file_variant, has_rank, layer_tensors, weight_change
 
 # peft and diffusers load inside the functions that use them, not here: importing them costs peft ~6 s, diffusers ~5 s on the
 # 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
@@ -52,6 +54,11 @@ class LoRAConfig(MethodConfig):
 
     _target_: str = "conceptlab.methods.lora.LoRA"
     name: str = method_key("name", "lora")
+    variant: str = opt(
+        "lora",
+        "lora | loha (Hadamard product of two low-rank pairs) | lokr (Kronecker product) | dora (LoRA with a learned "
+        "magnitude per output row): peft's own, written in the kohya/LyCORIS layout the webui and ComfyUI read",
+    )
     rank: int = opt(4, "the adapters' rank", valid="[1, inf)")
     alpha: float | None = opt(
         None, "scale numerator: the update is (alpha / rank) B A; null = rank (scale 1)", valid="(0, inf)"
@@ -71,14 +78,29 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def lora_layers(backbone: Backbone, adapter: str | None) -> Iterator[tuple[str, str, nn.Module]]:
-    """(part, module name, layer) for every peft LoRA layer of the UNet and text encoder that holds
-    `adapter` (None: every LoRA layer)."""
+    """(part, module name, layer) for every peft LoRA, LoHa or LoKr layer of the UNet and text encoder
+    that holds `adapter` (None: every such layer)."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
 
     for part in ("unet", "text_encoder"):
         for name, module in getattr(backbone, part).named_modules():
-            if isinstance(module, LoraLayer) and (adapter is None or adapter in module.lora_A):
+            if isinstance(module, LoraLayer | LycorisLayer) and (
+                adapter is None or adapter in module.scaling
+            ):
                 yield part, name, module
+
+
+def peft_config(variant: str, rank: int, alpha: float, dropout: float, targets: list[str]):
+    """peft's config of the variant: LoRA (DoRA: use_dora) or its LoHa / LoKr."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    if variant == "loha":
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=targets)
+    if variant == "lokr":
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=targets)
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                      target_modules=targets, use_dora=variant == "dora")  # fmt: skip
 
 
 class LoRA(Method):
@@ -90,12 +112,20 @@ class LoRA(Method):
 
     def __init__(self, name: str, lr: float | str, scale_lr: bool, concept: str, rank: int = 4,
                  alpha: float | None = None, target_modules: list[str] | None = None, dropout: float = 0.0,
-                 text_encoder: bool = False, init_from: str | None = None):  # fmt: skip
+                 text_encoder: bool = False, init_from: str | None = None, variant: str = "lora"):  # fmt: skip
         super().__init__(name=name, lr=lr, scale_lr=scale_lr, concept=concept, init_from=init_from)
+        if variant not in VARIANTS:
+            raise ConfigError(f"method.variant={variant!r}: use one of {', '.join(VARIANTS)}")
         if rank < 1:
             raise ConfigError(f"method.rank={rank}: a LoRA needs rank 1 or more")
         if not 0 <= dropout < 1:
             raise ConfigError(f"method.dropout={dropout}: a probability in [0, 1)")
+        if dropout and variant in ("loha", "lokr"):
+            raise ConfigError(
+                f"method.dropout={dropout}: the adapters' input dropout is LoRA's and DoRA's; use method.dropout=0 "
+                f"with method.variant={variant}"
+            )
+        self.variant = variant
         self.rank, self.alpha = rank, float(alpha if alpha is not None else rank)
         self.target_modules = list(target_modules or LoRAConfig().target_modules)
         self.dropout, self.text_encoder = dropout, text_encoder
@@ -110,14 +140,16 @@ class LoRA(Method):
         return self.text_encoder
 
     def attach(self, backbone: Backbone) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import inject_adapter_in_model
 
-        def config(targets: list[str]) -> LoraConfig:
-            return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                              init_lora_weights="gaussian", target_modules=targets)  # fmt: skip
+        def config(targets: list[str]):
+            return peft_config(self.variant, self.rank, self.alpha, self.dropout, targets)
 
         try:
-            backbone.unet.add_adapter(config(self.target_modules), adapter_name=ADAPTER)  # diffusers' way
+            if self.variant in ("lora", "dora"):
+                backbone.unet.add_adapter(config(self.target_modules), adapter_name=ADAPTER)  # diffusers' way
+            else:  # diffusers' add_adapter takes LoRA configs only
+                inject_adapter_in_model(config(self.target_modules), backbone.unet, adapter_name=ADAPTER)
             if self.text_encoder:  # peft's own injection (transformers' add_adapter wants a newer peft)
                 inject_adapter_in_model(
                     config(TEXT_ENCODER_TARGETS), backbone.text_encoder, adapter_name=ADAPTER
@@ -128,32 +160,44 @@ class LoRA(Method):
         if self.init_from:
             self._load_initial(backbone)
         for _, _, layer in lora_layers(backbone, ADAPTER):
-            layer.lora_A[ADAPTER].requires_grad_(True)
-            layer.lora_B[ADAPTER].requires_grad_(True)
+            for name, parameter in layer.named_parameters():
+                if ADAPTER in name.split("."):  # the adapter's own tensors, not the frozen layer's
+                    parameter.requires_grad_(True)
         self.train(self.training)
 
     def packed_modules(self, backbone: Backbone) -> list[str]:
         return [f"{part}.{name}" for part, name, _ in lora_layers(backbone, ADAPTER)]
 
     def _load_initial(self, backbone: Backbone) -> None:
-        """Copy a LoRA file's adapters into ours (same rank; every one of our modules must be in it)."""
+        """Copy a file's adapters into ours: the same variant and rank, every one of our modules in it."""
         file = read_tensor_file(self.init_from)
         weights = kohya_tensors(file)
         if weights is None:
             raise ConceptFileError(f"{self.init_from} is not a kohya/A1111 LoRA file (lora_unet_ keys)")
+        found = file_variant(weights)
+        if found != self.variant:
+            raise ConceptFileError(
+                f"{self.init_from} is a {NAMES[found]} file and this run trains a {NAMES[self.variant]}: set "
+                f"method.variant={found}"
+            )
         for part, name, layer in lora_layers(backbone, ADAPTER):
             key = kohya_key(part, name)
-            if f"{key}.lora_down.weight" not in weights:
+            ours = layer_tensors(layer, ADAPTER)
+            theirs = {suffix: weights.get(f"{key}.{suffix}") for suffix in ours}
+            if any(t is None for t in theirs.values()):
                 raise ConceptFileError(f"{self.init_from} has no adapter for {part} module {name}")
-            down, up = weights[f"{key}.lora_down.weight"], weights[f"{key}.lora_up.weight"]
-            if down.shape != layer.lora_A[ADAPTER].weight.shape:
-                raise ConceptFileError(
-                    f"{self.init_from}: {key} has rank {down.shape[0]} and width {down.shape[1]}, but this run "
-                    f"needs rank {self.rank} and width {layer.lora_A[ADAPTER].weight.shape[1]}; set method.rank={down.shape[0]}"
-                )
-            with torch.no_grad():
-                layer.lora_A[ADAPTER].weight.copy_(down)
-                layer.lora_B[ADAPTER].weight.copy_(up)
+            if self.variant == "lokr" and not has_rank(ours) and f"{key}.alpha" not in weights:
+                theirs["lokr_w1"] = (
+                    theirs["lokr_w1"] / layer.scaling[ADAPTER]
+                )  # the file carries the scale in w1
+            for suffix, tensor in ours.items():
+                if theirs[suffix].shape != tensor.shape:
+                    raise ConceptFileError(
+                        f"{self.init_from}: {key}.{suffix} is {tuple(theirs[suffix].shape)} but this run's is "
+                        f"{tuple(tensor.shape)}: another rank or variant setting (this run: method.rank={self.rank})"
+                    )
+                with torch.no_grad():
+                    tensor.copy_(theirs[suffix])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [
@@ -167,12 +211,23 @@ class LoRA(Method):
         super().train(mode)
         if self._backbone is not None:  # the adapters' dropout follows the method, not the frozen backbone
             for _, _, layer in lora_layers(self._backbone, ADAPTER):
-                layer.lora_dropout[ADAPTER].train(mode)
+                if hasattr(layer, "lora_dropout"):  # LoRA's and DoRA's (LoHa and LoKr have none here)
+                    layer.lora_dropout[ADAPTER].train(mode)
         return self
 
     @contextmanager
     def at_multiplier(self, multiplier: float) -> Iterator[None]:
         layers = [layer for _, _, layer in lora_layers(self._backbone, ADAPTER)]
+        if self.variant == "dora":
+            # As the webui and ComfyUI apply DoRA: m x (the decomposed weight's change), linear in m (peft's
+            # scale acts inside the normalization, and at 0 would not be the bare model).
+            hooks = [layer.register_forward_hook(_interpolate(multiplier)) for layer in layers]
+            try:
+                yield
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            return
         for layer in layers:
             layer.set_scale(ADAPTER, multiplier)
         try:
@@ -182,10 +237,12 @@ class LoRA(Method):
                 layer.set_scale(ADAPTER, 1.0)
 
     def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
-        return [
-            write_kohya_lora(folder / f"{self.concept}.safetensors", backbone, ADAPTER, self.concept, step),
-            write_diffusers_lora(folder / "diffusers", backbone, ADAPTER),
-        ]
+        kohya = write_kohya_lora(
+            folder / f"{self.concept}.safetensors", backbone, ADAPTER, self.concept, step
+        )
+        if self.variant in ("loha", "lokr"):  # diffusers' loaders read LoRA and DoRA only
+            return [kohya]
+        return [kohya, write_diffusers_lora(folder / "diffusers", backbone, ADAPTER)]
 
     @classmethod
     def concept_from_file(cls, file: TensorFile) -> LoRAConcept | None:
@@ -199,6 +256,8 @@ class LoRA(Method):
             return None
         # A1111 and ComfyUI call a LoRA by its file name: <lora:file-name:0.8>.
         name = file.path.parent.name if file.path.stem == "pytorch_lora_weights" else file.path.stem
+        if kohya_tensors(file) is not None and file_variant(keys) != "lora":
+            return LycorisConcept(name, file.path, file.data)
         return LoRAConcept(name, file.path, file.data)
 
 
@@ -211,21 +270,46 @@ def kohya_tensors(file: TensorFile) -> dict[str, torch.Tensor] | None:
 
 
 def write_kohya_lora(path: Path, backbone: Backbone, adapter: str, name: str, step: int) -> Path:
-    """The kohya / AUTOMATIC1111 / ComfyUI layout: `lora_unet_<module>` (diffusers module names with
-    '_'), `.lora_down.weight` [rank, in], `.lora_up.weight` [out, rank], `.alpha` (a scalar)."""
+    """The kohya / LyCORIS / AUTOMATIC1111 / ComfyUI layout: `lora_unet_<module>` (diffusers module names
+    with '_') and each module's tensors under their names (`lycoris.layer_tensors`: `.lora_down.weight`
+    [rank, in], `.lora_up.weight` [out, rank] (+ `.dora_scale` [out, 1]); `.hada_*`; `.lokr_*`) and `.alpha`
+    (a scalar). A LoKr module without a rank-decomposed factor has no rank for the readers to divide
+    alpha by: its scale goes into `lokr_w1` and it has no alpha."""
     tensors: dict[str, torch.Tensor] = {}
     rank = alpha = None
+    variant = "lora"
     for part, module_name, layer in lora_layers(backbone, adapter):
         key = kohya_key(part, module_name)
-        tensors[f"{key}.lora_down.weight"] = layer.lora_A[adapter].weight
-        tensors[f"{key}.lora_up.weight"] = layer.lora_B[adapter].weight
-        rank, alpha = layer.r[adapter], float(layer.lora_alpha[adapter])
-        tensors[f"{key}.alpha"] = torch.tensor(alpha)
-    metadata = {  # the keys kohya's trainer writes that the webui shows
-        "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
-        "ss_output_name": name, "ss_steps": str(int(step)), "ss_sd_model_name": backbone.checkpoint_name,
+        own = {suffix: tensor.detach() for suffix, tensor in layer_tensors(layer, adapter).items()}
+        variant = file_variant(f".{suffix}" for suffix in own)
+        rank = layer.r[adapter]
+        alpha = float(layer.lora_alpha[adapter] if hasattr(layer, "lora_alpha") else layer.alpha[adapter])
+        if has_rank(own):
+            own["alpha"] = torch.tensor(alpha)
+        else:
+            own["lokr_w1"] = own["lokr_w1"] * layer.scaling[adapter]
+        tensors.update({f"{key}.{suffix}": tensor for suffix, tensor in own.items()})
+    lycoris = variant in ("loha", "lokr")
+    metadata = {  # the keys kohya's (and LyCORIS') trainer writes that the webui shows
+        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora", "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha), "ss_output_name": name, "ss_steps": str(int(step)),
+        "ss_sd_model_name": backbone.checkpoint_name,
     }  # fmt: skip
+    if variant != "lora":
+        metadata["ss_network_args"] = json.dumps({"algo": variant} if lycoris else {"dora_wd": "True"})
     return write_safetensors(path, tensors, metadata)
+
+
+def _interpolate(multiplier: float):
+    """A forward hook giving base(x) + m x (layer(x) - base(x)): the layer's change at strength m."""
+
+    def hook(layer: nn.Module, args, output):
+        if multiplier == 1:
+            return output
+        base = layer.get_base_layer()(*args)
+        return base if multiplier == 0 else base + multiplier * (output - base)
+
+    return hook
 
 
 def write_diffusers_lora(folder: Path, backbone: Backbone, adapter: str) -> Path:
@@ -241,8 +325,12 @@ def write_diffusers_lora(folder: Path, backbone: Backbone, adapter: str) -> Path
         state = parts.setdefault(part, {})  # peft's state-dict names, the adapter name left out
         state[f"{name}.lora_A.weight"] = layer.lora_A[adapter].weight.detach().to("cpu", torch.float32)
         state[f"{name}.lora_B.weight"] = layer.lora_B[adapter].weight.detach().to("cpu", torch.float32)
+        dora = adapter in layer.lora_magnitude_vector
+        if dora:
+            magnitude = layer.lora_magnitude_vector[adapter].weight
+            state[f"{name}.lora_magnitude_vector"] = magnitude.detach().to("cpu", torch.float32)
         targets = meta.setdefault(
-            part, {"r": layer.r[adapter], "alpha": layer.lora_alpha[adapter], "t": set()}
+            part, {"r": layer.r[adapter], "alpha": layer.lora_alpha[adapter], "t": set(), "dora": dora}
         )
         # the module's own name, as target_modules names it (to_q, to_out.0, q_proj)
         targets["t"].add(".".join(name.split(".")[-2:]) if name.endswith(".0") else name.rsplit(".", 1)[-1])
@@ -251,7 +339,9 @@ def write_diffusers_lora(folder: Path, backbone: Backbone, adapter: str) -> Path
         if part not in meta:
             return None
         m = meta[part]
-        return LoraConfig(r=m["r"], lora_alpha=m["alpha"], target_modules=sorted(m["t"])).to_dict()
+        return LoraConfig(
+            r=m["r"], lora_alpha=m["alpha"], target_modules=sorted(m["t"]), use_dora=m["dora"]
+        ).to_dict()
 
     def layers(part: str) -> dict[str, torch.Tensor] | None:
         return convert_state_dict_to_diffusers(parts[part]) if part in parts else None
@@ -310,3 +400,53 @@ class LoRAConcept(Concept):
 
     def deactivate(self) -> None:
         self._scale(0.0)
+
+
+class LycorisConcept(Concept):
+    """A LoHa, LoKr or DoRA file in the kohya / LyCORIS layout: each module's change computed from its
+    tensors as the webui and ComfyUI compute it (`lycoris.weight_change`), added at `<lora:name:m>` x m."""
+
+    method = LoRA
+
+    def __init__(self, name: str, path: Path, tensors: dict[str, torch.Tensor]):
+        super().__init__(name, path)
+        self.tensors = tensors
+        self.change: WeightChange | None = None
+
+    def install(self, backbone: Backbone) -> None:
+        modules = {
+            kohya_key(part, name): module
+            for part in KOHYA_PREFIXES
+            for name, module in getattr(backbone, part).named_modules()
+            if isinstance(module, nn.Linear | nn.Conv2d)
+        }
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in self.tensors.items():
+            module, _, suffix = key.partition(".")
+            grouped.setdefault(module, {})[suffix] = tensor
+        unknown = sorted(set(grouped) - set(modules))
+        if len(unknown) == len(grouped):
+            raise ConceptFileError(
+                f"LoRA {self.name!r} ({self.path}) matches no layer of this model: it was trained for another model"
+            )
+        if unknown:
+            raise ConceptFileError(
+                f"LoRA {self.name!r} ({self.path}): {len(unknown)} of its modules are not in this model (e.g. "
+                f"{unknown[0]}): it was trained for another model"
+            )
+        changes = {}
+        for key, tensors in grouped.items():
+            weight = modules[key].weight
+            try:
+                changes[key] = (modules[key], weight_change(tensors, weight).to(weight.device))
+            except (RuntimeError, KeyError) as err:
+                raise ConceptFileError(
+                    f"LoRA {self.name!r} ({self.path}): {key} does not fit this model: {one_line(err)}"
+                ) from err
+        self.change = WeightChange(changes)
+
+    def activate(self, multiplier: float) -> None:
+        self.change.apply(multiplier)
+
+    def deactivate(self) -> None:
+        self.change.apply(0.0)
