@@ -372,23 +372,32 @@ def test_the_recipe_knobs_give_packed_jobs_the_files_they_give_alone(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_lora_variants_give_packed_jobs_the_files_they_give_alone(tmp_path):
-    """LoHa, LoKr and DoRA act per job in a pack (peft's own layers, each job's on its own rows)."""
-    args = [
-        "method=lora",
-        "method.variant=loha,lokr,dora",
-        "trainer.max_steps=3",
-        "samples.every_n_steps=0",
-    ]
+@pytest.mark.parametrize(
+    ("methods", "jobs"),
+    [
+        (["method=lora", "method.variant=loha,lokr,dora"], 3),
+        (["method=pivotal,ti"], 2),
+        # each job's own table: transformers resizes a table in place, and a pack's jobs share parameter objects
+        (["method=ti", "method.num_vectors=1,3"], 2),
+    ],
+)
+def test_the_newer_methods_give_packed_jobs_the_files_they_give_alone(tmp_path, methods, jobs):
+    """LoHa, LoKr, DoRA and pivotal tuning act per job in a pack (peft's own layers and the embedding, each
+    job's on its own rows)."""
+    args = [*methods, "trainer.max_steps=3", "samples.every_n_steps=0"]
     alone_proc, alone = sweep(tmp_path / "local", *args)
     packed_proc, together = sweep(tmp_path / "packed", *args, "hydra/launcher=packed")
     assert alone_proc.returncode == 0 and packed_proc.returncode == 0, packed_proc.stderr[-2000:]
-    assert "Launching 3 jobs in 1 pack(s)" in packed_proc.stdout + packed_proc.stderr
+    assert f"Launching {jobs} jobs in 1 pack(s)" in packed_proc.stdout + packed_proc.stderr
     for job in sorted(p.name for p in find_run_dirs(alone)):
         a, b = concept_tensors(alone / job), concept_tensors(together / job)
         assert a.keys() == b.keys() and a
         for name in a:
             for key, value in a[name].items():
                 torch.testing.assert_close(
-                    b[name][key], value, rtol=1e-3, atol=1e-5, msg=lambda m: f"{job} {key}: {m}"
+                    b[name][key],
+                    value,
+                    rtol=1e-3,
+                    atol=1e-5,
+                    msg=lambda m, job=job, key=key: f"{job} {key}: {m}",
                 )

@@ -235,7 +235,9 @@ def test_gradient_checkpointing_recomputes_the_text_encoder_where_the_gradient_p
     plain = run_train(tmp_path / "plain", *args)
     plain_calls, calls[:] = len(calls), []
     saving = run_train(tmp_path / "saving", *args, "trainer.gradient_checkpointing=true")
-    assert plain_calls > 0 and len(calls) == 2 * plain_calls  # each layer's forward, then its recomputation in the backward
+    assert (
+        plain_calls > 0 and len(calls) == 2 * plain_calls
+    )  # each layer's forward, then its recomputation in the backward
     assert saving["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-5)
     a, b = (load_file(next((tmp_path / d / "concepts").glob("*.safetensors"))) for d in ("plain", "saving"))
     for key in a:

@@ -78,7 +78,7 @@ class Inference:
     @property
     def words(self) -> str:
         """The placeholder words of the concepts used as words (textual inversion's)."""
-        return " ".join(c.name for c in self.concepts if c.tag is None)
+        return " ".join(c.words for c in self.concepts if c.words)
 
     @property
     def tagged(self) -> list[Concept]:

@@ -86,8 +86,9 @@ def weighted_mse(
     return (per_sample if weight is None else per_sample * weight.to(per_sample)).mean()
 
 
-def make_optimizer(optim: OptimConfig, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """optim.name's optimizer over `params` (each from its own library, loaded only when chosen)."""
+def make_optimizer(optim: OptimConfig, params: list, lr: float) -> torch.optim.Optimizer:
+    """optim.name's optimizer over `params` (tensors, or torch's parameter groups with rates of their own;
+    each optimizer from its own library, loaded only when chosen)."""
     betas, eps, decay = tuple(optim.betas), optim.eps, optim.weight_decay
     if optim.name == "adamw8bit":
         import bitsandbytes as bnb
@@ -186,6 +187,7 @@ class ConceptModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.ema is not None:
             self.ema.restore()  # training goes on from the weights, not from their average
+        self.method.before_step(self.global_step)
         loss = self.step_loss(batch)
         # No host sync in the step: a non-finite loss marks a device flag (the first such step), which
         # is read at logging points, before any checkpoint and before the concept is exported.
@@ -211,7 +213,10 @@ class ConceptModule(pl.LightningModule):
             self.ema.use()  # what the step's callbacks sample, score and export
 
     def configure_optimizers(self):
-        optimizer = make_optimizer(self.optim, self.method.trainable_parameters(), self.lr)
+        groups = [
+            {"params": params, "lr": self.lr * factor} for params, factor in self.method.parameter_groups()
+        ]
+        optimizer = make_optimizer(self.optim, groups, self.lr)
         if len(self.lr_schedule) > 1:  # an AUTOMATIC1111 step schedule
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda step: rate_at(self.lr_schedule, step) / self.lr_schedule[0][0]

@@ -12,7 +12,8 @@ A method is one module in this package (or in a user's package, advertised under
   naming `method.<key>`), before any model loads. The learning rate is parsed once, here
   (`lr_schedule`).
 * training: `attach` (install into the backbone, unfreezing whatever part it trains),
-  `trainable_parameters`, `prompt_text`, `changes_text_encoding`, `export` (its concept files),
+  `trainable_parameters` (and `parameter_groups` where parts train at rates of their own), `before_step`
+  (a change by step), `prompt_text`, `changes_text_encoding`, `export` (its concept files),
   `enable_gradient_checkpointing` (`trainer.gradient_checkpointing`),
   `at_multiplier` / `inference` (sampling during training), `usage` (the generate prompt).
 * packed sweeps (optional): `packed_modules` (where it acts), `prepare_pack_lead`, and on the modules
@@ -185,6 +186,17 @@ class Method(nn.Module, ABC):
         """Every tensor that trains: the method's own, and any backbone part it unfroze."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The trainable tensors in optimizer groups, each with its learning rate as a multiple of the
+        method's (scale_lr and the schedule act on every group alike). One group by default; pivotal
+        tuning gives the embedding a rate of its own."""
+        return [(self.trainable_parameters(), 1.0)]
+
+    def before_step(self, step: int) -> None:
+        """Called before each training step with the global step; what it does must follow from the step
+        alone (a resumed run calls it from the step it resumes at). Nothing by default; pivotal tuning
+        stops training its embedding here."""
+
     # ----------------------------------------------------------------------------------- inference
 
     @classmethod
@@ -205,6 +217,12 @@ class Concept(ABC):
     @property
     def tag(self) -> str | None:
         return self.method.prompt_tag
+
+    @property
+    def words(self) -> str:
+        """The words a prompt says for this concept (a textual inversion's placeholder; none for a
+        concept applied by its tag alone)."""
+        return "" if self.tag else self.name
 
     @abstractmethod
     def install(self, backbone: Backbone) -> None:

@@ -37,6 +37,7 @@ from .lycoris import NAMES, VARIANTS, WeightChange, file_variant, has_rank, laye
 
 ADAPTER = "conceptlab"  # the adapter's name inside the backbone while training
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+BUNDLE_PREFIX = "bundle_emb."  # an embedding inside a LoRA file (the webui reads it with the LoRA)
 
 
 def kohya_key(part: str, module_name: str) -> str:
@@ -252,7 +253,7 @@ class LoRA(Method):
         is_lora = any(k.startswith(tuple(KOHYA_PREFIXES.values())) for k in keys) or any(
             ".lora_A." in k or ".lora.down." in k or ".lora_down." in k for k in keys
         )
-        if not is_lora:
+        if not is_lora or any(k.startswith(BUNDLE_PREFIX) for k in keys):  # a bundle: pivotal tuning's
             return None
         # A1111 and ComfyUI call a LoRA by its file name: <lora:file-name:0.8>.
         name = file.path.parent.name if file.path.stem == "pytorch_lora_weights" else file.path.stem
@@ -270,7 +271,14 @@ def kohya_tensors(file: TensorFile) -> dict[str, torch.Tensor] | None:
 
 
 def write_kohya_lora(path: Path, backbone: Backbone, adapter: str, name: str, step: int) -> Path:
-    """The kohya / LyCORIS / AUTOMATIC1111 / ComfyUI layout: `lora_unet_<module>` (diffusers module names
+    """The kohya / LyCORIS / AUTOMATIC1111 / ComfyUI file of `adapter` (`kohya_lora`), written atomically."""
+    return write_safetensors(path, *kohya_lora(backbone, adapter, name, step))
+
+
+def kohya_lora(
+    backbone: Backbone, adapter: str, name: str, step: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of `adapter` in the kohya / LyCORIS / AUTOMATIC1111 / ComfyUI layout: `lora_unet_<module>` (diffusers module names
     with '_') and each module's tensors under their names (`lycoris.layer_tensors`: `.lora_down.weight`
     [rank, in], `.lora_up.weight` [out, rank] (+ `.dora_scale` [out, 1]); `.hada_*`; `.lokr_*`) and `.alpha`
     (a scalar). A LoKr module without a rank-decomposed factor has no rank for the readers to divide
@@ -297,7 +305,7 @@ def write_kohya_lora(path: Path, backbone: Backbone, adapter: str, name: str, st
     }  # fmt: skip
     if variant != "lora":
         metadata["ss_network_args"] = json.dumps({"algo": variant} if lycoris else {"dora_wd": "True"})
-    return write_safetensors(path, tensors, metadata)
+    return tensors, metadata
 
 
 def _interpolate(multiplier: float):
@@ -362,19 +370,23 @@ class LoRAConcept(Concept):
 
     method = LoRA
 
-    def __init__(self, name: str, path: Path, tensors: dict[str, torch.Tensor]):
+    def __init__(self, name: str, path: Path, tensors: dict[str, torch.Tensor], tensors_only: bool = False):
+        """tensors_only: install these kohya tensors, not the file (a bundle's LoRA part)."""
         super().__init__(name, path)
-        self.tensors = tensors
+        self.tensors, self.tensors_only = tensors, tensors_only
         self.adapter = name.replace(".", "_")  # peft keeps adapters in ModuleDicts: no dots
         self.backbone: Backbone | None = None
 
     def install(self, backbone: Backbone) -> None:
         try:
-            # From the file, not its tensors: diffusers' own files keep each part's alpha in their metadata
-            # (kohya's in `.alpha` tensors); without it a LoRA would apply at multiplier x 1, not x alpha/rank.
-            backbone.pipeline().load_lora_weights(
-                str(self.path.parent), weight_name=self.path.name, adapter_name=self.adapter
-            )
+            if self.tensors_only:  # kohya tensors (their alpha included) without the rest of their file
+                backbone.pipeline().load_lora_weights(dict(self.tensors), adapter_name=self.adapter)
+            else:
+                # From the file, not its tensors: diffusers' own files keep each part's alpha in their metadata
+                # (kohya's in `.alpha` tensors); without it a LoRA would apply at multiplier x 1, not x alpha/rank.
+                backbone.pipeline().load_lora_weights(
+                    str(self.path.parent), weight_name=self.path.name, adapter_name=self.adapter
+                )
         except (ValueError, RuntimeError, KeyError) as err:
             raise ConceptFileError(
                 f"LoRA {self.name!r} ({self.path}) does not fit this model: {one_line(err)}"

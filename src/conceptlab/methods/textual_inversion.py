@@ -230,6 +230,10 @@ class TextualInversion(Method):
         table = text_encoder.get_input_embeddings()
         init = self._initial_vectors(tokenizer, table.weight, backbone.context_dim)
 
+        # This backbone's own parameter object for the table (its tensor stays shared until the resize
+        # below replaces it): transformers resizes in place (`weight.data = ...`), and a packed sweep's jobs
+        # hold the same parameter objects, so one job's new words would resize every job's table.
+        table.weight = nn.Parameter(table.weight.detach(), requires_grad=False)
         tokenizer.add_tokens(self.tokens)
         ids = tokenizer.convert_tokens_to_ids(self.tokens)
         if ids != list(range(ids[0], ids[0] + self.num_vectors)):
