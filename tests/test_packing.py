@@ -378,7 +378,7 @@ def test_the_recipe_knobs_give_packed_jobs_the_files_they_give_alone(tmp_path):
         (["method=lora", "method.variant=loha,lokr,dora"], 3),
         (["method=pivotal,ti"], 2),
         # each job's own table: transformers resizes a table in place, and a pack's jobs share parameter objects
-        (["method=ti", "method.num_vectors=1,3"], 2),
+        (["method=ti", "method.num_vectors=3,1"], 2),
     ],
 )
 def test_the_newer_methods_give_packed_jobs_the_files_they_give_alone(tmp_path, methods, jobs):
