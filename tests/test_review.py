@@ -292,3 +292,20 @@ def test_a_sweeps_console_says_each_thing_once_with_no_two_things_on_a_line(tmp_
         assert bars and all(line.startswith("pack of 2 jobs: 100%") for line in bars), text
     else:
         assert len(bars) == 2 and all(line.startswith("training: 100%") for line in bars), text
+
+
+def test_a_runs_row_carries_its_cost_parameters_file_size_and_memory(tmp_path):
+    from conceptlab.report import read_run
+
+    run = tmp_path / "0_lora"
+    (run / "concepts" / "steps").mkdir(parents=True)
+    (run / "concepts" / "robot.safetensors").write_bytes(b"\0" * 3 * 2**20)
+    (run / "concepts" / "robot.pt").write_bytes(b"\0" * 2**20)
+    summary = {"status": "completed", "method": "lora", "seed": 0, "trainable_params": 1234, "swept": {"method": "loha"},
+               "peak_memory_mb": {"host": 900.5, "cuda": 300.0},
+               "files": {"concepts": ["concepts/robot.pt", "concepts/robot.safetensors", "concepts/diffusers/x.safetensors"]}}  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    row = read_run(run, tmp_path)
+    assert row["method"] == "loha"  # the swept option, not the class's name
+    assert row["trainable_params"] == 1234 and row["file_mb"] == 3.0
+    assert row["peak_host_mb"] == 900.5 and row["peak_cuda_mb"] == 300.0

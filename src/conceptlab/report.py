@@ -39,7 +39,16 @@ from .sweeps import LOSS_CAVEAT, TRAINING_LOSS, evidence_order, metric_goal
 # where they go unused.
 
 log = logging.getLogger(__name__)
-METRICS = ["final_loss", "mean_loss", "steps", "steps_per_s", "wall_time_s", "train_time_s", "lr"]
+METRICS = [
+    "final_loss",
+    "mean_loss",
+    "steps",
+    "steps_per_s",
+    "wall_time_s",
+    "train_time_s",
+    "lr",
+    "trainable_params",
+]
 # A study's metric that the run record keeps under another name.
 RECORD_METRICS = {"train/loss": TRAINING_LOSS}
 # The loss curves' exponential smoothing (TensorBoard's and W&B's default is 0.6-0.9; steps draw timesteps).
@@ -115,12 +124,23 @@ def read_run(run_dir: Path, root: Path) -> dict[str, Any]:
         for key, value in (summary.get("swept") or {}).items():
             row[key] = value
         row.update({m: summary.get(m) for m in METRICS})
+        row.update({f"peak_{k}_mb": v for k, v in (summary.get("peak_memory_mb") or {}).items()})
+        row["file_mb"] = concept_file_mb(run_dir, summary)
         # The evaluators' last scores, as their records name them (`<evaluator>/<score>`).
         row.update({k: v for k, v in (summary.get("metrics") or {}).items() if k != "step"})
         row.update(read_eval(run_dir))
     except (AttributeError, TypeError, ValueError) as err:  # fields of the wrong kind
         return {**row, "status": "unreadable", "error": f"summary.json: {type(err).__name__}: {err}"}
     return row
+
+
+def concept_file_mb(run_dir: Path, summary: dict[str, Any]) -> float | None:
+    """The size of the run's concept file as generate.py takes it (concepts/<concept>.safetensors), in MiB."""
+    files = [f for f in (summary.get("files") or {}).get("concepts", []) if f.count("/") == 1]
+    chosen = next((f for f in files if f.endswith(".safetensors")), files[0] if files else None)
+    if chosen is None or not (run_dir / chosen).is_file():
+        return None
+    return round((run_dir / chosen).stat().st_size / 2**20, 4)
 
 
 def read_eval(run_dir: Path) -> dict[str, Any]:

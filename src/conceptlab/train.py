@@ -427,7 +427,9 @@ def make_trainer(cfg: DictConfig, record: RunRecord, callbacks: list, in_pack: b
     """Lightning's Trainer with conceptlab's loggers, checkpoint I/O and (under SLURM) environment."""
 
     swept = record.summary.swept
-    run_name = cfg.logger.name or sweep_run_name(cfg.method.name, record.summary.concept, cfg.seed, swept)
+    # The method group's option names the run (method=loha: LoRA's LoHa variant), else the method.
+    label = HydraConfig.get().runtime.choices.get("method") or cfg.method.name
+    run_name = cfg.logger.name or sweep_run_name(label, record.summary.concept, cfg.seed, swept)
     record.update(run_name=run_name)
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
