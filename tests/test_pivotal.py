@@ -85,6 +85,15 @@ def test_generate_reads_the_word_and_scales_the_lora(tmp_path, pivotal_run):
     assert not np.array_equal(pixels(zero), pixels(full))
 
 
+def test_evaluation_prompts_say_the_word_beside_the_tag():
+    from conceptlab.methods.pivotal import PivotalTuning
+
+    method = PivotalTuning(name="pivotal", lr=1e-3, scale_lr=False, concept="robot")
+    assert method.prompt_words == "<robot> <robot>_1" and method.usage("a photo of {}").endswith(
+        "<lora:robot:1>"
+    )
+
+
 def test_the_embedding_has_its_own_rate_and_stops_after_embedding_steps(tmp_path, backbone):
     from conceptlab.config import OptimConfig
     from conceptlab.methods.pivotal import PivotalTuning

@@ -10,6 +10,7 @@ batch B the same samples as one device with batch W*B.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import random
@@ -30,6 +31,8 @@ from tqdm.auto import tqdm
 from .backbone import Backbone, resolve_path
 from .config import DataConfig
 from .errors import ConceptDataError, ConfigError
+from .evalcache import EvaluationCache, backbone_identity
+from .methods.base import PriorSpec
 from .prompts import fill_prompt
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,38 @@ class ConceptImage:
     image: Image.Image  # decoded RGB, any size
     caption: str  # the [filewords] text ("" when unused)
     mask: Image.Image | None = None  # data.mask: grayscale, the image's size (None: trains unmasked)
+
+
+def class_images(backbone: Backbone, spec: PriorSpec, draw: Callable[[list[str], list[int]], torch.Tensor],
+                 cache: EvaluationCache | None) -> list[Image.Image]:  # fmt: skip
+    """The prior's images, seeds 0..count-1 of `spec.prompt` drawn by `draw` (the bare backbone), each kept
+    in the evaluation cache under a key of the backbone's identity and every setting, so every run and
+    sweep that asks for the same ones reads them; another backbone never does."""
+    keys = [
+        EvaluationCache.key(
+            kind="class-image",
+            backbone=backbone_identity(backbone),
+            prompt=spec.prompt,
+            seed=seed,
+            steps=spec.steps,
+            guidance=spec.guidance,
+            sampler="DDIM",
+        )  # fmt: skip
+        for seed in range(spec.count)
+    ]
+    found = [cache.get_bytes(key, ".png") if cache is not None else None for key in keys]
+    missing = [seed for seed, data in enumerate(found) if data is None]
+    if missing:
+        log.info("drawing %d class images of %r (kept for other runs)", len(missing), spec.prompt)
+        for seed, pixels in zip(missing, draw([spec.prompt] * len(missing), missing)):
+            buffer = io.BytesIO()
+            Image.fromarray(
+                (pixels.clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
+            ).save(buffer, format="PNG")
+            found[seed] = buffer.getvalue()
+            if cache is not None:
+                cache.put_bytes(keys[seed], ".png", found[seed])
+    return [Image.open(io.BytesIO(data)).convert("RGB") for data in found]
 
 
 def resolve_data_path(path: str) -> Path:
@@ -447,7 +482,7 @@ class ConceptLatents(Dataset):
     def __init__(self, mean, std, captions, flip_p: float, seed: int, scaling_factor: float, num_timesteps: int,
                  captions_are_contexts: bool = False, noise_offset: float | None = None,
                  loss_weights: torch.Tensor | None = None, masks: torch.Tensor | None = None,
-                 caption_dropout: float = 0.0):  # fmt: skip
+                 caption_dropout: float = 0.0, prior: tuple | None = None):  # fmt: skip
         """noise_offset: each sample's noise plus this times one normal draw per channel (drawn after the
         rest of the sample, so a run without it draws what it always drew). loss_weights: a weight per
         timestep for the sample's loss (min-SNR-γ, `snr_weights`), given with the sample."""
@@ -461,6 +496,7 @@ class ConceptLatents(Dataset):
         self.caption_key = "context" if captions_are_contexts else "input_ids"
         self.flip_p, self.seed = flip_p, seed
         self.scaling_factor, self.num_timesteps = scaling_factor, num_timesteps
+        self.prior = prior  # (mean, std [class images, C, h, w], its caption's ids or context) or None
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -488,7 +524,25 @@ class ConceptLatents(Dataset):
             sample["loss_weight"] = self.loss_weights[sample["timesteps"]]
         if self.masks is not None:
             sample["loss_mask"] = self.masks[index][flip]
+        if self.prior is not None:  # drawn last: a run without a prior draws what it always drew
+            sample.update(self._prior_sample(gen))
         return sample
+
+    def _prior_sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """A class image's sample beside the concept's (`prior_` keys): its own image, latent draw, noise and
+        timestep, no flip or noise offset, min-SNR's weight where on."""
+        mean, std, caption = self.prior
+        k = int(torch.randint(mean.shape[0], (), generator=gen))
+        out = {
+            "prior_latents": (mean[k] + std[k] * torch.randn(mean[k].shape, generator=gen))
+            * self.scaling_factor,
+            "prior_noise": torch.randn(mean[k].shape, generator=gen),
+            "prior_timesteps": torch.randint(self.num_timesteps, (), generator=gen),
+            f"prior_{self.caption_key}": caption,
+        }
+        if self.loss_weights is not None:
+            out["prior_loss_weight"] = self.loss_weights[out["prior_timesteps"]]
+        return out
 
 
 def snr_weights(alphas_cumprod: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
@@ -564,11 +618,19 @@ class ConceptDataModule(pl.LightningDataModule):
 
     def __init__(self, cfg: DataConfig, images: list[ConceptImage], backbone: Backbone, prompt_text: str,
                  seed: int, resolution: int, cache_context: bool = False, memo: dict | None = None,
-                 noise_offset: float | None = None, snr_gamma: float | None = None):  # fmt: skip
+                 noise_offset: float | None = None, snr_gamma: float | None = None,
+                 prior: PriorSpec | None = None, prior_draw: Callable | None = None,
+                 cache: EvaluationCache | None = None):  # fmt: skip
         """memo: where jobs of one process that share a backbone (a packed sweep's pack) keep the latents
         and text contexts they compute, keyed by what these depend on, so the same images and captions
-        are encoded once."""
+        are encoded once. prior: class images to train beside the concept's (`class_images`, drawn by
+        `prior_draw` on the training device at set-up, kept in `cache`)."""
         super().__init__()
+        if prior is not None and cfg.buckets:
+            raise ConfigError(
+                "data.buckets=true with prior preservation: the class images are squares; use data.buckets=false"
+            )
+        self.prior, self.prior_draw, self.cache = prior, prior_draw, cache
         self.memo = memo
         self.noise_offset, self.snr_gamma = noise_offset, snr_gamma
         check_resolution(resolution, backbone)
@@ -640,8 +702,21 @@ class ConceptDataModule(pl.LightningDataModule):
             self.backbone.vae.config.scaling_factor, self.backbone.scheduler.config.num_train_timesteps,
             captions_are_contexts=self.cache_context, noise_offset=self.noise_offset,
             loss_weights=self._loss_weights(), masks=self._latent_masks([m.shape[-2:] for m in mean], flips),
-            caption_dropout=self.caption_dropout,
+            caption_dropout=self.caption_dropout, prior=self._prior(device) if self.prior is not None else None,
         )  # fmt: skip
+
+    def _prior(self, device: torch.device) -> tuple:
+        """The class images' latents (no flip) and their caption's ids or text context."""
+        self.backbone.to(device)  # drawn where training runs (Lightning moves the module there next)
+        images = class_images(self.backbone, self.prior, self.prior_draw, self.cache)
+        pictures = [fit(im, (self.resolution, self.resolution), True) for im in images]
+        mean, std = self._once(
+            ("latents", str(device), self.resolution, False, *(np.asarray(im).tobytes() for im in pictures)),
+            lambda: encode_latents(self.backbone, pictures, False, device),
+        )
+        ids = self.backbone.tokenize([self.prior.prompt])
+        caption = encode_contexts(self.backbone, ids, device) if self.cache_context else ids
+        return mean[:, 0], std[:, 0], caption[0]
 
     def _encode(self, pictures: list[Image.Image], flips: bool, device: torch.device):
         """Latent (mean, std) per image: [images, flips, C, h, w], or per image [flips, C, h, w] when

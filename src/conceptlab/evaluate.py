@@ -183,7 +183,7 @@ class MetricEvaluation(pl.Callback):
     def plan(self, module: pl.LightningModule) -> tuple[list[Prompted], Draw, str | None]:
         """The prompts, what to sample for them, and the cache key of their scores (None: no cache)."""
         method, backbone = module.method, module.backbone
-        words = "" if method.prompt_tag else method.prompt_text
+        words = method.prompt_words
         prompts = build_prompts(
             getattr(self.protocol, self.kind), words, self.class_word, limit=self.cfg.metric_prompts
         )

@@ -181,8 +181,15 @@ class ConceptModule(pl.LightningModule):
         return trainable | averages | set(self.method.state_dict(prefix="method."))
 
     def step_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The diffusion loss of one batch (a subclass may compute it elsewhere, as one of many)."""
-        return diffusion_losses(self.backbone, [batch])[0]
+        """The diffusion loss of one batch (a subclass may compute it elsewhere, as one of many); with
+        prior preservation, the concept's loss plus the method's weight times the class images' (`prior_`
+        keys), both in one pass."""
+        prior = {k.removeprefix("prior_"): v for k, v in batch.items() if k.startswith("prior_")}
+        if not prior:
+            return diffusion_losses(self.backbone, [batch])[0]
+        own = {k: v for k, v in batch.items() if not k.startswith("prior_")}
+        loss, prior_loss = diffusion_losses(self.backbone, [own, prior])
+        return loss + self.method.prior.weight * prior_loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.ema is not None:

@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -236,10 +237,12 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
     backbone = pack.backbone(cfg.model, method) if pack is not None else load_backbone(cfg.model)
     method.attach(backbone)
     resolution = cfg.data.resolution or backbone.native_resolution
+    cache = EvaluationCache(default_cache_dir(cfg.model.cache_dir)) if cfg.evaluate.cache else None
     data = ConceptDataModule(
         cfg.data, images, backbone, method.prompt_text, cfg.seed, resolution,
         cache_context=not method.changes_text_encoding, memo=pack.data_memo if pack is not None else None,
         noise_offset=cfg.optim.noise_offset, snr_gamma=cfg.optim.snr_gamma,
+        prior=method.prior, prior_draw=bare_draw(backbone, method), cache=cache,
     )  # fmt: skip
     record.update(
         headline=[key for e in evaluators for key in getattr(e, "headline", ())],
@@ -368,6 +371,18 @@ def make_evaluators(cfg: DictConfig, record: RunRecord) -> list:
         instantiate_checked(spec, settings=cfg.evaluate, data=cfg.data, record=record)
         for spec in cfg.evaluators.values()
     ]
+
+
+def bare_draw(backbone, method) -> Callable[[list[str], list[int]], torch.Tensor]:
+    """Images of prompts at seeds from the backbone without the method (at multiplier 0 where it has one;
+    before training the method has learned nothing): the class images of prior preservation."""
+
+    def draw(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        spec = method.prior
+        with method.inference(0.0 if method.has_multiplier else None):
+            return backbone.sample(prompts, seeds, spec.steps, spec.guidance, progress="class images")
+
+    return draw
 
 
 def held_out_loss(cfg: DictConfig, record: RunRecord, held_out: list, images: list, prompt_text: str,

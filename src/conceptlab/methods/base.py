@@ -65,6 +65,18 @@ def method_key(key: str, default: Any, help: str | None = None) -> Any:  # noqa:
     )
 
 
+@dataclass(frozen=True)
+class PriorSpec:
+    """Prior preservation (DreamBooth): `count` images of `prompt` (the concept's class) drawn once by the
+    frozen backbone, trained beside the concept's images, their loss weighted by `weight`."""
+
+    prompt: str
+    count: int
+    weight: float
+    steps: int
+    guidance: float
+
+
 class PackedGroup(Protocol):
     """The optional hook of a module a method installs where `Method.packed_modules` points.
 
@@ -121,6 +133,12 @@ class Method(nn.Module, ABC):
     @abstractmethod
     def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
         """Write the learned concept files into `folder` (atomically); return their paths."""
+
+    @property
+    def prompt_words(self) -> str:
+        """The words an evaluation prompt says for the concept, before the class word: textual inversion's
+        placeholder; nothing for a method applied by its tag alone (`<lora:name:1>`)."""
+        return "" if self.prompt_tag else self.prompt_text
 
     @property
     def changes_text_encoding(self) -> bool:
@@ -191,6 +209,12 @@ class Method(nn.Module, ABC):
         method's (scale_lr and the schedule act on every group alike). One group by default; pivotal
         tuning gives the embedding a rate of its own."""
         return [(self.trainable_parameters(), 1.0)]
+
+    @property
+    def prior(self) -> PriorSpec | None:
+        """Prior preservation: class images the frozen backbone draws, trained beside the concept's
+        (DreamBooth's); None (the default) for none."""
+        return None
 
     def before_step(self, step: int) -> None:
         """Called before each training step with the global step; what it does must follow from the step

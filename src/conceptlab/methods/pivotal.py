@@ -103,6 +103,10 @@ class PivotalTuning(Method):
         return self.embedding.prompt_text
 
     @property
+    def prompt_words(self) -> str:
+        return self.embedding.prompt_text  # the word, beside <lora:name:m>
+
+    @property
     def changes_text_encoding(self) -> bool:
         return True
 

@@ -1,0 +1,200 @@
+"""DreamBooth (Ruiz et al. 2023) as the diffusers example trains it: the whole UNet fine-tuned on the
+concept's images captioned with a rare identifier and the class word ("a photo of sks dog"), with prior
+preservation: class images ("a photo of a dog") drawn once by the frozen backbone, kept in the evaluation
+cache for every run and sweep, and trained beside the concept's, their loss weighted by
+`prior_loss_weight`.
+
+Files (`concepts/`): `<concept>.safetensors`, the fine-tuned UNet's weights under diffusers' names (what
+`generate.py` reads: `<dreambooth:<concept>:m>` applies base + m x (fine-tuned - base), so 0 is the bare
+model), and `diffusers/unet/`, the UNet as diffusers saves it (`UNet2DConditionModel.from_pretrained`,
+or a pipeline's `unet=`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+from ..config import opt
+from ..errors import ConceptFileError, ConfigError
+from ..formats import TensorFile, write_safetensors
+from .base import Concept, Method, MethodConfig, PriorSpec, method_key
+
+FORMAT = "conceptlab-dreambooth"  # the metadata's `format` of a DreamBooth UNet file
+
+
+@dataclass
+class DreamBoothConfig(MethodConfig):
+    """DreamBooth: the UNet fine-tuned on the concept with a rare identifier and its class word, with prior
+    preservation."""
+
+    _target_: str = "conceptlab.methods.dreambooth.DreamBooth"
+    name: str = method_key("name", "dreambooth")
+    identifier: str = opt("sks", "the rare word that names the subject in captions ('a photo of sks dog')")
+    class_word: str | None = opt(
+        None, "the subject's class noun (dog, backpack); its yaml takes data.class_word; required"
+    )
+    num_class_images: int = opt(
+        100,
+        "class images for prior preservation, drawn once and cached; 0 = no prior preservation",
+        valid="[0, inf)",
+    )
+    prior_loss_weight: float = opt(1.0, "the class images' loss weight", valid="[0, inf)")
+    class_prompt: str | None = opt(None, "the class images' prompt; null = 'a photo of a <class word>'")
+    class_steps: int = opt(50, "DDIM steps of the class images", valid="[1, inf)")
+    class_guidance: float = opt(7.5, "classifier-free guidance of the class images", valid="[0, inf)")
+    lr: Any = method_key("lr", 5.0e-6, "learning rate of the UNet (the diffusers example's 5e-6)")
+
+
+class DreamBooth(Method):
+    """Fine-tune the whole UNet on the concept, with prior preservation."""
+
+    Config = DreamBoothConfig
+    prompt_tag = "dreambooth"
+    file_formats = "a DreamBooth UNet (.safetensors, metadata format conceptlab-dreambooth)"
+
+    def __init__(self, name: str, lr: float | str, scale_lr: bool, concept: str, init_from: str | None = None,
+                 identifier: str = "sks", class_word: str | None = None, num_class_images: int = 100,
+                 prior_loss_weight: float = 1.0, class_prompt: str | None = None, class_steps: int = 50,
+                 class_guidance: float = 7.5):  # fmt: skip
+        super().__init__(name=name, lr=lr, scale_lr=scale_lr, concept=concept, init_from=init_from)
+        if not class_word:
+            raise ConfigError(
+                "method=dreambooth needs the subject's class noun for its captions and class images: set "
+                "data.class_word=dog (or method.class_word=dog)"
+            )
+        if init_from:
+            raise ConfigError(
+                "method.init_from: DreamBooth starts from the backbone itself; use resume=true to go on"
+            )
+        self.identifier, self.class_word = identifier, class_word
+        self.spec = (
+            PriorSpec(
+                class_prompt or f"a photo of a {class_word}",
+                num_class_images,
+                prior_loss_weight,
+                class_steps,
+                class_guidance,
+            )  # fmt: skip
+            if num_class_images > 0
+            else None
+        )
+        self._backbone: Backbone | None = None  # not a submodule: the UNet is the backbone's
+        self._base: dict[str, torch.Tensor] = {}
+
+    @property
+    def prompt_text(self) -> str:
+        return f"{self.identifier} {self.class_word}"
+
+    @property
+    def prompt_words(self) -> str:
+        return self.identifier  # the class word follows it in every evaluation prompt
+
+    @property
+    def changes_text_encoding(self) -> bool:
+        return False  # the text encoder stays frozen: captions' contexts are computed once
+
+    @property
+    def prior(self) -> PriorSpec | None:
+        return self.spec
+
+    def attach(self, backbone: Backbone) -> None:
+        object.__setattr__(self, "_backbone", backbone)
+        # The bare weights, for the multipliers (<dreambooth:name:0> is the bare model) and the files.
+        self._base = {k: v.detach().clone() for k, v in backbone.unet.state_dict().items()}
+        backbone.unet.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self._backbone.unet.parameters() if p.requires_grad]
+
+    @contextmanager
+    def at_multiplier(self, multiplier: float) -> Iterator[None]:
+        if multiplier == 1:
+            yield
+            return
+        unet = self._backbone.unet
+        trained = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        with torch.no_grad():
+            unet.load_state_dict(mixed(self._base, trained, multiplier))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                unet.load_state_dict(trained)
+
+    def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in backbone.unet.state_dict().items()}
+        meta = {"format": FORMAT, "identifier": self.identifier, "class_word": self.class_word,
+                "base": str(backbone.checkpoint_name), "step": str(int(step))}  # fmt: skip
+        path = write_safetensors(folder / f"{self.concept}.safetensors", weights, meta)
+        unet_folder = folder / "diffusers" / "unet"
+        unet_folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=unet_folder) as tmp:  # each file renamed into place whole
+            backbone.unet.save_pretrained(tmp)
+            for file in sorted(Path(tmp).iterdir()):
+                os.replace(file, unet_folder / file.name)
+        return [path, unet_folder / "diffusion_pytorch_model.safetensors"]
+
+    @classmethod
+    def concept_from_file(cls, file: TensorFile) -> DreamBoothConcept | None:
+        if not file.is_safetensors or file.metadata.get("format") != FORMAT:
+            return None
+        return DreamBoothConcept(file.path.stem, file.path, file.data, file.metadata)
+
+
+def mixed(
+    base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], multiplier: float
+) -> dict[str, torch.Tensor]:
+    """base + m x (tuned - base) for every tensor; exactly base at 0 and tuned at 1."""
+    if multiplier == 0:
+        return base
+    if multiplier == 1:
+        return tuned
+    return {k: base[k] + multiplier * (tuned[k].to(base[k]) - base[k]) for k in base}
+
+
+class DreamBoothConcept(Concept):
+    """A DreamBooth UNet: `<dreambooth:name:m>` swaps the backbone's UNet weights for base + m x (tuned - base)."""
+
+    method = DreamBooth
+
+    def __init__(self, name: str, path: Path, weights: dict[str, torch.Tensor], metadata: dict[str, str]):
+        super().__init__(name, path)
+        self.weights, self.metadata = weights, metadata
+        self.backbone: Backbone | None = None
+        self.base: dict[str, torch.Tensor] = {}
+
+    @property
+    def words(self) -> str:
+        return self.metadata.get("identifier", "sks")  # the class word follows it in evaluation prompts
+
+    def install(self, backbone: Backbone) -> None:
+        own = backbone.unet.state_dict()
+        wrong = [k for k in own if k not in self.weights or self.weights[k].shape != own[k].shape]
+        if wrong or len(self.weights) != len(own):
+            raise ConceptFileError(
+                f"DreamBooth UNet {self.name!r} ({self.path}) does not fit this model's UNet ({len(wrong)} tensors "
+                f"differ, e.g. {wrong[0] if wrong else next(k for k in self.weights if k not in own)}): it was trained for another model"
+            )
+        self.backbone = backbone
+        self.base = {k: v.detach().clone() for k, v in own.items()}
+        self.weights = {k: v.to(own[k]) for k, v in self.weights.items()}
+
+    def activate(self, multiplier: float) -> None:
+        with torch.no_grad():
+            self.backbone.unet.load_state_dict(mixed(self.base, self.weights, multiplier))
+
+    def deactivate(self) -> None:
+        self.activate(0.0)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "words": self.words, "base": self.metadata.get("base")}

@@ -1,0 +1,133 @@
+"""DreamBooth (method=dreambooth): the UNet fine-tuned with a rare identifier and the class word, with prior
+preservation from class images drawn once by the frozen backbone and cached for every run."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import check_resume, run_train
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_lora import generate
+
+from conceptlab.backbone import Backbone
+from conceptlab.errors import ConfigError
+
+FAST = ["method=dreambooth", "data.class_word=robot", "method.num_class_images=3", "method.class_steps=2",
+        "method.lr=1e-3", "samples.every_n_steps=0"]  # fmt: skip
+
+
+def counting_draws(monkeypatch) -> list[int]:
+    """How many class images the backbone draws, call by call."""
+    drawn: list[int] = []
+    sample = Backbone.sample
+
+    def counted(self, prompts, *args, **kwargs):
+        if kwargs.get("progress") == "class images":
+            drawn.append(len(prompts))
+        return sample(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Backbone, "sample", counted)
+    return drawn
+
+
+def test_without_a_class_word_the_run_says_how_to_give_one(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"method=dreambooth needs the subject's class noun .* set data.class_word=dog"
+    ):
+        run_train(tmp_path / "run", "method=dreambooth")
+
+
+def test_a_dreambooth_run_fine_tunes_the_unet_with_cached_class_images(tmp_path, tiny_dir, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    drawn = counting_draws(monkeypatch)
+    run_dir = tmp_path / "run"
+    summary = run_train(run_dir, *FAST)
+    assert summary["status"] == "completed" and drawn == [3]
+    assert summary["example_prompt"] == "a photo of sks robot <dreambooth:robot:1>"
+    weights = load_file(run_dir / "concepts" / "robot.safetensors")
+    with safe_open(str(run_dir / "concepts" / "robot.safetensors"), framework="pt") as f:
+        assert f.metadata()["format"] == "conceptlab-dreambooth" and f.metadata()["class_word"] == "robot"
+    base = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet").state_dict()
+    assert weights.keys() == base.keys() and any(not torch.equal(weights[k], base[k]) for k in base)
+    # diffusers' own folder of what changed: the same UNet
+    saved = UNet2DConditionModel.from_pretrained(run_dir / "concepts" / "diffusers" / "unet").state_dict()
+    assert all(torch.equal(saved[k], weights[k]) for k in weights)
+    assert summary["trainable_params"] == sum(v.numel() for v in base.values())
+    # a second run reads the class images the first drew; another backbone (another folder) draws its own
+    run_train(tmp_path / "again", *FAST, "seed=1", "trainer.max_steps=1")
+    assert drawn == [3]
+    other = tmp_path / "other-backbone"
+    shutil.copytree(tiny_dir, other)
+    run_train(tmp_path / "other", *FAST, f"model.path={other}", "trainer.max_steps=1")
+    assert drawn == [3, 3]
+
+
+def test_the_loss_adds_the_class_images_at_their_weight(backbone):
+    from conceptlab.config import DataConfig, OptimConfig
+    from conceptlab.data import ConceptDataModule, read_concept_images
+    from conceptlab.methods.dreambooth import DreamBooth
+    from conceptlab.module import ConceptModule, diffusion_losses
+
+    method = DreamBooth(name="dreambooth", lr=1e-4, scale_lr=False, concept="robot", class_word="robot",
+                        num_class_images=2, prior_loss_weight=0.25, class_steps=2)  # fmt: skip
+    method.attach(backbone)
+    cfg = DataConfig(path="bundled:robot", batch_size=2)
+    draw = lambda prompts, seeds: backbone.sample(prompts, seeds, 2, 7.5)  # noqa: E731
+    args = (cfg, read_concept_images(cfg), backbone, method.prompt_text, 0, 64)
+    with_prior = ConceptDataModule(*args, cache_context=True, prior=method.prior, prior_draw=draw)
+    plain = ConceptDataModule(*args, cache_context=True)
+    with_prior.setup()
+    plain.setup()
+    a, b = with_prior.dataset[(1, 7)], plain.dataset[(1, 7)]
+    assert all(torch.equal(a[k], b[k]) for k in b)  # the concept's samples are those of a run without a prior
+    assert {k for k in a if k.startswith("prior_")} == {
+        "prior_latents",
+        "prior_noise",
+        "prior_timesteps",
+        "prior_context",
+    }
+    batch = {k: torch.stack([with_prior.dataset[(i, i)][k] for i in range(2)]) for k in a}
+    module = ConceptModule(backbone, method, OptimConfig(), lr_schedule=[(1e-4, None)], max_steps=1)
+    own = {k: v for k, v in batch.items() if not k.startswith("prior_")}
+    prior = {k.removeprefix("prior_"): v for k, v in batch.items() if k.startswith("prior_")}
+    with torch.no_grad():
+        expected = diffusion_losses(backbone, [own])[0] + 0.25 * diffusion_losses(backbone, [prior])[0]
+        assert module.step_loss(batch) == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_generate_applies_the_unet_at_a_multiplier_and_zero_is_the_bare_model(tmp_path, tiny_encoders):
+    from conftest import compose
+
+    from conceptlab.evaluate import evaluate_concepts
+
+    run_dir = tmp_path / "run"
+    run_train(run_dir, *FAST, "trainer.max_steps=2")
+    # evaluate.py's prompts: the identifier, then the class word, and the UNet switched on by its tag
+    cfg = compose(["model=tiny", "data.class_word=robot", f"encoders.clip={tiny_encoders['clip']}",
+                   f"encoders.dino={tiny_encoders['dino']}", "protocol.images_per_prompt=1", "protocol.num_inference_steps=2",
+                   "protocol.object.editing=['a {} on the beach']", "protocol.multipliers=[1.0]"])  # fmt: skip
+    record = evaluate_concepts(
+        [str(run_dir)], cfg.model, cfg.data, cfg.encoders, cfg.protocol, tmp_path / "eval"
+    )
+    assert record["results"]["m1"]["prompts"][1] == "a sks robot on the beach <dreambooth:robot:1>"
+    files = f"concepts=[{run_dir}]"
+    _, bare = generate(tmp_path / "a", "prompt=a photo of sks robot", files)
+    _, zero = generate(tmp_path / "b", "prompt=a photo of sks robot <dreambooth:robot:0>", files)
+    record, full = generate(tmp_path / "c", "prompt=a photo of sks robot <dreambooth:robot:1>", files)
+    assert record["concepts"][0]["method"] == "dreambooth"
+
+    def pixels(folder):
+        return np.asarray(Image.open(folder / "images" / "00_seed0.png"))
+
+    assert np.array_equal(pixels(bare), pixels(zero))
+    assert not np.array_equal(pixels(bare), pixels(full))
+
+
+def test_a_dreambooth_run_resumes_bit_for_bit(tmp_path):
+    check_resume(tmp_path, *FAST)
