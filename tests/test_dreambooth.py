@@ -40,6 +40,12 @@ def test_without_a_class_word_the_run_says_how_to_give_one(tmp_path):
         ConfigError, match=r"method=dreambooth needs the subject's class noun .* set data.class_word=dog"
     ):
         run_train(tmp_path / "run", "method=dreambooth")
+    with pytest.raises(
+        ConfigError, match=r"data.buckets=true with prior preservation: .* use data.buckets=false"
+    ):
+        run_train(tmp_path / "buckets", *FAST, "data.buckets=true")
+    with pytest.raises(ConfigError, match=r"method.init_from: DreamBooth starts from the backbone itself"):
+        run_train(tmp_path / "init", *FAST, f"method.init_from={tmp_path / 'x.safetensors'}")
 
 
 def test_a_dreambooth_run_fine_tunes_the_unet_with_cached_class_images(tmp_path, tiny_dir, monkeypatch):
