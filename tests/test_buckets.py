@@ -120,6 +120,7 @@ def test_a_run_keeps_each_images_aspect_ratio(tmp_path, shapes):
     assert batch["latents"].shape[0] == cfg.data.batch_size  # a bucket of fewer fills up with its own images
 
 
+@pytest.mark.slow
 def test_a_bucketed_run_resumes_bit_for_bit(tmp_path, shapes):
     check_resume(
         tmp_path,

@@ -135,5 +135,6 @@ def test_generate_applies_the_unet_at_a_multiplier_and_zero_is_the_bare_model(tm
     assert not np.array_equal(pixels(bare), pixels(full))
 
 
+@pytest.mark.slow
 def test_a_dreambooth_run_resumes_bit_for_bit(tmp_path):
     check_resume(tmp_path, *FAST)

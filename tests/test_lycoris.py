@@ -133,6 +133,7 @@ def test_a_variant_run_through_train_py_and_generate_py(tmp_path, variant):
     assert not np.array_equal(pixels(bare), pixels(full))
 
 
+@pytest.mark.slow
 def test_a_dora_run_writes_a_diffusers_file_its_loader_applies_as_ours(tmp_path, tiny_dir):
     from diffusers import StableDiffusionPipeline
 
@@ -172,6 +173,7 @@ def test_a_file_of_another_variant_is_named(tmp_path, backbone):
         run_train(tmp_path / "run3", "method=lora", "method.variant=lokr", "method.dropout=0.1")
 
 
+@pytest.mark.slow
 def test_a_variant_continues_its_own_file(tmp_path):
     first = tmp_path / "first"
     run_train(first, "method=lora", "method.variant=lokr", "method.lr=0.01", "samples.every_n_steps=0")

@@ -122,6 +122,7 @@ def test_the_embedding_has_its_own_rate_and_stops_after_embedding_steps(tmp_path
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("lora_unet_"))
 
 
+@pytest.mark.slow
 def test_a_pivotal_run_resumes_bit_for_bit_across_the_embeddings_stop(tmp_path):
     check_resume(tmp_path, *FAST, "method.embedding_steps=4")
 

@@ -217,6 +217,7 @@ def test_gradient_checkpointing_recomputes_the_unet_and_trains_the_same(tmp_path
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_recomputes_the_text_encoder_where_the_gradient_passes_it(
     tmp_path, monkeypatch
 ):

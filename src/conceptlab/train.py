@@ -237,6 +237,7 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
     backbone = pack.backbone(cfg.model, method) if pack is not None else load_backbone(cfg.model)
     method.attach(backbone)
     resolution = cfg.data.resolution or backbone.native_resolution
+    # Results computed once for every run (evaluate.cache): class images here, sample grids below.
     cache = EvaluationCache(default_cache_dir(cfg.model.cache_dir)) if cfg.evaluate.cache else None
     data = ConceptDataModule(
         cfg.data, images, backbone, method.prompt_text, cfg.seed, resolution,
@@ -251,7 +252,7 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
     )
     # Evaluators first: what they record at a step (the best step) is in the checkpoint of that step.
     validation = held_out_loss(cfg, record, held_out, images, method.prompt_text, resolution)
-    callbacks = validation + evaluators + run_callbacks(cfg, record, method, in_pack=pack is not None)
+    callbacks = validation + evaluators + run_callbacks(cfg, record, method, cache, in_pack=pack is not None)
     trainer = make_trainer(cfg, record, shared_draws(callbacks) + callbacks, in_pack=pack is not None)
     module = make_module(cfg, trainer, backbone, method, record, pack)
     if pack is None:  # a pack's jobs start together: the pack says so once, and draws their one bar
@@ -419,12 +420,13 @@ def instantiate_checked(spec, **kwargs):
         raise
 
 
-def run_callbacks(cfg: DictConfig, record: RunRecord, method, in_pack: bool = False) -> list:
-    """Checkpoints, preemption, sample grids, the concept files, speed figures and the record itself."""
+def run_callbacks(cfg: DictConfig, record: RunRecord, method, cache: EvaluationCache | None,
+                  in_pack: bool = False) -> list:  # fmt: skip
+    """Checkpoints, preemption, sample grids (read from `cache` where drawn before), the concept files,
+    speed figures and the record itself."""
     run_dir = record.run_dir
     folder = RunFolder(run_dir)
     last = LastCheckpoint(folder.checkpoint, cfg.checkpoint.every_n_steps)
-    cache = EvaluationCache(default_cache_dir(cfg.model.cache_dir)) if cfg.evaluate.cache else None
     stats = RunStats(record, job_started=record.started)
     progress = StepProgress(record, enabled=not in_pack, stats=stats)  # the same smoothed loss as the end's
     return [
