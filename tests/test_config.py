@@ -18,7 +18,9 @@ def test_every_config_option_composes(group, option):
     plus = (
         "+" if group in ("experiment", "knob") else ""
     )  # added to the defaults (experiments, knobs), not chosen
-    cfg = compose([f"{plus}{group}={option}"])
+    # a recipe (<model>_<method>) holds its method's own keys: composed with that method
+    method = [f"method={option.split('_', 1)[1]}"] if group == "recipe" else []
+    cfg = compose([*method, f"{plus}{group}={option}"])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 

@@ -107,6 +107,7 @@ def test_the_loss_adds_the_class_images_at_their_weight(backbone):
         assert module.step_loss(batch) == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_generate_applies_the_unet_at_a_multiplier_and_zero_is_the_bare_model(tmp_path, tiny_encoders):
     from conftest import compose
 

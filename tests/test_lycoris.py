@@ -109,7 +109,10 @@ def test_the_file_holds_what_peft_trained_by_the_readers_rules(tmp_path, backbon
     assert torch.equal(unet_output(fresh), bare)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "variant",
+    ["lokr", pytest.param("loha", marks=pytest.mark.slow), pytest.param("dora", marks=pytest.mark.slow)],
+)
 def test_a_variant_run_through_train_py_and_generate_py(tmp_path, variant):
     run_dir = tmp_path / "run"
     # the method group's preset (method=loha: LoRA's variant under a name of its own) names the run
