@@ -11,7 +11,6 @@ import re
 import signal
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +242,7 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
         cfg.data, images, backbone, method.prompt_text, cfg.seed, resolution,
         cache_context=not method.changes_text_encoding, memo=pack.data_memo if pack is not None else None,
         noise_offset=cfg.optim.noise_offset, snr_gamma=cfg.optim.snr_gamma,
-        prior=method.prior, prior_draw=bare_draw(backbone, method), cache=cache,
+        prior=method.prior, prior_draw=BareDraw(backbone, method) if method.prior else None, cache=cache,
     )  # fmt: skip
     record.update(
         headline=[key for e in evaluators for key in getattr(e, "headline", ())],
@@ -374,16 +373,18 @@ def make_evaluators(cfg: DictConfig, record: RunRecord) -> list:
     ]
 
 
-def bare_draw(backbone, method) -> Callable[[list[str], list[int]], torch.Tensor]:
+class BareDraw:
     """Images of prompts at seeds from the backbone without the method (at multiplier 0 where it has one;
-    before training the method has learned nothing): the class images of prior preservation."""
+    before training the method has learned nothing): the class images of prior preservation. A class, not
+    a closure: the data module travels to DDP's spawned processes by pickle."""
 
-    def draw(prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        spec = method.prior
-        with method.inference(0.0 if method.has_multiplier else None):
-            return backbone.sample(prompts, seeds, spec.steps, spec.guidance, progress="class images")
+    def __init__(self, backbone, method):
+        self.backbone, self.method = backbone, method
 
-    return draw
+    def __call__(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        spec = self.method.prior
+        with self.method.inference(0.0 if self.method.has_multiplier else None):
+            return self.backbone.sample(prompts, seeds, spec.steps, spec.guidance, progress="class images")
 
 
 def held_out_loss(cfg: DictConfig, record: RunRecord, held_out: list, images: list, prompt_text: str,

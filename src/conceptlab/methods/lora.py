@@ -29,7 +29,16 @@ from ..config import opt
 from ..errors import ConceptFileError, ConfigError
 from ..formats import TensorFile, one_line, read_tensor_file, write_safetensors
 from .base import Concept, Method, MethodConfig, method_key
-from .lycoris import NAMES, VARIANTS, WeightChange, file_variant, has_rank, layer_tensors, weight_change
+from .lycoris import (
+    NAMES,
+    VARIANTS,
+    WeightChange,
+    file_rank,
+    file_variant,
+    has_rank,
+    layer_tensors,
+    weight_change,
+)
 
 # peft and diffusers load inside the functions that use them, not here: importing them costs peft ~6 s, diffusers ~5 s on the
 # 2-core CI machine (measured), which a run, the command lines' --help and the tests need not pay
@@ -193,9 +202,10 @@ class LoRA(Method):
                 )  # the file carries the scale in w1
             for suffix, tensor in ours.items():
                 if theirs[suffix].shape != tensor.shape:
+                    rank = file_rank(theirs)
                     raise ConceptFileError(
-                        f"{self.init_from}: {key}.{suffix} is {tuple(theirs[suffix].shape)} but this run's is "
-                        f"{tuple(tensor.shape)}: another rank or variant setting (this run: method.rank={self.rank})"
+                        f"{self.init_from}: {key} has rank {rank} ({suffix} {tuple(theirs[suffix].shape)}; this run's "
+                        f"{tuple(tensor.shape)} at method.rank={self.rank}); set method.rank={rank}"
                     )
                 with torch.no_grad():
                     tensor.copy_(theirs[suffix])

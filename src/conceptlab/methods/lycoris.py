@@ -59,16 +59,15 @@ def has_rank(tensors: dict[str, torch.Tensor]) -> bool:
     return any(name in tensors for name in ("lora_up.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"))
 
 
+def file_rank(tensors: dict[str, torch.Tensor]) -> int | None:
+    """A module's rank as the readers take it: the rows of its rank-decomposed factor (None: it has none)."""
+    names = ("lora_down.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b")
+    return next((tensors[k].shape[0] for k in names if k in tensors), None)
+
+
 def file_scale(tensors: dict[str, torch.Tensor]) -> float:
     """alpha / rank as the readers take it (1 without alpha, or without a rank-decomposed factor)."""
-    rank = next(
-        (
-            tensors[k].shape[0]
-            for k in ("lora_down.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b")
-            if k in tensors
-        ),
-        None,
-    )
+    rank = file_rank(tensors)
     if "alpha" not in tensors or rank is None:
         return 1.0
     return float(tensors["alpha"]) / rank
