@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import check_resume, run_train
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_lora import generate
+from test_lora import first_image, generate
 
 from conceptlab.backbone import Backbone
 from conceptlab.errors import ConfigError
@@ -129,11 +128,8 @@ def test_generate_applies_the_unet_at_a_multiplier_and_zero_is_the_bare_model(tm
     record, full = generate(tmp_path / "c", "prompt=a photo of sks robot <dreambooth:robot:1>", files)
     assert record["concepts"][0]["method"] == "dreambooth"
 
-    def pixels(folder):
-        return np.asarray(Image.open(folder / "images" / "00_seed0.png"))
-
-    assert np.array_equal(pixels(bare), pixels(zero))
-    assert not np.array_equal(pixels(bare), pixels(full))
+    assert np.array_equal(first_image(bare), first_image(zero))
+    assert not np.array_equal(first_image(bare), first_image(full))
 
 
 @pytest.mark.slow

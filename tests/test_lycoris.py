@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_train, unet_output
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_lora import generate, make_lora
+from test_lora import first_image, generate, make_lora
 
 from conceptlab.errors import ConceptFileError, ConfigError
 from conceptlab.methods import read_concept
@@ -129,11 +128,8 @@ def test_a_variant_run_through_train_py_and_generate_py(tmp_path, variant):
     record, full = generate(tmp_path / "c", "prompt=a red square <lora:robot:1>", files)
     assert record["concepts"][0]["method"] == "lora"
 
-    def pixels(folder):
-        return np.asarray(Image.open(folder / "images" / "00_seed0.png"))
-
-    assert np.array_equal(pixels(bare), pixels(zero))
-    assert not np.array_equal(pixels(bare), pixels(full))
+    assert np.array_equal(first_image(bare), first_image(zero))
+    assert not np.array_equal(first_image(bare), first_image(full))
 
 
 @pytest.mark.slow

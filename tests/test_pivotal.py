@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import check_resume, run_train
-from PIL import Image
 from safetensors.torch import load_file
-from test_lora import generate
+from test_lora import first_image, generate
 
 from conceptlab.errors import ConfigError
 
@@ -78,11 +77,10 @@ def test_generate_reads_the_word_and_scales_the_lora(tmp_path, pivotal_run):
     _, full = generate(tmp_path / "c", "prompt=a <robot> on a beach <lora:robot:1>", f"concepts=[{run_dir}]")
     assert record["concepts"][0]["method"] == "pivotal" and record["concepts"][0]["word"] == "<robot>"
 
-    def pixels(folder):
-        return np.asarray(Image.open(folder / "images" / "00_seed0.png"))
-
-    assert np.array_equal(pixels(word_only), pixels(zero))  # at 0 the LoRA is off and the word stays
-    assert not np.array_equal(pixels(zero), pixels(full))
+    assert np.array_equal(
+        first_image(word_only), first_image(zero)
+    )  # at 0 the LoRA is off and the word stays
+    assert not np.array_equal(first_image(zero), first_image(full))
 
 
 def test_evaluation_prompts_say_the_word_beside_the_tag():
