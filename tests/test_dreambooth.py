@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from conftest import check_resume, run_train
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_lora import first_image, generate
+from test_lora import check_tag_at_zero_and_one
 
 from conceptlab.backbone import Backbone
 from conceptlab.errors import ConfigError
@@ -123,13 +122,8 @@ def test_generate_applies_the_unet_at_a_multiplier_and_zero_is_the_bare_model(tm
     )
     assert record["results"]["m1"]["prompts"][1] == "a sks robot on the beach <dreambooth:robot:1>"
     files = f"concepts=[{run_dir}]"
-    _, bare = generate(tmp_path / "a", "prompt=a photo of sks robot", files)
-    _, zero = generate(tmp_path / "b", "prompt=a photo of sks robot <dreambooth:robot:0>", files)
-    record, full = generate(tmp_path / "c", "prompt=a photo of sks robot <dreambooth:robot:1>", files)
+    record = check_tag_at_zero_and_one(tmp_path, "a photo of sks robot", "<dreambooth:robot", files)
     assert record["concepts"][0]["method"] == "dreambooth"
-
-    assert np.array_equal(first_image(bare), first_image(zero))
-    assert not np.array_equal(first_image(bare), first_image(full))
 
 
 @pytest.mark.slow

@@ -202,6 +202,17 @@ def first_image(folder):
     return np.asarray(Image.open(folder / "images" / "00_seed0.png"))
 
 
+def check_tag_at_zero_and_one(tmp_path, prompt: str, tag: str, files: str) -> dict:
+    """generate.py with `prompt`, then with `<tag>:0>` and `<tag>:1>` after it: at 0 exactly the bare
+    prompt's image, at 1 another. The record of the last."""
+    _, bare = generate(tmp_path / "a", f"prompt={prompt}", files)
+    _, zero = generate(tmp_path / "b", f"prompt={prompt} {tag}:0>", files)
+    record, full = generate(tmp_path / "c", f"prompt={prompt} {tag}:1>", files)
+    assert np.array_equal(first_image(bare), first_image(zero))
+    assert not np.array_equal(first_image(bare), first_image(full))
+    return record
+
+
 def write_lora_file(tmp_path, backbone, name="ink"):
     from conceptlab.methods.lora import write_kohya_lora
 
@@ -212,14 +223,9 @@ def write_lora_file(tmp_path, backbone, name="ink"):
 def test_generate_applies_lora_tags_and_zero_is_the_bare_model(tmp_path, backbone):
     path = write_lora_file(tmp_path, backbone)
     files = f"concepts=[{path}]"
-    _, bare = generate(tmp_path / "a", "prompt=a red square", files)
-    _, zero = generate(tmp_path / "b", "prompt=a red square <lora:ink:0>", files)
-    record, full = generate(tmp_path / "c", "prompt=a red square <lora:ink:1>", files)
+    record = check_tag_at_zero_and_one(tmp_path, "a red square", "<lora:ink", files)
     assert record["tags"] == [{"tag": "lora", "name": "ink", "multiplier": 1.0}]
     assert record["concepts"][0]["method"] == "lora"
-
-    assert np.array_equal(first_image(bare), first_image(zero))
-    assert not np.array_equal(first_image(bare), first_image(full))
 
 
 def test_a_lora_for_another_model_is_refused(tmp_path):

@@ -57,9 +57,10 @@ class MethodConfig:
     init_from: str | None = opt(None, "start from a concept file of this method")
 
 
-def method_key(key: str, default: Any, help: str | None = None) -> Any:  # noqa: A002
-    """One of MethodConfig's keys with a method's own default (and its own help, where it says more)."""
-    shared = MethodConfig.__dataclass_fields__[key]
+def method_key(key: str, default: Any, help: str | None = None, of: type = MethodConfig) -> Any:  # noqa: A002
+    """One of MethodConfig's keys (or of another method's Config, `of`: a method built from others)
+    with this method's own default (and its own help, where it says more)."""
+    shared = of.__dataclass_fields__[key]
     return opt(
         default, help or shared.metadata["help"], shared.metadata["valid"], shared.metadata["nonempty"]
     )

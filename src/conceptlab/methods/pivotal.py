@@ -28,7 +28,7 @@ from ..errors import ConceptFileError, ConfigError
 from ..formats import TensorFile, read_tensor_file, write_safetensors
 from .base import Concept, Method, MethodConfig, method_key
 from .lora import ADAPTER, BUNDLE_PREFIX, KOHYA_PREFIXES, LoRA, LoRAConcept, LoRAConfig, kohya_lora
-from .textual_inversion import Embedding, EmbeddingConcept, TextualInversion
+from .textual_inversion import Embedding, EmbeddingConcept, TextualInversion, TextualInversionConfig
 
 
 @dataclass
@@ -37,19 +37,19 @@ class PivotalConfig(MethodConfig):
 
     _target_: str = "conceptlab.methods.pivotal.PivotalTuning"
     name: str = method_key("name", "pivotal")
-    placeholder: str | None = opt(
-        None, 'the new word; null = "<concept>"; extra vectors are "<concept>_1", "<concept>_2", ...'
+    # textual inversion's keys and LoRA's, as they declare them
+    placeholder: str | None = method_key("placeholder", None, of=TextualInversionConfig)
+    num_vectors: int = method_key(
+        "num_vectors",
+        2,
+        "the word's vectors (the diffusers advanced scripts' default: 2)",
+        of=TextualInversionConfig,
     )
-    num_vectors: int = opt(
-        2, "the word's vectors (the diffusers advanced scripts' default: 2)", valid="[1, 75]"
-    )
-    initializer_token: str = opt("object", "one existing token whose embedding starts every vector")
-    rank: int = opt(4, "the LoRA's rank", valid="[1, inf)")
-    alpha: float | None = opt(None, "the LoRA's scale numerator; null = rank (scale 1)", valid="(0, inf)")
-    target_modules: list[str] = opt(
-        LoRAConfig().target_modules, "UNet modules that get adapters", nonempty=True
-    )
-    text_encoder: bool = opt(False, "also adapt the text encoder's attention")
+    initializer_token: str = method_key("initializer_token", "object", of=TextualInversionConfig)
+    rank: int = method_key("rank", 4, of=LoRAConfig)
+    alpha: float | None = method_key("alpha", None, of=LoRAConfig)
+    target_modules: list[str] = method_key("target_modules", LoRAConfig().target_modules, of=LoRAConfig)
+    text_encoder: bool = method_key("text_encoder", False, of=LoRAConfig)
     embedding_lr: float = opt(
         5.0e-4, "the embedding's learning rate (scale_lr scales it as it scales lr)", valid="(0, inf)"
     )
