@@ -135,7 +135,7 @@ LAYERS = [
     ),  # fmt: skip
     ("inference", ["conceptlab.inference"]),
     ("methods", ["conceptlab.methods"]),
-    ("backbones", ["conceptlab.backbone"]),
+    ("backbones", ["conceptlab.backbone", "conceptlab.layouts"]),
     (
         "ground",
         [

@@ -202,12 +202,12 @@ def first_image(folder):
     return np.asarray(Image.open(folder / "images" / "00_seed0.png"))
 
 
-def check_tag_at_zero_and_one(tmp_path, prompt: str, tag: str, files: str) -> dict:
+def check_tag_at_zero_and_one(tmp_path, prompt: str, tag: str, files: str, *overrides: str) -> dict:
     """generate.py with `prompt`, then with `<tag>:0>` and `<tag>:1>` after it: at 0 exactly the bare
     prompt's image, at 1 another. The record of the last."""
-    _, bare = generate(tmp_path / "a", f"prompt={prompt}", files)
-    _, zero = generate(tmp_path / "b", f"prompt={prompt} {tag}:0>", files)
-    record, full = generate(tmp_path / "c", f"prompt={prompt} {tag}:1>", files)
+    _, bare = generate(tmp_path / "a", f"prompt={prompt}", files, *overrides)
+    _, zero = generate(tmp_path / "b", f"prompt={prompt} {tag}:0>", files, *overrides)
+    record, full = generate(tmp_path / "c", f"prompt={prompt} {tag}:1>", files, *overrides)
     assert np.array_equal(first_image(bare), first_image(zero))
     assert not np.array_equal(first_image(bare), first_image(full))
     return record

@@ -72,7 +72,7 @@ def test_the_file_holds_what_peft_trained_by_the_readers_rules(tmp_path, backbon
     for key, tensor in tensors.items():
         module, _, suffix = key.partition(".")
         modules.setdefault(module, {})[suffix] = tensor
-    layers = {kohya_key(part, name): layer for part, name, layer in lora_layers(backbone, ADAPTER)}
+    layers = {kohya_key(backbone, part, name): layer for part, name, layer in lora_layers(backbone, ADAPTER)}
     assert set(modules) == set(layers)
     for key, parts in modules.items():
         assert any(need <= set(parts) for need in NEEDS[variant]), (key, sorted(parts))

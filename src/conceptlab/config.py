@@ -118,6 +118,16 @@ class ModelConfig:
         "~/.cache/conceptlab", "where the embedded tiny backbone is built once (env CONCEPTLAB_CACHE wins)"
     )
     tiny_seed: int = opt(0, "seed of the tiny backbone's random weights")
+    family: str | None = opt(
+        None,
+        "sd (SD 1.x/2.x: one text encoder) | sdxl (two text encoders and size conditioning); null = what the "
+        "folder holds (text_encoder_2/ means SDXL); a single file and the tiny backbone need it said",
+    )
+    vae_path: str | None = opt(
+        None,
+        "a diffusers VAE folder or hub id used instead of the model's own (SDXL's overflows in float16: "
+        "madebyollin/sdxl-vae-fp16-fix)",
+    )
     check: str | None = opt(
         None,
         "a function (dotted path) that checks the model folder before loading, e.g. the toy world's manifest check",

@@ -195,6 +195,18 @@ def fit(img: Image.Image, size: tuple[int, int], center_crop: bool = True) -> Im
     return img.resize(size, Image.Resampling.BICUBIC)
 
 
+def size_ids(size: tuple[int, int], target: tuple[int, int], center_crop: bool) -> list[int]:
+    """SDXL's size conditioning of an image of `size` (width, height) fitted to `target` as `fit` does:
+    its original height and width, the crop's top and left in the pixels of the image scaled to cover the
+    target (as diffusers' and kohya's SDXL scripts give them), and the target's height and width."""
+    (width, height), (target_w, target_h) = size, target
+    top = left = 0
+    if center_crop:
+        scale = max(target_w / width, target_h / height)
+        left, top = round((width * scale - target_w) / 2), round((height * scale - target_h) / 2)
+    return [height, width, top, left, target_h, target_w]
+
+
 def bucket_sizes(resolution: int, multiple: int) -> list[tuple[int, int]]:
     """data.buckets: (width, height) pairs of about resolution² pixels (never more), each side a multiple of
     `multiple` between half and twice the resolution, as kohya's sd-scripts makes them."""
@@ -482,8 +494,9 @@ class ConceptLatents(Dataset):
     def __init__(self, mean, std, captions, flip_p: float, seed: int, scaling_factor: float, num_timesteps: int,
                  captions_are_contexts: bool = False, noise_offset: float | None = None,
                  loss_weights: torch.Tensor | None = None, masks: torch.Tensor | None = None,
-                 caption_dropout: float = 0.0, prior: tuple | None = None):  # fmt: skip
-        """noise_offset: each sample's noise plus this times one normal draw per channel (drawn after the
+                 caption_dropout: float = 0.0, prior: tuple | None = None,
+                 time_ids: torch.Tensor | None = None):  # fmt: skip
+        """time_ids: SDXL's size conditioning of each image [images, 6] (`size_ids`). noise_offset: each sample's noise plus this times one normal draw per channel (drawn after the
         rest of the sample, so a run without it draws what it always drew). loss_weights: a weight per
         timestep for the sample's loss (min-SNR-γ, `snr_weights`), given with the sample."""
         self.mean, self.std = mean, std  # [images, flips, C, h, w], or per image [flips, C, h, w] (buckets)
@@ -497,6 +510,7 @@ class ConceptLatents(Dataset):
         self.flip_p, self.seed = flip_p, seed
         self.scaling_factor, self.num_timesteps = scaling_factor, num_timesteps
         self.prior = prior  # (mean, std [class images, C, h, w], its caption's ids or context) or None
+        self.time_ids = time_ids
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -524,6 +538,8 @@ class ConceptLatents(Dataset):
             sample["loss_weight"] = self.loss_weights[sample["timesteps"]]
         if self.masks is not None:
             sample["loss_mask"] = self.masks[index][flip]
+        if self.time_ids is not None:
+            sample["time_ids"] = self.time_ids[index]
         if self.prior is not None:  # drawn last: a run without a prior draws what it always drew
             sample.update(self._prior_sample(gen))
         return sample
@@ -703,6 +719,8 @@ class ConceptDataModule(pl.LightningDataModule):
             captions_are_contexts=self.cache_context, noise_offset=self.noise_offset,
             loss_weights=self._loss_weights(), masks=self._latent_masks([m.shape[-2:] for m in mean], flips),
             caption_dropout=self.caption_dropout, prior=self._prior(device) if self.prior is not None else None,
+            time_ids=torch.tensor([size_ids(im.image.size, size, self.cfg.center_crop)
+                                   for im, size in zip(self.images, self.sizes)]) if self.backbone.is_xl else None,
         )  # fmt: skip
 
     def _prior(self, device: torch.device) -> tuple:

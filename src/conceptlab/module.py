@@ -51,12 +51,16 @@ def diffusion_losses(
         _joined([batch[key] for batch in batches]) for key in ("latents", "noise", "timesteps")
     )
     sizes = [batch["latents"].shape[0] for batch in batches]
-    scheduler, unet = backbone.scheduler, backbone.unet
-    dtype = unet.dtype  # once: diffusers finds it by walking the modules
+    scheduler = backbone.scheduler
+    dtype = backbone.unet.dtype  # once: diffusers finds it by walking the modules
     noisy = scheduler.add_noise(latents, noise, timesteps)
     context = _joined([c.to(dtype) for c in contexts])
+    # SDXL's size conditioning: each image's own where the data module gives it, else the latents' size.
+    time_ids = None
+    if backbone.is_xl:
+        time_ids = _joined([batch.get("time_ids", backbone.size_ids(batch["latents"])) for batch in batches])
     with route(list(range(len(batches))), sizes):
-        prediction = unet(noisy.to(dtype), timesteps, context).sample
+        prediction = backbone.denoise(noisy.to(dtype), timesteps, context, time_ids)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:

@@ -223,7 +223,7 @@ class Pack:
         self.lead: Backbone | None = None  # loaded once, never changed by a method: the shared pass runs here
         self.split_paths: set[str] = set()
         self.lead_cast = False
-        self.tokenizer_blob: bytes | None = None  # the lead's tokenizer, pickled in this process
+        self.tokenizer_blob: bytes | None = None  # the lead's tokenizers, pickled in this process
         self.data_memo: dict = {}  # latents and text contexts of the jobs' images, computed once (data.py)
         self.passing: list[tuple[Member, slice]] = []  # who is in the running pass, and where
         self._slices: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
@@ -540,7 +540,7 @@ class Member:
         if not method.changes_text_encoding:
             return shared_copy(lead, share_tokenizer=True)
         if self.pack.tokenizer_blob is None:  # unpickling a copy takes half a deep copy's time
-            self.pack.tokenizer_blob = pickle.dumps(lead.tokenizer)
+            self.pack.tokenizer_blob = pickle.dumps(lead.tokenizers)
         return shared_copy(lead, self.pack.tokenizer_blob)
 
     @property
@@ -635,10 +635,11 @@ def shared_copy(
     memo: dict[int, nn.Module] = {id(backbone.vae): backbone.vae}
     clone = _module_copy(backbone, memo)
     if not share_tokenizer:
-        # From this process's own pickle of the tokenizer (tokenizer_blob), when given: no outside data.
-        clone.tokenizer = (
-            pickle.loads(tokenizer_blob) if tokenizer_blob else copy.deepcopy(backbone.tokenizer)
-        )
+        # From this process's own pickle of the tokenizers (tokenizer_blob), when given: no outside data.
+        tokenizers = pickle.loads(tokenizer_blob) if tokenizer_blob else copy.deepcopy(backbone.tokenizers)
+        clone.tokenizer = tokenizers[0]
+        if backbone.is_xl:
+            clone.tokenizer_2 = tokenizers[1]
     return clone
 
 

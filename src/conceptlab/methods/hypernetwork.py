@@ -38,7 +38,9 @@ class HypernetworkConfig(MethodConfig):
     _target_: str = "conceptlab.methods.hypernetwork.Hypernetwork"
     name: str = method_key("name", "hypernet")
     enable_sizes: list[int] | None = opt(
-        None, "widths that get a (key, value) module pair; null = the text width and the UNet's block widths"
+        None,
+        "widths that get a (key, value) module pair; null = the widths the UNet's attention layers see (the text "
+        "context's and the blocks' with attention)",
     )
     layer_structure: list[float] = opt(
         [1.0, 2.0, 1.0], "hidden widths as multiples of the width", valid="(0, inf)", nonempty=True
@@ -269,8 +271,9 @@ class Hypernetwork(Method):
 
     def attach(self, backbone: Backbone) -> None:
         if not self.net.layers:
-            # A1111's default for SD: the text width and the UNet's block widths (768, 320, 640, 1280).
-            self.net.build(sorted({backbone.context_dim, *backbone.unet.config.block_out_channels}))
+            # A1111's default for SD: the text width and the UNet's block widths (768, 320, 640, 1280); the
+            # widths its attention layers see, so SDXL's (2048, 640, 1280) leave out its attention-less 320.
+            self.net.build(sorted(attention_widths(backbone)))
         if self._source is not None:
             source = self._source
             if source.sizes != self.sizes:

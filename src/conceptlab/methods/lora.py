@@ -4,7 +4,9 @@ attention projections (and optionally the text encoder's), built with peft; only
 Files: the kohya / AUTOMATIC1111 layout (`concepts/<concept>.safetensors`: `lora_unet_<module>` and
 `lora_te_<module>` keys with `.lora_down.weight`, `.lora_up.weight` and `.alpha`), which drops into
 the webui's or ComfyUI's `models/Lora/` and works as `<lora:<concept>:0.8>`; and diffusers' own
-(`concepts/diffusers/pytorch_lora_weights.safetensors`, `pipe.load_lora_weights(folder)`).
+(`concepts/diffusers/pytorch_lora_weights.safetensors`, `pipe.load_lora_weights(folder)`). On SDXL the
+UNet's modules go by their names in the original layout (`lora_unet_input_blocks_4_1_...`) and the text
+encoders' by `lora_te1_` / `lora_te2_`, as kohya writes them.
 At inference a LoRA is loaded with diffusers' loader and scaled with peft's, so `<lora:name:0>` is
 exactly the bare model.
 """
@@ -24,10 +26,11 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path
-from ..backbone import Backbone
+from ..backbone import PIPELINES, Backbone
 from ..config import opt
 from ..errors import ConceptFileError, ConfigError
 from ..formats import TensorFile, one_line, read_tensor_file, write_safetensors
+from ..layouts import original_unet_name
 from .base import Concept, Method, MethodConfig, method_key
 from .lycoris import (
     NAMES,
@@ -45,17 +48,23 @@ from .lycoris import (
 # where they go unused.
 
 ADAPTER = "conceptlab"  # the adapter's name inside the backbone while training
+# Each part's key prefix in kohya's layout: SD's, and SDXL's (two text encoders).
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+KOHYA_XL_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+KOHYA_STARTS = tuple(sorted({*KOHYA_PREFIXES.values(), *KOHYA_XL_PREFIXES.values()}))
 BUNDLE_PREFIX = "bundle_emb."  # an embedding inside a LoRA file (the webui reads it with the LoRA)
 
 
-def kohya_key(part: str, module_name: str) -> str:
-    """A module's name in kohya's layout: diffusers/transformers names with '_'. The text encoder's
-    modules are named from CLIPTextModel's `text_model` down, as in SD's original text encoder
-    (transformers 5 dropped that level from CLIPTextModel's own names)."""
-    if part == "text_encoder" and not module_name.startswith("text_model."):
+def kohya_key(backbone: Backbone, part: str, module_name: str) -> str:
+    """A module's name in kohya's layout: diffusers/transformers names with '_' (SDXL's UNet: the original
+    layout's names, `layouts`). The text encoders' modules are named from CLIPTextModel's `text_model`
+    down, as in SD's original text encoder (transformers 5 dropped that level from CLIPTextModel's own
+    names)."""
+    if part.startswith("text_encoder") and not module_name.startswith("text_model."):
         module_name = f"text_model.{module_name}"
-    return KOHYA_PREFIXES[part] + module_name.replace(".", "_")
+    if part == "unet" and backbone.is_xl:
+        module_name = original_unet_name(module_name, backbone.unet.config)
+    return (KOHYA_XL_PREFIXES if backbone.is_xl else KOHYA_PREFIXES)[part] + module_name.replace(".", "_")
 
 
 @dataclass
@@ -77,7 +86,9 @@ class LoRAConfig(MethodConfig):
         ["to_k", "to_q", "to_v", "to_out.0"], "UNet modules that get adapters", nonempty=True
     )
     dropout: float = opt(0.0, "dropout on the adapters' input while training", valid="[0, 1)")
-    text_encoder: bool = opt(False, "also adapt the text encoder's attention (q_proj k_proj v_proj out_proj)")
+    text_encoder: bool = opt(
+        False, "also adapt the text encoders' attention (q_proj k_proj v_proj out_proj; SDXL: both encoders)"
+    )
     init_from: str | None = method_key(
         "init_from", None, "continue from a LoRA file (kohya/A1111 or diffusers .safetensors)"
     )
@@ -88,12 +99,12 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def lora_layers(backbone: Backbone, adapter: str | None) -> Iterator[tuple[str, str, nn.Module]]:
-    """(part, module name, layer) for every peft LoRA, LoHa or LoKr layer of the UNet and text encoder
+    """(part, module name, layer) for every peft LoRA, LoHa or LoKr layer of the UNet and text encoders
     that holds `adapter` (None: every such layer)."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lycoris_utils import LycorisLayer
 
-    for part in ("unet", "text_encoder"):
+    for part in ("unet", *backbone.text_parts):
         for name, module in getattr(backbone, part).named_modules():
             if isinstance(module, LoraLayer | LycorisLayer) and (
                 adapter is None or adapter in module.scaling
@@ -161,9 +172,8 @@ class LoRA(Method):
             else:  # diffusers' add_adapter takes LoRA configs only
                 inject_adapter_in_model(config(self.target_modules), backbone.unet, adapter_name=ADAPTER)
             if self.text_encoder:  # peft's own injection (transformers' add_adapter wants a newer peft)
-                inject_adapter_in_model(
-                    config(TEXT_ENCODER_TARGETS), backbone.text_encoder, adapter_name=ADAPTER
-                )
+                for encoder in backbone.text_encoders:
+                    inject_adapter_in_model(config(TEXT_ENCODER_TARGETS), encoder, adapter_name=ADAPTER)
         except ValueError as err:  # peft: a target module that does not exist
             raise ConfigError(f"method.target_modules={self.target_modules}: {err}") from err
         object.__setattr__(self, "_backbone", backbone)
@@ -191,7 +201,7 @@ class LoRA(Method):
                 f"method.variant={found}"
             )
         for part, name, layer in lora_layers(backbone, ADAPTER):
-            key = kohya_key(part, name)
+            key = kohya_key(backbone, part, name)
             ours = layer_tensors(layer, ADAPTER)
             theirs = {suffix: weights.get(f"{key}.{suffix}") for suffix in ours}
             if any(t is None for t in theirs.values()):
@@ -260,7 +270,7 @@ class LoRA(Method):
         if not file.is_safetensors or not isinstance(file.data, dict):
             return None
         keys = list(file.data)
-        is_lora = any(k.startswith(tuple(KOHYA_PREFIXES.values())) for k in keys) or any(
+        is_lora = any(k.startswith(KOHYA_STARTS) for k in keys) or any(
             ".lora_A." in k or ".lora.down." in k or ".lora_down." in k for k in keys
         )
         if not is_lora or any(k.startswith(BUNDLE_PREFIX) for k in keys):  # a bundle: pivotal tuning's
@@ -273,9 +283,7 @@ class LoRA(Method):
 
 
 def kohya_tensors(file: TensorFile) -> dict[str, torch.Tensor] | None:
-    if isinstance(file.data, dict) and any(
-        str(k).startswith(tuple(KOHYA_PREFIXES.values())) for k in file.data
-    ):
+    if isinstance(file.data, dict) and any(str(k).startswith(KOHYA_STARTS) for k in file.data):
         return file.data
     return None
 
@@ -297,7 +305,7 @@ def kohya_lora(
     rank = alpha = None
     variant = "lora"
     for part, module_name, layer in lora_layers(backbone, adapter):
-        key = kohya_key(part, module_name)
+        key = kohya_key(backbone, part, module_name)
         own = {suffix: tensor.detach() for suffix, tensor in layer_tensors(layer, adapter).items()}
         variant = file_variant(f".{suffix}" for suffix in own)
         rank = layer.r[adapter]
@@ -311,11 +319,35 @@ def kohya_lora(
     metadata = {  # the keys kohya's (and LyCORIS') trainer writes that the webui shows
         "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora", "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha), "ss_output_name": name, "ss_steps": str(int(step)),
-        "ss_sd_model_name": backbone.checkpoint_name,
+        "ss_sd_model_name": backbone.checkpoint_name, **model_spec(backbone, "lora", name),
     }  # fmt: skip
     if variant != "lora":
         metadata["ss_network_args"] = json.dumps({"algo": variant} if lycoris else {"dora_wd": "True"})
     return tensors, metadata
+
+
+def model_spec(backbone: Backbone, adapter: str, title: str) -> dict[str, str]:
+    """The ModelSpec keys (Stability AI's sai_model_spec, as kohya writes them) and kohya's base model
+    version, which say what model family a file is for: the webui and ComfyUI's managers show them."""
+    if backbone.is_xl:
+        architecture, version = "stable-diffusion-xl-v1-base", "sdxl_base_v1-0"
+    elif backbone.context_dim == 1024:
+        v = backbone.prediction_type == "v_prediction"
+        architecture, version = ("stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"), "sd_v2"
+    else:
+        architecture, version = "stable-diffusion-v1", "sd_v1"
+    size = backbone.native_resolution
+    return {
+        "ss_base_model_version": version,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture}/{adapter}",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if backbone.is_xl
+        else "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{size}x{size}",
+        "modelspec.prediction_type": "v" if backbone.prediction_type == "v_prediction" else "epsilon",
+    }
 
 
 def _interpolate(multiplier: float):
@@ -333,7 +365,7 @@ def _interpolate(multiplier: float):
 def write_diffusers_lora(folder: Path, backbone: Backbone, adapter: str) -> Path:
     """diffusers' layout: folder/pytorch_lora_weights.safetensors (`pipe.load_lora_weights(folder)`),
     written by diffusers' own save_lora_weights, with each part's rank and alpha in the metadata."""
-    from diffusers import StableDiffusionPipeline
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
 
@@ -367,10 +399,10 @@ def write_diffusers_lora(folder: Path, backbone: Backbone, adapter: str) -> Path
     target = folder / "pytorch_lora_weights.safetensors"
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp, atomic_path(target) as out:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=layers("unet"), text_encoder_lora_layers=layers("text_encoder"),
-            unet_lora_adapter_metadata=config("unet"), text_encoder_lora_adapter_metadata=config("text_encoder"),
-        )  # fmt: skip
+        pipeline = getattr(diffusers, PIPELINES[backbone.family]["text"])
+        pipeline.save_lora_weights(tmp, **{
+            f"{part}_lora_layers": layers(part) for part in ("unet", *backbone.text_parts)
+        }, **{f"{part}_lora_adapter_metadata": config(part) for part in ("unet", *backbone.text_parts)})  # fmt: skip
         os.replace(Path(tmp) / target.name, out)
     return target
 
@@ -437,8 +469,8 @@ class LycorisConcept(Concept):
 
     def install(self, backbone: Backbone) -> None:
         modules = {
-            kohya_key(part, name): module
-            for part in KOHYA_PREFIXES
+            kohya_key(backbone, part, name): module
+            for part in ("unet", *backbone.text_parts)
             for name, module in getattr(backbone, part).named_modules()
             if isinstance(module, nn.Linear | nn.Conv2d)
         }

@@ -27,7 +27,7 @@ from ..config import opt
 from ..errors import ConceptFileError, ConfigError
 from ..formats import TensorFile, read_tensor_file, write_safetensors
 from .base import Concept, Method, MethodConfig, method_key
-from .lora import ADAPTER, BUNDLE_PREFIX, KOHYA_PREFIXES, LoRA, LoRAConcept, LoRAConfig, kohya_lora
+from .lora import ADAPTER, BUNDLE_PREFIX, KOHYA_STARTS, LoRA, LoRAConcept, LoRAConfig, kohya_lora
 from .textual_inversion import Embedding, EmbeddingConcept, TextualInversion, TextualInversionConfig
 
 
@@ -163,7 +163,7 @@ class PivotalTuning(Method):
         if not any(k.startswith(BUNDLE_PREFIX) for k in keys):
             return None
         embedding = bundled_embedding(file, file.path)
-        lora = {k: v for k, v in file.data.items() if k.startswith(tuple(KOHYA_PREFIXES.values()))}
+        lora = {k: v for k, v in file.data.items() if k.startswith(KOHYA_STARTS)}
         return BundleConcept(file.path.stem, file.path, embedding, lora)
 
 

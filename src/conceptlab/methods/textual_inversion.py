@@ -6,6 +6,10 @@ vectors) and the text encoder's table a row for each, so the vocabulary is hones
 touch that table: its lookup is wrapped so the placeholder ids read the method's own [N, width]
 parameter. The 49k frozen rows therefore get no gradient and no optimizer state, and stay
 bit-identical.
+
+On SDXL the word gets vectors in both text encoders ([N, 768] and [N, 1280]), trained together, and is
+written as the file kohya, the webui and ComfyUI read (`clip_l`, `clip_g`) and as diffusers' pair of
+files (one per encoder, each loaded with its own `load_textual_inversion`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from ..formats import (
 )
 from .base import Concept, Method, MethodConfig, method_key
 
+# diffusers' SDXL textual-inversion script writes each text encoder's vectors to a file of its own.
+DIFFUSERS_SDXL_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
 # AUTOMATIC1111 writes the token id of "*" in CLIP's vocabulary here; it is informational only.
 A1111_STAR_TOKEN = 265
 
@@ -56,6 +62,12 @@ class TextualInversionConfig(MethodConfig):
     scale_lr: bool = method_key(
         "scale_lr", True, "lr x batch size x devices x nodes x grad accumulation (the TI paper's rule)"
     )
+    lr_2: float | None = opt(
+        None,
+        "SDXL: the rate of the second text encoder's vectors (clip_g), scaled and scheduled as method.lr; "
+        "null = method.lr",
+        valid="(0, inf)",
+    )
 
 
 @dataclass
@@ -74,18 +86,36 @@ class Embedding:
     def width(self) -> int:
         return self.vectors.shape[-1]
 
-    def check_fits(self, width: int, source: str) -> None:
-        """Raise unless these vectors fit a text encoder `width` wide."""
-        if self.sdxl_clip_g is not None:
+    @property
+    def parts(self) -> list[torch.Tensor]:
+        """The vectors of each text encoder: one part, or SDXL's clip_l and clip_g."""
+        return [self.vectors] if self.sdxl_clip_g is None else [self.vectors, self.sdxl_clip_g]
+
+    def check_fits(self, widths: list[int], source: str) -> None:
+        """Raise unless these vectors fit text encoders `widths` wide (SDXL: two)."""
+        have = [part.shape[-1] for part in self.parts]
+        if have == list(widths):
+            return
+        if len(have) == 2:
             raise ConceptFileError(
-                f"{source} is an SDXL embedding (clip_l {self.width} + clip_g {self.sdxl_clip_g.shape[-1]} wide); "
-                f"this backbone is Stable Diffusion 1.x/2.x ({width}-wide text encoder): use an embedding trained for it"
+                f"{source} is an SDXL embedding (clip_l {have[0]} + clip_g {have[1]} wide); this backbone is "
+                f"Stable Diffusion 1.x/2.x ({widths[0]}-wide text encoder): use an embedding trained for it"
             )
-        if self.width != width:
+        if len(widths) == 2:
             raise ConceptFileError(
-                f"{source} holds {self.width}-wide vectors but this model's text encoder is {width} wide: "
-                "it was trained for another model family (SD 1.x: 768, SD 2.x: 1024)"
+                f"{source} holds {have[0]}-wide vectors (an SD 1.x/2.x embedding); this SDXL backbone needs two "
+                f"parts, clip_l {widths[0]} and clip_g {widths[1]} wide: use an embedding trained for SDXL"
             )
+        raise ConceptFileError(
+            f"{source} holds {have[0]}-wide vectors but this model's text encoder is {widths[0]} wide: "
+            "it was trained for another model family (SD 1.x: 768, SD 2.x: 1024)"
+        )
+
+
+def write_sdxl_embedding(path: str | Path, clip_l: torch.Tensor, clip_g: torch.Tensor) -> Path:
+    """An SDXL embedding as kohya, the webui and ComfyUI write and read it ({clip_l: [N, 768], clip_g:
+    [N, 1280]}), written atomically."""
+    return write_safetensors(path, {"clip_l": clip_l, "clip_g": clip_g})
 
 
 def write_diffusers_embedding(path: str | Path, token: str, vectors: torch.Tensor) -> Path:
@@ -135,6 +165,13 @@ def embedding_from(file: TensorFile) -> Embedding | None:
         vectors, name, step = data["emb_params"], path.stem, data.get("step")
     elif isinstance(data, dict) and {"clip_l", "clip_g"} <= set(data):  # SDXL (kohya, the webui)
         vectors, clip_g, name, step = data["clip_l"], data["clip_g"], path.stem, None
+    elif isinstance(data, dict) and {"clip_l", "clip_g"} & set(data):
+        have = "clip_l" if "clip_l" in data else "clip_g"
+        missing = "clip_g" if have == "clip_l" else "clip_l"
+        raise ConceptFileError(
+            f"{path}: an SDXL embedding holds clip_l and clip_g, and this one has no {missing} (only {have}); "
+            "write both halves into the file"
+        )
     elif (
         isinstance(data, dict) and len(data) == 1 and not file.metadata.get("format")
         and isinstance(next(iter(data.values())), torch.Tensor)
@@ -143,6 +180,13 @@ def embedding_from(file: TensorFile) -> Embedding | None:
         step = None
     else:
         return None
+    if isinstance(clip_g, torch.Tensor) and (
+        not isinstance(vectors, torch.Tensor) or clip_g.shape[:-1] != vectors.shape[:-1]
+    ):
+        raise ConceptFileError(
+            f"{path}: its clip_l {tuple(getattr(vectors, 'shape', ()))} and clip_g {tuple(clip_g.shape)} hold "
+            "different numbers of vectors; an SDXL embedding has as many of each"
+        )
     if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2):
         raise ConceptFileError(
             f"{path}: expected embedding vectors of shape [N, width], got {getattr(vectors, 'shape', vectors)}"
@@ -152,19 +196,24 @@ def embedding_from(file: TensorFile) -> Embedding | None:
         raise ConceptFileError(f"{path} holds NaN or infinite values: it was saved from a diverged run")
     if vectors.dim() == 1:
         vectors = vectors.unsqueeze(0)
+    if isinstance(clip_g, torch.Tensor):
+        clip_g = clip_g.detach().to("cpu", torch.float32).reshape(vectors.shape[0], -1)
+        if not torch.isfinite(clip_g).all():
+            raise ConceptFileError(f"{path} holds NaN or infinite values: it was saved from a diverged run")
     return Embedding(
         name=str(name), vectors=vectors, step=int(step) if step is not None else None,
-        named_by_file=not (isinstance(data, dict) and str(name) in data),
-        sdxl_clip_g=clip_g.detach().float() if isinstance(clip_g, torch.Tensor) else None,
+        named_by_file=not (isinstance(data, dict) and str(name) in data), sdxl_clip_g=clip_g,
     )  # fmt: skip
 
 
 class PlaceholderEmbedding(nn.Module):
-    """The text encoder's frozen token table, with the placeholder ids looked up in the method's vectors."""
+    """A text encoder's frozen token table, with the placeholder ids looked up in the method's vectors
+    (`part`: the text encoder's, 0 or SDXL's second, 1)."""
 
-    def __init__(self, table: nn.Embedding, method: TextualInversion):
+    def __init__(self, table: nn.Embedding, method: TextualInversion, part: int = 0):
         super().__init__()
         self.table = table
+        self.part = part
         # Not registered as a submodule: the vectors belong to the method, so casting the backbone
         # or saving its state never touches them.
         object.__setattr__(self, "_method", method)
@@ -178,7 +227,8 @@ class PlaceholderEmbedding(nn.Module):
         method = self._method
         offset = input_ids - method.first_id
         is_new = (offset >= 0) & (offset < method.num_vectors)
-        rows = method.vectors.to(embeds.dtype)[offset.clamp(0, method.num_vectors - 1)]
+        vectors = method.vectors if self.part == 0 else method.vectors_2
+        rows = vectors.to(embeds.dtype)[offset.clamp(0, method.num_vectors - 1)]
         return torch.where(is_new.unsqueeze(-1), rows, embeds)
 
 
@@ -201,8 +251,10 @@ class TextualInversion(Method):
         num_vectors: int = 1,
         initializer_token: str = "object",
         init_from: str | None = None,
+        lr_2: float | None = None,
     ):
         super().__init__(name=name, lr=lr, scale_lr=scale_lr, concept=concept, init_from=init_from)
+        self.lr_2 = lr_2
         if num_vectors < 1:
             raise ConfigError(f"method.num_vectors={num_vectors}: a placeholder needs at least 1 vector")
         self.placeholder = placeholder or f"<{concept}>"
@@ -213,8 +265,10 @@ class TextualInversion(Method):
         self.num_vectors = num_vectors
         self.initializer_token = initializer_token
         self.first_id = -1
-        # Created by attach() once the text width is known (before any checkpoint is restored).
+        # Created by attach() once the text widths are known (before any checkpoint is restored); SDXL's
+        # second text encoder's in vectors_2.
         self.vectors: nn.Parameter | None = None
+        self.vectors_2: nn.Parameter | None = None
 
     @property
     def tokens(self) -> list[str]:
@@ -225,32 +279,43 @@ class TextualInversion(Method):
         return " ".join(self.tokens)
 
     def attach(self, backbone: Backbone) -> None:
-        tokenizer, text_encoder = backbone.tokenizer, backbone.text_encoder
-        self._check_new_word(tokenizer)
-        table = text_encoder.get_input_embeddings()
-        init = self._initial_vectors(tokenizer, table.weight, backbone.context_dim)
+        for tokenizer in backbone.tokenizers:
+            self._check_new_word(tokenizer)
+        init = self._initial_vectors(backbone)
+        for part, (tokenizer, text_encoder) in enumerate(zip(backbone.tokenizers, backbone.text_encoders)):
+            # This backbone's own parameter object for the table (its tensor stays shared until the resize
+            # below replaces it): transformers resizes in place (`weight.data = ...`), and a packed sweep's
+            # jobs hold the same parameter objects, so one job's new words would resize every job's table.
+            table = text_encoder.get_input_embeddings()
+            table.weight = nn.Parameter(table.weight.detach(), requires_grad=False)
+            tokenizer.add_tokens(self.tokens)
+            ids = tokenizer.convert_tokens_to_ids(self.tokens)
+            if ids != list(range(ids[0], ids[0] + self.num_vectors)) or part and ids[0] != self.first_id:
+                raise ConfigError(
+                    f"the placeholder tokens {self.tokens} did not get consecutive ids, the same in every "
+                    f"tokenizer ({ids})"
+                )
+            self.first_id = ids[0]
+            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            table = text_encoder.get_input_embeddings()
+            with torch.no_grad():
+                table.weight[self.first_id : self.first_id + self.num_vectors] = init[part].to(
+                    table.weight.dtype
+                )
+            table.weight.requires_grad_(False)
+            setattr(self, "vectors_2" if part else "vectors", nn.Parameter(init[part].float().clone()))
+            text_encoder.set_input_embeddings(PlaceholderEmbedding(table, self, part))
 
-        # This backbone's own parameter object for the table (its tensor stays shared until the resize
-        # below replaces it): transformers resizes in place (`weight.data = ...`), and a packed sweep's jobs
-        # hold the same parameter objects, so one job's new words would resize every job's table.
-        table.weight = nn.Parameter(table.weight.detach(), requires_grad=False)
-        tokenizer.add_tokens(self.tokens)
-        ids = tokenizer.convert_tokens_to_ids(self.tokens)
-        if ids != list(range(ids[0], ids[0] + self.num_vectors)):
-            raise ConfigError(f"the placeholder tokens {self.tokens} did not get consecutive ids ({ids})")
-        self.first_id = ids[0]
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        table = text_encoder.get_input_embeddings()
-        with torch.no_grad():
-            table.weight[self.first_id : self.first_id + self.num_vectors] = init.to(table.weight.dtype)
-        table.weight.requires_grad_(False)
-        self.vectors = nn.Parameter(init.float().clone())
-        text_encoder.set_input_embeddings(PlaceholderEmbedding(table, self))
+    def parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        if self.vectors_2 is None or self.lr_2 is None:
+            return super().parameter_groups()
+        return [([self.vectors], 1.0), ([self.vectors_2], self.lr_2 / self.lr_schedule[0][0])]
 
     def packed_modules(self, backbone: Backbone) -> list[str]:
         return [
-            f"text_encoder.{name}"
-            for name, module in backbone.text_encoder.named_modules()
+            f"{part}.{name}"
+            for part, encoder in zip(backbone.text_parts, backbone.text_encoders)
+            for name, module in encoder.named_modules()
             if isinstance(module, PlaceholderEmbedding) and module._method is self
         ]
 
@@ -267,26 +332,41 @@ class TextualInversion(Method):
                 f"(method.placeholder=<my-{self.concept}>, say)"
             )
 
-    def _initial_vectors(self, tokenizer, table: torch.Tensor, width: int) -> torch.Tensor:
+    def _initial_vectors(self, backbone: Backbone) -> list[torch.Tensor]:
+        """The starting vectors of each text encoder: init_from's, or the initializer token's row."""
         if self.init_from:
             embedding = read_embedding(self.init_from)
-            embedding.check_fits(width, str(self.init_from))
+            embedding.check_fits(backbone.text_widths, str(self.init_from))
             if embedding.vectors.shape[0] != self.num_vectors:
                 raise ConceptFileError(
                     f"{self.init_from} holds {embedding.vectors.shape[0]} vectors; set "
                     f"method.num_vectors={embedding.vectors.shape[0]} to start from it"
                 )
-            return embedding.vectors
-        ids = tokenizer(self.initializer_token, add_special_tokens=False).input_ids
+            return embedding.parts
+        ids = backbone.tokenizer(self.initializer_token, add_special_tokens=False).input_ids
         if len(ids) != 1:
             raise ConfigError(
                 f"method.initializer_token={self.initializer_token!r} is {len(ids)} tokens; it must be "
                 "exactly one existing token (a single common word such as 'cat' or 'painting')"
             )
-        return table[ids[0]].detach().float().repeat(self.num_vectors, 1)
+        return [
+            encoder.get_input_embeddings().weight[ids[0]].detach().float().repeat(self.num_vectors, 1)
+            for encoder in backbone.text_encoders
+        ]
 
     def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
         vectors = self.vectors.detach()
+        if self.vectors_2 is not None:  # SDXL: the tools' one file, and diffusers' two
+            clip_g = self.vectors_2.detach()
+            return [
+                write_sdxl_embedding(folder / f"{self.concept}.safetensors", vectors, clip_g),
+                write_diffusers_embedding(
+                    folder / "diffusers" / DIFFUSERS_SDXL_FILES[0], self.placeholder, vectors
+                ),
+                write_diffusers_embedding(
+                    folder / "diffusers" / DIFFUSERS_SDXL_FILES[1], self.placeholder, clip_g
+                ),
+            ]
         return [
             write_diffusers_embedding(folder / f"{self.concept}.safetensors", self.placeholder, vectors),
             write_a1111_embedding(
@@ -323,7 +403,7 @@ class EmbeddingConcept(Concept):
         self.token = embedding.name
 
     def install(self, backbone: Backbone) -> None:
-        self.embedding.check_fits(backbone.context_dim, f"embedding {self.name!r} ({self.path})")
+        self.embedding.check_fits(backbone.text_widths, f"embedding {self.name!r} ({self.path})")
         if _is_a_word(backbone.tokenizer, self.name):
             if not self.embedding.named_by_file:
                 raise ConceptFileError(
@@ -335,7 +415,13 @@ class EmbeddingConcept(Concept):
                 raise ConceptFileError(
                     f"embedding {self.name!r} ({self.path}): both {self.name!r} and {self.token!r} are taken; rename the file"
                 )
-        backbone.pipeline().load_textual_inversion({self.token: self.embedding.vectors}, token=self.token)
+        pipe = backbone.pipeline()
+        for tokenizer, encoder, vectors in zip(
+            backbone.tokenizers, backbone.text_encoders, self.embedding.parts
+        ):
+            # One load per text encoder, as diffusers needs for SDXL (each with its own tokenizer).
+            pipe.load_textual_inversion({self.token: vectors}, token=self.token, text_encoder=encoder,
+                                        tokenizer=tokenizer)  # fmt: skip
 
     def rewrite_prompt(self, text: str) -> str:
         if self.token == self.name:

@@ -1,0 +1,287 @@
+"""SDXL: the tiny SDXL-shaped backbone loads as a user's SDXL folder does, the training step conditions
+the UNet as diffusers' SDXL pipeline and scripts do, and each method's files load in diffusers' SDXL
+pipeline (compared exactly), in generate.py, and under the readers' key rules."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose, read_summary, run_train
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_lora import check_tag_at_zero_and_one, first_image, generate, kohya_modules
+
+from conceptlab.errors import BackboneError, ConceptFileError
+from conceptlab.inference import prepare
+
+XL = ["model=tiny_xl", "samples.every_n_steps=0", "evaluate.enabled=false"]
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_dir(isolated_env):
+    from conceptlab.backbone import ensure_tiny_backbone
+    from conceptlab.config import ModelConfig
+
+    return ensure_tiny_backbone(ModelConfig(name="tiny_xl", family="sdxl"))
+
+
+@pytest.fixture
+def xl(tiny_xl_dir):
+    """A fresh tiny SDXL backbone, loaded from its folder as model=sdxl model.path=<folder> loads one."""
+    from conceptlab.backbone import load_backbone
+    from conceptlab.config import ModelConfig
+
+    return load_backbone(ModelConfig(name="sdxl", path=str(tiny_xl_dir)))
+
+
+def xl_pipeline(folder):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_xl_dir):
+    """One short train.py run of each method on tiny_xl (LoRA with both text encoders), shared by the
+    tests that read their files."""
+    root = tmp_path_factory.mktemp("xl_runs")
+    out = {}
+    for method, extra in (("ti", ["method.num_vectors=2"]), ("lora", ["method.text_encoder=true"]),
+                          ("hypernet", [])):  # fmt: skip
+        summary = run_train(root / method, f"method={method}", *XL, "trainer.max_steps=2", *extra)
+        assert summary["status"] == "completed", summary
+        out[method] = root / method
+    return out
+
+
+def test_the_tiny_xl_folder_is_sdxl_and_our_conditioning_is_the_pipelines(xl, tiny_xl_dir):
+    """Both encoders' penultimate layers side by side, the pooled projection of the second, and the
+    same picture as diffusers' SDXL pipeline draws from the prompt itself."""
+    assert xl.is_xl and xl.text_widths == [32, 48] and xl.context_dim == 80 and xl.pooled_dim == 48
+    assert xl.tokenizer.pad_token == "<|endoftext|>" and xl.tokenizer_2.pad_token == "!"
+    pipe = xl_pipeline(tiny_xl_dir)
+    prompts = ["a photo of a robot", "a red square"]
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+    conditioning = xl.encode_text(xl.tokenize(prompts))
+    assert conditioning.shape == (2, 78, 80)
+    torch.testing.assert_close(conditioning[:, :77], embeds)
+    torch.testing.assert_close(conditioning[:, 77, :48], pooled)
+    assert torch.count_nonzero(conditioning[:, 77, 48:]) == 0
+
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)  # the samples' sampler
+    ours = xl.sample(prompts[:1], [0], num_inference_steps=2, guidance_scale=5.0)
+    theirs = pipe(prompts[:1], num_inference_steps=2, guidance_scale=5.0, output_type="pt", height=64,
+                  width=64, generator=[torch.Generator().manual_seed(0)]).images  # fmt: skip
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_the_training_loss_is_the_diffusers_sdxl_scripts(xl, tiny_xl_dir):
+    """The module's loss for a batch is the SDXL scripts': the UNet given both encoders' context, the
+    pooled embedding and each image's size ids (original size, crop, target)."""
+    from conceptlab.module import diffusion_losses
+
+    pipe = xl_pipeline(tiny_xl_dir)
+    gen = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    timesteps = torch.tensor([10, 700])
+    time_ids = torch.tensor([[100, 80, 10, 0, 64, 64], [64, 64, 0, 0, 64, 64]])
+    prompts = ["a photo of a robot", "a robot"]
+    batch = {"latents": latents, "noise": noise, "timesteps": timesteps, "input_ids": xl.tokenize(prompts),
+             "time_ids": time_ids}  # fmt: skip
+    [loss] = diffusion_losses(xl, [batch])
+
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+    noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+    with torch.no_grad():
+        prediction = pipe.unet(noisy, timesteps, embeds,
+                               added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.float()}).sample  # fmt: skip
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(prediction, noise))
+
+
+@pytest.mark.parametrize(
+    ("size", "target", "expected"),
+    [
+        # a landscape 200x100 to 64x64: scaled to 128x64, the central 64 columns from x=32
+        ((200, 100), (64, 64), [100, 200, 0, 32, 64, 64]),
+        ((100, 300), (64, 64), [300, 100, 64, 0, 64, 64]),
+        ((64, 64), (64, 64), [64, 64, 0, 0, 64, 64]),
+        ((300, 200), (96, 64), [200, 300, 0, 0, 64, 96]),
+    ],
+)
+def test_size_ids_are_the_sdxl_scripts(size, target, expected):
+    from conceptlab.data import size_ids
+
+    assert size_ids(size, target, center_crop=True) == expected
+    assert size_ids(size, target, center_crop=False)[2:4] == [0, 0]
+
+
+def test_an_sd_folder_named_sdxl_and_the_reverse_are_refused_in_one_line(tiny_dir, tiny_xl_dir):
+    from conceptlab.backbone import load_backbone
+    from conceptlab.config import ModelConfig
+
+    with pytest.raises(BackboneError, match=r"is an SD 1.x/2.x model, but model=sdxl says family=sdxl"):
+        load_backbone(ModelConfig(name="sdxl", family="sdxl", path=str(tiny_dir)))
+    with pytest.raises(BackboneError, match=r"is an SDXL model, but model=sd15 says family=sd"):
+        load_backbone(ModelConfig(name="sd15", family="sd", path=str(tiny_xl_dir)))
+
+
+def test_original_layout_names_are_the_ones_diffusers_converts_back(xl):
+    """Every UNet weight, renamed into the original layout, comes back to its own name through diffusers'
+    converter of original checkpoints (the webui and ComfyUI know the model by those names)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from conceptlab.layouts import original_unet_name
+
+    state = xl.unet.state_dict()
+    ldm = {}
+    for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
+        ldm[f"model.diffusion_model.{original_unet_name(module, xl.unet.config)}.{leaf}"] = value
+    back = convert_ldm_unet_checkpoint(ldm, dict(xl.unet.config))
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.slow
+def test_ti_on_sdxl_trains_both_encoders_and_its_files_load_in_diffusers_and_generate(
+    runs, tiny_xl_dir, tmp_path
+):
+    run = runs["ti"]
+    concepts = run / "concepts"
+    assert read_summary(run)["files"]["concepts"] == [
+        "concepts/diffusers/learned_embeds.safetensors", "concepts/diffusers/learned_embeds_2.safetensors",
+        "concepts/robot.safetensors",
+    ]  # fmt: skip
+    tools = load_file(concepts / "robot.safetensors")
+    assert tools.keys() == {"clip_l", "clip_g"}
+    assert tools["clip_l"].shape == (2, 32) and tools["clip_g"].shape == (2, 48)
+    first, second = (
+        load_file(concepts / "diffusers" / n)
+        for n in ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
+    )
+    assert torch.equal(first["<robot>"], tools["clip_l"]) and torch.equal(second["<robot>"], tools["clip_g"])
+
+    # Both encoders' vectors trained: neither is still the initializer token's row.
+    pipe = xl_pipeline(tiny_xl_dir)
+    ids = pipe.tokenizer("object", add_special_tokens=False).input_ids
+    for encoder, part in ((pipe.text_encoder, "clip_l"), (pipe.text_encoder_2, "clip_g")):
+        start = encoder.get_input_embeddings().weight[ids[0]]
+        assert not torch.allclose(tools[part][0], start)
+
+    # diffusers needs one load per text encoder (the README's two calls), then encodes the word as we do.
+    pipe.load_textual_inversion(
+        tools["clip_l"], token="<robot>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+    )
+    pipe.load_textual_inversion(
+        tools["clip_g"], token="<robot>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
+    embeds, _, pooled, _ = pipe.encode_prompt(["a photo of <robot>"], do_classifier_free_guidance=False)
+
+    inference = prepare(
+        [str(concepts / "robot.safetensors")], compose(["model=tiny_xl"], config="generate").model, "cpu"
+    )
+    backbone = inference.backbone
+    text = inference.concepts[0].rewrite_prompt("a photo of <robot>")
+    text = pipe.maybe_convert_prompt(text, pipe.tokenizer)  # <robot> -> <robot> <robot>_1
+    conditioning = backbone.encode_text(backbone.tokenize([text]))
+    torch.testing.assert_close(conditioning[:, :77], embeds)
+    torch.testing.assert_close(conditioning[:, 77, :48], pooled)
+
+    # generate.py with the run folder: the word changes the picture. (The tools' file is called by its
+    # file name, as the webui calls it: "robot" there means the embedding too.)
+    _, bare = generate(tmp_path / "a", "model=tiny_xl", "prompt=a photo of a thing", f"concepts=[{run}]")
+    _, word = generate(tmp_path / "b", "model=tiny_xl", "prompt=a photo of <robot>", f"concepts=[{run}]")
+    assert not np.array_equal(first_image(bare), first_image(word))
+
+
+def test_embeddings_of_the_other_family_or_missing_a_half_are_refused_in_one_line(tmp_path, tiny_xl_dir):
+    save_file({"<sd>": torch.zeros(1, 32)}, tmp_path / "sd.safetensors")
+    save_file({"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 48)}, tmp_path / "xl.safetensors")
+    save_file({"clip_l": torch.zeros(1, 32)}, tmp_path / "half.safetensors")
+    with pytest.raises(
+        ConceptFileError,
+        match=r"32-wide vectors \(an SD 1.x/2.x embedding\); this SDXL backbone needs two parts, clip_l 32 and clip_g 48",
+    ):
+        generate(
+            tmp_path / "a", "model=tiny_xl", "prompt=a <sd>", f"concepts=[{tmp_path / 'sd.safetensors'}]"
+        )
+    with pytest.raises(
+        ConceptFileError,
+        match=r"is an SDXL embedding \(clip_l 32 \+ clip_g 48 wide\); this backbone is Stable Diffusion 1.x/2.x",
+    ):
+        generate(tmp_path / "b", "prompt=a xl", f"concepts=[{tmp_path / 'xl.safetensors'}]")
+    with pytest.raises(
+        ConceptFileError,
+        match=r"half.safetensors: an SDXL embedding holds clip_l and clip_g, and this one has no clip_g",
+    ):
+        generate(
+            tmp_path / "c", "model=tiny_xl", "prompt=a half", f"concepts=[{tmp_path / 'half.safetensors'}]"
+        )
+
+
+KOHYA_XL_KEY = re.compile(
+    r"^lora_(unet_(input_blocks|middle_block|output_blocks)_\d+(_\d+)?_transformer_blocks_\d+_attn[12]_to_(q|k|v|out_0)"
+    r"|te[12]_text_model_encoder_layers_\d+_self_attn_(q|k|v|out)_proj)$"
+)
+
+
+@pytest.mark.slow
+def test_lora_on_sdxl_writes_kohyas_sdxl_names_and_both_files_load_in_diffusers_sdxl(
+    runs, tiny_xl_dir, tmp_path
+):
+    from conceptlab.methods.lora import ADAPTER
+
+    run = runs["lora"]
+    kohya = run / "concepts" / "robot.safetensors"
+    modules = kohya_modules(kohya)
+    assert modules and all(KOHYA_XL_KEY.match(m) for m in modules), sorted(modules)[:3]
+    assert {m.split("_")[1] for m in modules} == {"unet", "te1", "te2"}
+    with safe_open(str(kohya), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+
+    # diffusers' SDXL loader reads both files into the very adapters we trained (UNet and both encoders).
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    ours = {k.removeprefix("backbone.").replace(f".{ADAPTER}.", "."): v for k, v in state.items()}
+    assert {k.split(".")[0] for k in ours} == {"unet", "text_encoder", "text_encoder_2"}
+    outputs = []
+    for source in (run / "concepts" / "diffusers", kohya):
+        pipe = xl_pipeline(tiny_xl_dir)
+        pipe.load_lora_weights(str(source), adapter_name="x")
+        loaded = {
+            f"{part}.{k.replace('.x.', '.')}": v
+            for part in ("unet", "text_encoder", "text_encoder_2")
+            for k, v in getattr(pipe, part).state_dict().items()
+            if ".lora_" in k
+        }
+        assert loaded.keys() == ours.keys(), source
+        for key in ours:
+            torch.testing.assert_close(loaded[key], ours[key])
+        outputs.append(pipe("a robot", num_inference_steps=2, output_type="pt", height=64, width=64,
+                            generator=torch.Generator().manual_seed(0)).images)  # fmt: skip
+    torch.testing.assert_close(outputs[0], outputs[1])
+
+    # generate.py: <lora:robot:0> is the bare model bit for bit, <lora:robot:1> is not.
+    check_tag_at_zero_and_one(
+        tmp_path, "a photo of robot", "<lora:robot", f"concepts=[{run}]", "model=tiny_xl"
+    )
+
+
+@pytest.mark.slow
+def test_hypernetworks_on_sdxl_take_the_attention_widths_and_zero_is_the_bare_model(runs, tmp_path):
+    run = runs["hypernet"]
+    file = torch.load(run / "concepts" / "robot.pt", weights_only=True)
+    # The widths the webui looks layers up by: the 80-wide joint text context and the 64-wide blocks with
+    # attention; not the attention-less first level's 32.
+    assert sorted(k for k in file if isinstance(k, int)) == [64, 80]
+    check_tag_at_zero_and_one(
+        tmp_path, "a photo of robot", "<hypernet:robot", f"concepts=[{run}]", "model=tiny_xl"
+    )
