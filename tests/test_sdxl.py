@@ -75,7 +75,9 @@ def test_the_tiny_xl_folder_is_sdxl_and_our_conditioning_is_the_pipelines(xl, ti
 
     from diffusers import DDIMScheduler
 
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)  # the samples' sampler
+    pipe.scheduler = DDIMScheduler.from_config(
+        pipe.scheduler.config, clip_sample=False
+    )  # the samples' sampler
     ours = xl.sample(prompts[:1], [0], num_inference_steps=2, guidance_scale=5.0)
     theirs = pipe(prompts[:1], num_inference_steps=2, guidance_scale=5.0, output_type="pt", height=64,
                   width=64, generator=[torch.Generator().manual_seed(0)]).images  # fmt: skip
