@@ -12,6 +12,7 @@ import torch
 from conftest import compose, read_summary, run_train
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_interop import comfyui_embedding
 from test_lora import check_tag_at_zero_and_one, first_image, generate, kohya_modules
 
 from conceptlab.errors import BackboneError, ConceptFileError
@@ -164,6 +165,9 @@ def test_ti_on_sdxl_trains_both_encoders_and_its_files_load_in_diffusers_and_gen
     tools = load_file(concepts / "robot.safetensors")
     assert tools.keys() == {"clip_l", "clip_g"}
     assert tools["clip_l"].shape == (2, 32) and tools["clip_g"].shape == (2, 48)
+    # ComfyUI's reader (sdxl_clip.py: each encoder loads the file with its own embed_key) takes each half.
+    assert torch.equal(comfyui_embedding(concepts / "robot.safetensors", "clip_l"), tools["clip_l"])
+    assert torch.equal(comfyui_embedding(concepts / "robot.safetensors", "clip_g"), tools["clip_g"])
     first, second = (
         load_file(concepts / "diffusers" / n)
         for n in ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
@@ -236,8 +240,9 @@ KOHYA_XL_KEY = re.compile(
 
 @pytest.mark.slow
 def test_lora_on_sdxl_writes_kohyas_sdxl_names_and_both_files_load_in_diffusers_sdxl(
-    runs, tiny_xl_dir, tmp_path
+    runs, xl, tiny_xl_dir, tmp_path
 ):
+    from conceptlab.layouts import original_unet_name
     from conceptlab.methods.lora import ADAPTER
 
     run = runs["lora"]
@@ -245,6 +250,18 @@ def test_lora_on_sdxl_writes_kohyas_sdxl_names_and_both_files_load_in_diffusers_
     modules = kohya_modules(kohya)
     assert modules and all(KOHYA_XL_KEY.match(m) for m in modules), sorted(modules)[:3]
     assert {m.split("_")[1] for m in modules} == {"unet", "te1", "te2"}
+    # The readers' rules: the webui looks `lora_unet_` up as `diffusion_model_` + the original layout's
+    # name and ComfyUI as `lora_unet_` + that name (original names: the converter test above); both read
+    # the text encoders' as `lora_te1_` / `lora_te2_` + text_model_encoder_layers_<n>_<layer>.
+    names = {
+        original_unet_name(n, xl.unet.config).replace(".", "_")
+        for n, m in xl.unet.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+    comfy_te = {f"lora_te{k}_text_model_encoder_layers_{b}_{layer}" for k in (1, 2) for b in range(2)
+                for layer in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj")}  # fmt: skip
+    for module in modules:
+        assert module.removeprefix("lora_unet_") in names or module in comfy_te, module
     with safe_open(str(kohya), framework="pt") as f:
         meta = f.metadata()
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
