@@ -379,6 +379,8 @@ def test_the_recipe_knobs_give_packed_jobs_the_files_they_give_alone(tmp_path):
         # pivotal tuning beside TI; each job's own table: transformers resizes a table in place, and a pack's
         # jobs share parameter objects (3 vectors, then 1: the order that broke)
         (["method=pivotal,ti", "method.num_vectors=3,1"], 4),
+        # SDXL's jobs pack with their own kind: both text encoders' words and contexts per job
+        (["model=tiny_xl", "method=ti,lora,hypernet", "evaluate.enabled=false"], 3),
     ],
 )
 def test_the_newer_methods_give_packed_jobs_the_files_they_give_alone(tmp_path, methods, jobs):

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_interop import comfyui_embedding
 from test_lora import check_tag_at_zero_and_one, first_image, generate, kohya_modules
+from test_pivotal import webui_bundle
 
 from conceptlab.errors import BackboneError, ConceptFileError
 from conceptlab.inference import prepare
@@ -53,7 +54,7 @@ def runs(tmp_path_factory, tiny_xl_dir):
     root = tmp_path_factory.mktemp("xl_runs")
     out = {}
     for method, extra in (("ti", ["method.num_vectors=2"]), ("lora", ["method.text_encoder=true"]),
-                          ("hypernet", [])):  # fmt: skip
+                          ("hypernet", []), ("pivotal", [])):  # fmt: skip
         summary = run_train(root / method, f"method={method}", *XL, "trainer.max_steps=2", *extra)
         assert summary["status"] == "completed", summary
         out[method] = root / method
@@ -303,4 +304,25 @@ def test_hypernetworks_on_sdxl_take_the_attention_widths_and_zero_is_the_bare_mo
     assert sorted(k for k in file if isinstance(k, int)) == [64, 80]
     check_tag_at_zero_and_one(
         tmp_path, "a photo of robot", "<hypernet:robot", f"concepts=[{run}]", "model=tiny_xl"
+    )
+
+
+@pytest.mark.slow
+def test_pivotal_tuning_on_sdxl_bundles_both_halves_as_the_webui_reads_them(runs, tmp_path):
+    run = runs["pivotal"]
+    bundle = load_file(run / "concepts" / "robot.safetensors")
+    [(name, data)] = webui_bundle(bundle).items()  # the webui's rule: an SDXL embedding's two entries
+    assert name == "<robot>" and data.keys() == {"clip_l", "clip_g"}
+    assert data["clip_l"].shape == (2, 32) and data["clip_g"].shape == (2, 48)
+    pair = load_file(run / "concepts" / "embedding" / "robot.safetensors")
+    assert torch.equal(pair["clip_l"], data["clip_l"]) and torch.equal(pair["clip_g"], data["clip_g"])
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert {"method.embedding.vectors", "method.embedding.vectors_2"} <= set(state)
+    # generate.py reads the bundle: the word joins both encoders, <lora:robot:0> leaves the word alone.
+    check_tag_at_zero_and_one(
+        tmp_path,
+        "a photo of <robot>",
+        "<lora:robot",
+        f"concepts=[{run / 'concepts' / 'robot.safetensors'}]",
+        "model=tiny_xl",
     )

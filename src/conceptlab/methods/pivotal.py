@@ -114,27 +114,31 @@ class PivotalTuning(Method):
         self.embedding.attach(backbone)
         self.lora.attach(backbone)  # continues init_from's LoRA part (it ignores the bundle)
         if self.init_from:
-            vectors = bundled_embedding(read_tensor_file(self.init_from), self.init_from).vectors
+            embedding = bundled_embedding(read_tensor_file(self.init_from), self.init_from)
+            embedding.check_fits(backbone.text_widths, str(self.init_from))
+            vectors = embedding.vectors
             if vectors.shape != self.embedding.vectors.shape:
                 raise ConceptFileError(
                     f"{self.init_from}: its embedding is {tuple(vectors.shape)} but this run's is "
                     f"{tuple(self.embedding.vectors.shape)}: set method.num_vectors={vectors.shape[0]}"
                 )
             with torch.no_grad():
-                self.embedding.vectors.copy_(vectors)
+                for ours, theirs in zip(self.embedding.vector_parts, embedding.parts):
+                    ours.copy_(theirs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [self.embedding.vectors, *self.lora.trainable_parameters()]
+        return [*self.embedding.vector_parts, *self.lora.trainable_parameters()]
 
     def parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         return [
             (self.lora.trainable_parameters(), 1.0),
-            ([self.embedding.vectors], self.embedding_lr / self.lr_schedule[0][0]),
+            (self.embedding.vector_parts, self.embedding_lr / self.lr_schedule[0][0]),
         ]
 
     def before_step(self, step: int) -> None:
         if self.embedding_steps is not None:  # the optimizer passes over a tensor without a gradient
-            self.embedding.vectors.requires_grad_(step < self.embedding_steps)
+            for vectors in self.embedding.vector_parts:
+                vectors.requires_grad_(step < self.embedding_steps)
 
     def packed_modules(self, backbone: Backbone) -> list[str]:
         return self.embedding.packed_modules(backbone) + self.lora.packed_modules(backbone)
@@ -146,8 +150,12 @@ class PivotalTuning(Method):
 
     def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
         tensors, metadata = kohya_lora(backbone, ADAPTER, self.concept, step)
-        vectors = self.embedding.vectors.detach().to("cpu", torch.float32).contiguous()
-        tensors[f"{BUNDLE_PREFIX}{self.embedding.placeholder}.string_to_param.*"] = vectors
+        parts = [v.detach().to("cpu", torch.float32).contiguous() for v in self.embedding.vector_parts]
+        word = f"{BUNDLE_PREFIX}{self.embedding.placeholder}"
+        if len(parts) == 2:  # SDXL: the webui reads the two halves as it reads an SDXL embedding file
+            tensors[f"{word}.clip_l"], tensors[f"{word}.clip_g"] = parts
+        else:
+            tensors[f"{word}.string_to_param.*"] = parts[0]
         bundle = write_safetensors(folder / f"{self.concept}.safetensors", tensors, metadata)
         return [
             bundle,
@@ -168,7 +176,8 @@ class PivotalTuning(Method):
 
 
 def bundled_embedding(file: TensorFile, source: str | Path) -> Embedding:
-    """The one embedding a LoRA file bundles (`bundle_emb.<word>.string_to_param.*` or `.emb_params`)."""
+    """The one embedding a LoRA file bundles (`bundle_emb.<word>.string_to_param.*` or `.emb_params`; SDXL's
+    `.clip_l` and `.clip_g`)."""
     data = file.data if isinstance(file.data, dict) else {}
     bundled = {k.removeprefix(BUNDLE_PREFIX): v for k, v in data.items() if str(k).startswith(BUNDLE_PREFIX)}
     words = sorted({k.split(".", 1)[0] for k in bundled})
@@ -176,12 +185,17 @@ def bundled_embedding(file: TensorFile, source: str | Path) -> Embedding:
         raise ConceptFileError(
             f"{source} bundles {len(words)} embeddings ({', '.join(words) or 'none'}); conceptlab reads a file with one"
         )
-    [vectors] = [
-        v for k, v in bundled.items() if k.split(".", 1)[1] in ("string_to_param.*", "emb_params")
-    ] or [None]
-    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2:
-        raise ConceptFileError(f"{source}: the bundled embedding {words[0]!r} has no [N, width] vectors")
-    return Embedding(name=words[0], vectors=vectors.detach().float(), named_by_file=False)
+    parts = {k.split(".", 1)[1]: v for k, v in bundled.items()}
+    clip_g = parts.get("clip_g")
+    [vectors] = [v for k, v in parts.items() if k in ("string_to_param.*", "emb_params", "clip_l")] or [None]
+    if not all(isinstance(v, torch.Tensor) and v.dim() == 2 for v in (vectors, clip_g) if v is not None) or (
+        vectors is None or ("clip_l" in parts) != (clip_g is not None)
+    ):
+        raise ConceptFileError(
+            f"{source}: the bundled embedding {words[0]!r} has no [N, width] vectors (SDXL: clip_l and clip_g)"
+        )
+    return Embedding(name=words[0], vectors=vectors.detach().float(), named_by_file=False,
+                     sdxl_clip_g=None if clip_g is None else clip_g.detach().float())  # fmt: skip
 
 
 class BundleConcept(Concept):

@@ -306,6 +306,11 @@ class TextualInversion(Method):
             setattr(self, "vectors_2" if part else "vectors", nn.Parameter(init[part].float().clone()))
             text_encoder.set_input_embeddings(PlaceholderEmbedding(table, self, part))
 
+    @property
+    def vector_parts(self) -> list[nn.Parameter]:
+        """The vectors of each text encoder: `vectors`, and SDXL's `vectors_2`."""
+        return [self.vectors] if self.vectors_2 is None else [self.vectors, self.vectors_2]
+
     def parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         if self.vectors_2 is None or self.lr_2 is None:
             return super().parameter_groups()
