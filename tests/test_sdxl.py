@@ -326,3 +326,15 @@ def test_pivotal_tuning_on_sdxl_bundles_both_halves_as_the_webui_reads_them(runs
         f"concepts=[{run / 'concepts' / 'robot.safetensors'}]",
         "model=tiny_xl",
     )
+
+
+def test_a_single_file_sdxl_checkpoint_is_refused_in_one_line_naming_the_way_round(tmp_path):
+    from conceptlab.backbone import load_backbone
+    from conceptlab.config import ModelConfig
+
+    file = tmp_path / "sd_xl_base_1.0.safetensors"
+    save_file({"x": torch.zeros(1)}, file)
+    with pytest.raises(
+        BackboneError, match=r"not yet from single files; save the checkpoint as a folder once"
+    ):
+        load_backbone(ModelConfig(name="sdxl", family="sdxl", path=str(file)))

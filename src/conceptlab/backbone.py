@@ -479,6 +479,12 @@ def _load_single_file(file: Path, cfg: ModelConfig) -> dict:
             f"model.path={cfg.path!r} is a {file.suffix or 'suffix-less'} file: a single-file checkpoint is "
             f"{' or '.join(SINGLE_FILE_SUFFIXES)}; otherwise point model.path at a diffusers folder"
         )
+    if cfg.family == "sdxl" and not cfg.single_file_config:
+        raise BackboneError(
+            f"model.path={cfg.path!r}: conceptlab reads SDXL from diffusers folders, not yet from single files; "
+            "save the checkpoint as a folder once (StableDiffusionXLPipeline.from_single_file(file).save_pretrained(folder)) "
+            "and point model.path at the folder"
+        )
     if not cfg.single_file_config:
         raise BackboneError(
             f"model.path={cfg.path!r} is a single-file checkpoint, and model={cfg.name} does not say how its "

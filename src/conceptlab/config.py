@@ -95,7 +95,7 @@ class ModelConfig:
     name: str = opt("tiny", "label used in run names and in exported files' sd_checkpoint_name")
     path: str | None = opt(
         None,
-        "a local diffusers SD folder, a single-file SD checkpoint (.safetensors/.ckpt), a hub id, or "
+        "a local diffusers SD 1.x/2.x or SDXL folder, a single-file SD 1.x/2.x checkpoint (.safetensors/.ckpt), a hub id, or "
         "pkg://package/folder inside an installed package; "
         "null = the embedded tiny backbone",
     )
