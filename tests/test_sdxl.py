@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import compose, read_summary, run_train
+from conftest import check_resume, compose, read_summary, run_train
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_interop import comfyui_embedding
@@ -338,3 +338,49 @@ def test_a_single_file_sdxl_checkpoint_is_refused_in_one_line_naming_the_way_rou
         BackboneError, match=r"not yet from single files; save the checkpoint as a folder once"
     ):
         load_backbone(ModelConfig(name="sdxl", family="sdxl", path=str(file)))
+
+
+@pytest.mark.slow
+def test_generate_on_sdxl_weighs_spans_and_edits_with_a_mask(tmp_path):
+    """A prompt with weight-1 spans is the plain prompt's picture (our encoding, pooled row and the
+    pipeline's zeros for an empty negative included); the masked edit keeps what lies outside the mask."""
+    from PIL import Image
+
+    _, plain = generate(tmp_path / "plain", "model=tiny_xl", "prompt=a photo of a robot")
+    _, weighted = generate(tmp_path / "weighted", "model=tiny_xl", "prompt=a photo of (a robot:1)")
+    assert np.array_equal(first_image(plain), first_image(weighted))
+    _, heavier = generate(tmp_path / "heavier", "model=tiny_xl", "prompt=a photo of (a robot:1.5)")
+    assert not np.array_equal(first_image(plain), first_image(heavier))
+
+    init = Image.fromarray(np.full((64, 64, 3), 90, np.uint8))
+    init.save(tmp_path / "init.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255  # white: redraw
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    record, edited = generate(tmp_path / "edit", "model=tiny_xl", "prompt=a red circle",
+                              f"init_image={tmp_path / 'init.png'}", f"mask={tmp_path / 'mask.png'}")  # fmt: skip
+    pixels = first_image(edited).astype(np.float32)
+    assert record["strength"] == 1.0
+    assert np.array_equal(pixels[:, 32:], np.asarray(init, np.float32)[:, 32:])
+    assert np.abs(pixels[:, :32] - 90).mean() > 5
+    _, moved = generate(tmp_path / "img2img", "model=tiny_xl", "prompt=a red circle",
+                        f"init_image={tmp_path / 'init.png'}", "strength=0.5")  # fmt: skip
+    assert Image.open(moved / "images" / "00_seed0.png").size == (64, 64)
+
+
+@pytest.mark.slow
+def test_evaluate_py_scores_an_sdxl_lora_under_the_dreambooth_protocol(runs, tiny_encoders, tmp_path):
+    from conceptlab.evaluate import evaluate_concepts
+
+    cfg = compose(["model=tiny_xl", "data.class_word=robot", f"encoders.clip={tiny_encoders['clip']}",
+                   "encoders.dino=null", "protocol.images_per_prompt=1", "protocol.num_inference_steps=2",
+                   "protocol.object.editing=['a {} on the beach']", "protocol.multipliers=[1.0,0.0]"])  # fmt: skip
+    record = evaluate_concepts([str(runs["lora"])], cfg.model, cfg.data, cfg.encoders, cfg.protocol, tmp_path)
+    assert set(record["results"]) == {"m1", "m0"}
+    assert record["results"]["m1"]["prompts"][-1] == "a robot on the beach <lora:robot:1>"
+    assert -1 <= record["metrics"]["eval/clip_t"] <= 1 and -1 <= record["metrics"]["eval/clip_i"] <= 1
+
+
+@pytest.mark.slow
+def test_an_sdxl_ti_run_resumes_bit_for_bit(tmp_path):
+    check_resume(tmp_path, "model=tiny_xl", "method=ti", "samples.every_n_steps=0", "evaluate.enabled=false")

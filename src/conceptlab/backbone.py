@@ -184,12 +184,16 @@ class Backbone(nn.Module):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def prompt_embeds(self, conditioning: torch.Tensor, negative: torch.Tensor | None = None) -> dict:
-        """A pipeline's text inputs from encode_prompts' conditioning (and the negative prompt's)."""
+    def prompt_embeds(self, pipe, prompts: list[str], negative_prompt: str) -> dict:
+        """A pipeline's text inputs, encoded here (`encode_prompts`: weighted spans, multi-vector words as in
+        training) as the pipeline would encode them itself; SDXL's pipelines give an empty negative prompt
+        zeros where their config says so."""
+        conditioning = self.encode_prompts(prompts)
+        negative = self.encode_prompts([negative_prompt] * len(prompts))
+        if self.is_xl and not negative_prompt and pipe.config.get("force_zeros_for_empty_prompt", False):
+            negative = torch.zeros_like(negative)
         out = {}
         for prefix, cond in (("", conditioning), ("negative_", negative)):
-            if cond is None:
-                continue
             if self.is_xl:
                 out[f"{prefix}prompt_embeds"] = cond[:, :-1]
                 out[f"{prefix}pooled_prompt_embeds"] = cond[:, -1, : self.pooled_dim]
@@ -233,8 +237,6 @@ class Backbone(nn.Module):
 
         pipe = self.pipeline("DDIMScheduler")
         size = self.native_resolution
-        # SDXL's pipelines give an empty negative prompt zeros (its config says so), as generate.py's do.
-        zeros = self.is_xl and not negative_prompt and pipe.config.get("force_zeros_for_empty_prompt", False)
         out = []
         chunks = range(0, len(prompts), batch_size)
         bar = tqdm(total=len(chunks) * num_inference_steps, desc=progress, unit="step", leave=False,
@@ -247,10 +249,8 @@ class Backbone(nn.Module):
         for start in chunks:
             chunk = prompts[start : start + batch_size]
             # Encoded here (not by the pipeline) so a multi-vector placeholder reads exactly as in training.
-            conditioning = self.encode_prompts(chunk)
-            negative = self.encode_prompts([negative_prompt] * len(chunk))
             images = pipe(
-                **self.prompt_embeds(conditioning, torch.zeros_like(negative) if zeros else negative),
+                **self.prompt_embeds(pipe, chunk, negative_prompt),
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 generator=[

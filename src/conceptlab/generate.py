@@ -63,8 +63,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     # latents there are the original's, but the VAE's decoder mixes the whole picture (its attention).
     overlay = (editing["image"], editing["mask_image"]) if cfg.mask else None
     if editing:  # the same parts, in the image-to-image or the (blended) inpainting pipeline
-        pipe = backbone.pipeline(SCHEDULERS[cfg.scheduler], "StableDiffusionInpaintPipeline" if cfg.mask
-                                 else "StableDiffusionImg2ImgPipeline")  # fmt: skip
+        pipe = backbone.pipeline(SCHEDULERS[cfg.scheduler], "inpaint" if cfg.mask else "img2img")
         editing = {key: [image] * len(seeds) for key, image in editing.items()}
         editing["strength"] = strength
     shape = {} if editing and not cfg.mask else {"height": size, "width": size}  # img2img: the image's size
@@ -120,12 +119,10 @@ def prompt_inputs(pipe, backbone, text: str, negative: str, count: int) -> dict[
     their contexts, weighted by the backbone (the pipeline would read the parentheses as words), after
     the pipeline's own spelling out of multi-vector words (`<my-cat>` -> `<my-cat> <my-cat>_1`)."""
     if not (has_weights(text) or has_weights(negative)):
-        return {"prompt": [text] * count, "negative_prompt": [negative] * count}
+        # No negative prompt is None to the pipeline: SDXL's then gives it zeros, as its config says.
+        return {"prompt": [text] * count, "negative_prompt": [negative] * count if negative else None}
     text, negative = (pipe.maybe_convert_prompt(t, backbone.tokenizer) for t in (text, negative))
-    return {
-        "prompt_embeds": backbone.encode_prompts([text] * count),
-        "negative_prompt_embeds": backbone.encode_prompts([negative] * count),
-    }
+    return backbone.prompt_embeds(pipe, [text] * count, negative)
 
 
 def edit_inputs(cfg: DictConfig, size: int) -> tuple[dict[str, Any], float | None]:

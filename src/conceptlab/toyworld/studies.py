@@ -394,7 +394,7 @@ class LocalizedEditing(Study):
 
     def samples(self, backbone, method):
         text = fill_prompt(self.prompts[0], method.prompt_text)
-        pipe = backbone.pipeline("DDIMScheduler", "StableDiffusionInpaintPipeline")
+        pipe = backbone.pipeline("DDIMScheduler", "inpaint")
         originals, masks, edited, raw = [], [], [], []
         for scene in self.scenes:
             picture = Image.fromarray(render(scene))
