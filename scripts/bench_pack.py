@@ -37,7 +37,7 @@ from conceptlab.module import diffusion_losses
 from conceptlab.packing import Pack, shared_copy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import sd15_folder  # noqa: E402 - the SD-1.5-shaped folder bench_step builds
+from bench_step import shaped_folder  # noqa: E402 - the SD-1.5-shaped folder bench_step builds
 
 
 def make_method(kind: str, index: int):
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         folder = (
             ensure_tiny_backbone(ModelConfig())
             if args.shape == "tiny"
-            else sd15_folder(args.folder, Path(tmp))
+            else shaped_folder("sd15", args.folder, Path(tmp))
         )
         lead = load_backbone(ModelConfig(path=str(folder)))
     lead.to(device=device, dtype=dtype)

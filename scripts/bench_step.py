@@ -10,6 +10,8 @@ Both run in this one process, on the same backbone weights and batch size:
     python scripts/bench_step.py --shape sd15 --device cuda        # SD-1.5 shapes (random weights), GPU
     python scripts/bench_step.py --shape sd15 --device cuda --dtype bfloat16 --batch-size 1,4,16 \
         --compile reduce-overhead --folder /tmp/sd15                 # every batch size, compiled too
+    python scripts/bench_step.py --shape sdxl --device cuda --dtype bfloat16 --batch-size 1 \
+        --gradient-checkpointing --folder /tmp/sdxl                  # SDXL at 1024 px: TI and LoRA
 
 It also times conceptlab's hypernetwork step (A1111's default structure, cached text contexts) on
 the same backbone and batch, the TI step inside Lightning's Trainer loop as train.py runs it (data
@@ -19,6 +21,10 @@ loader, automatic optimization, schedule, logging, hooks; its cost over the bare
 FLOPs (counted by torch.utils.flop_counter over one step) with the rate achieved and, on a GPU whose
 bf16 peak is known (or given with --peak-tflops), the fraction of that peak. With several batch sizes,
 one such object per size under "batches".
+
+With an SDXL shape (`--shape sdxl`: SDXL base's architecture with random weights, 1024 px; `tiny_xl`:
+the tests' SDXL) it times conceptlab's TI and LoRA steps (`--methods`), each with its FLOPs and, on a
+GPU, its peak memory; the diffusers examples' SDXL steps are not re-written here.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from conceptlab.config import DataConfig, ModelConfig, OptimConfig
 from conceptlab.console import quiet_third_party
 from conceptlab.data import ConceptDataModule, read_concept_images, resolve_data_path, to_square
 from conceptlab.methods.hypernetwork import Hypernetwork
+from conceptlab.methods.lora import LoRA
 from conceptlab.methods.textual_inversion import TextualInversion
 from conceptlab.module import ConceptModule
 from conceptlab.train import COMPILE_MODES, compile_unet
@@ -74,11 +81,58 @@ def sd15_shaped_folder(folder: Path) -> Path:
     return save_sd_folder(folder, text_encoder, vae, unet)
 
 
-def sd15_folder(kept: Path | None, tmp: Path) -> Path:
-    """The SD-1.5-shaped folder: the one kept at `kept` by an earlier run, else made there (or in tmp)."""
+def sdxl_shaped_folder(folder: Path) -> Path:
+    """A diffusers folder with SDXL base 1.0's architecture and random weights (nothing is downloaded),
+    saved in bfloat16 (the benchmark casts to its own dtype)."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from conceptlab.backbone import clip_tokenizer, sd_scheduler
+
+    torch.manual_seed(0)
+    common = {
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+    }
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        hidden_act="quick_gelu", projection_dim=768, pad_token_id=49407, **common,
+    )).to(torch.bfloat16)  # fmt: skip
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        hidden_act="gelu", projection_dim=1280, pad_token_id=1, **common,
+    )).to(torch.bfloat16)  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ).to(torch.bfloat16)  # fmt: skip
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=1024,
+        scaling_factor=0.13025,
+    ).to(torch.bfloat16)  # fmt: skip
+    StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=sd_scheduler(),
+    ).save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+SHAPED = {"sd15": sd15_shaped_folder, "sdxl": sdxl_shaped_folder}
+
+
+def shaped_folder(shape: str, kept: Path | None, tmp: Path) -> Path:
+    """The folder of `shape`'s architecture: the one kept at `kept` by an earlier run, else made there
+    (or in tmp)."""
     if kept is not None and (kept / "model_index.json").exists():
         return kept
-    return sd15_shaped_folder(kept or tmp / "sd15")
+    return SHAPED[shape](kept or tmp / shape)
 
 
 def conceptlab_parts(folder, images, args, device, dtype, method_name="ti", compile_mode=None):
@@ -88,10 +142,14 @@ def conceptlab_parts(folder, images, args, device, dtype, method_name="ti", comp
         method = TextualInversion(
             name="ti", lr=5e-3, scale_lr=False, concept="bench", num_vectors=args.num_vectors
         )
+    elif method_name == "lora":  # the defaults: rank 4 on the UNet's attention projections
+        method = LoRA(name="lora", lr=1e-4, scale_lr=False, concept="bench")
     else:  # A1111's default: [1, 2, 1] on the text width and every block width
         method = Hypernetwork(name="hypernet", lr=1e-5, scale_lr=False, concept="bench")
     method.attach(backbone)
     method.to(device)
+    if args.gradient_checkpointing:  # as trainer.gradient_checkpointing=true does it
+        method.enable_gradient_checkpointing(backbone)
     for parameter in method.trainable_parameters():  # what trains stays float32 (train.make_module)
         parameter.data = parameter.data.float()
     compile_unet(backbone, compile_mode or False)  # as trainer.compile=<mode> does it (train.make_module)
@@ -282,7 +340,12 @@ def measure(makers: dict, args, device) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--shape", choices=["tiny", "sd15", "tiny_xl", "sdxl"], default="tiny")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="training size (default: the shape's own: 64 tiny, 512 sd15, 1024 sdxl)")  # fmt: skip
+    parser.add_argument("--methods", default="ti,lora", help="SDXL shapes: the methods to time (ti, lora)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute the UNet's blocks (and TI's text encoders') in the backward")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="frozen parts' dtype (default: float16 on CUDA, float32 on CPU)")  # fmt: skip
@@ -297,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak for the peak fraction (default: known bf16 peaks of GPUs)")  # fmt: skip
     parser.add_argument("--folder", type=Path, default=None,
-                        help="--shape sd15: keep the SD-1.5-shaped folder here (made once, then reused)")  # fmt: skip
+                        help="--shape sd15/sdxl: keep the shaped folder here (made once, then reused)")  # fmt: skip
     parser.add_argument("--min-speedup", type=float, default=None,
                         help="exit non-zero if conceptlab is not at least this many times faster (target: 1.5)")  # fmt: skip
     parser.add_argument("--max-hypernet-cost", type=float, default=None,
@@ -317,24 +380,25 @@ def main(argv: list[str] | None = None) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     if args.peak_tflops is None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         args.peak_tflops = next((tf for part, tf in BF16_PEAK_TFLOPS.items() if part in name), None)
-    args.resolution = 64 if args.shape == "tiny" else 512
+    xl = args.shape in ("tiny_xl", "sdxl")
+    args.resolution = args.resolution or {"tiny": 64, "tiny_xl": 64, "sd15": 512, "sdxl": 1024}[args.shape]
     with tempfile.TemporaryDirectory() as tmp:
-        folder = (
-            ensure_tiny_backbone(ModelConfig())
-            if args.shape == "tiny"
-            else sd15_folder(args.folder, Path(tmp))
-        )
+        if args.shape in ("tiny", "tiny_xl"):
+            folder = ensure_tiny_backbone(ModelConfig(family="sdxl" if xl else None))
+        else:
+            folder = shaped_folder(args.shape, args.folder, Path(tmp))
         cfg = DataConfig(path=args.images, resolution=args.resolution)
         images = read_concept_images(cfg)
         paths = sorted(p for p in resolve_data_path(args.images).iterdir() if p.suffix == ".png")
         batches = {}
         for size in sizes:
             args.batch_size = size
-            batches[size] = time_batch(folder, images, paths, args, device, dtype)
+            batches[size] = (time_xl if xl else time_batch)(folder, images, paths, args, device, dtype)
     report = {
         "shape": args.shape, "device": name, "dtype": str(dtype).removeprefix("torch."),
         "num_vectors": args.num_vectors, "steps": args.steps, "compile": args.compile,
-        "peak_tflops": args.peak_tflops,
+        "peak_tflops": args.peak_tflops, "resolution": args.resolution,
+        "gradient_checkpointing": args.gradient_checkpointing,
     }  # fmt: skip
     if len(sizes) == 1:
         report.update(batches[sizes[0]])
@@ -342,6 +406,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["batches"] = {str(size): found for size, found in batches.items()}
     print(json.dumps(report, indent=2))
     for size, found in batches.items():
+        if xl:
+            continue  # no baseline to hold the SDXL steps against
         if args.min_speedup is not None and found["speedup"] < args.min_speedup:
             print(
                 f"batch {size}: speedup {found['speedup']} is below the target {args.min_speedup}",
@@ -356,6 +422,20 @@ def main(argv: list[str] | None = None) -> dict:
             )
             report["failed"] = True
     return report
+
+
+def time_xl(folder, images, paths, args, device, dtype) -> dict:
+    """SDXL: conceptlab's steps of each of args.methods at args.batch_size (each built, timed and freed
+    in turn, so the CPU holds one SDXL at a time)."""
+    found = {"batch_size": args.batch_size}
+    for method in args.methods.split(","):
+        if method not in ("ti", "lora"):
+            raise SystemExit(f"--methods {args.methods}: ti and lora are timed on SDXL shapes")
+        found.update(measure({method: lambda m=method: conceptlab_step(folder, images, args, device, dtype, m)},
+                             args, device))  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return found
 
 
 def time_batch(folder, images, paths, args, device, dtype) -> dict:

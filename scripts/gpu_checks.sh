@@ -5,7 +5,9 @@
 #   * scripts/bench_step.py: conceptlab's TI and hypernetwork steps against the diffusers example's,
 #     SD-1.5 shapes, bf16 at batch 1, 4 and 16 (targets: batch 4 >= 4x the example, hypernetwork step
 #     <= 1.15x TI's, peak memory <= the example's, batch 16 >= 40% of the bf16 peak), then compiled
-#     (`trainer.compile=reduce-overhead`: CUDA graphs; target: batch 1 >= 3x), then fp16 at batch 4.
+#     (`trainer.compile=reduce-overhead`: CUDA graphs; target: batch 1 >= 3x), then fp16 at batch 4;
+#   * scripts/bench_step.py --shape sdxl: SDXL base's shapes (random weights) at 1024 px, TI and LoRA at
+#     batch 1 with gradient checkpointing, bf16 (target: peak memory <= 24 GB each), FLOPs counted.
 # Each check writes its JSON (and its stderr) under $OUT (default: gpu-results/) as soon as it ends, so a
 # run cut short still leaves what finished.
 #
@@ -52,6 +54,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 KEEP=$(mktemp -d)
 trap 'rm -rf "$KEEP"' EXIT
 FOLDER=$KEEP/sd15  # the SD-1.5-shaped folder (random weights): made by the first check, reused
+XL_SHAPE=$([ "$SHAPE" = tiny ] && echo tiny_xl || echo sdxl)  # the dry run's SDXL is the tests' tiny one
 
 if [ "$DEVICE" = cuda ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.csv" 2>&1
@@ -83,4 +86,6 @@ if [ -n "$COMPILE" ]; then
 fi
 check bench_step_fp16 scripts/bench_step.py --shape "$SHAPE" --device "$DEVICE" --dtype float16 --batch-size 4 \
     --steps "$STEPS" --rounds 3 --folder "$FOLDER"
+check bench_step_sdxl scripts/bench_step.py --shape "$XL_SHAPE" --device "$DEVICE" --dtype "$DTYPE" --batch-size 1 \
+    --methods ti,lora --gradient-checkpointing --steps "$STEPS" --rounds 3 --folder "$KEEP/sdxl"
 exit $failed

@@ -214,6 +214,7 @@ def test_gpu_checks_script_runs_every_check_on_the_cpu(tiny_dir, tmp_path):
         "bench_pack.json",
         "bench_step.json",
         "bench_step_fp16.json",
+        "bench_step_sdxl.json",
     ]
     pack = json.loads((out / "bench_pack.json").read_text())
     assert pack["jobs"] == 2 and pack["same_losses"] is True and "ms_per_step_by_kind" in pack
@@ -224,6 +225,11 @@ def test_gpu_checks_script_runs_every_check_on_the_cpu(tiny_dir, tmp_path):
     # float16 weights under Lightning's loop are for the GPU: on the CPU that variant is left out.
     assert fp16["dtype"] == "float16" and fp16["conceptlab_lightning"] is None and fp16["speedup"] > 0
     assert "bench_step_fp16: done" in proc.stdout
+    # SDXL's check, on the tests' SDXL: TI's word in both encoders (32 + 48 wide), LoRA, checkpointed.
+    xl = json.loads((out / "bench_step_sdxl.json").read_text())
+    assert xl["shape"] == "tiny_xl" and xl["gradient_checkpointing"] is True and xl["batch_size"] == 1
+    assert xl["ti"]["trainable_params"] == 32 + 48 and xl["lora"]["trainable_params"] > 0
+    assert xl["ti"]["gflops_per_step"] > 0 and xl["lora"]["gflops_per_step"] > 0
 
 
 def test_gpu_checks_script_goes_on_past_a_failed_check_and_exits_non_zero(tmp_path):
@@ -239,6 +245,6 @@ def test_gpu_checks_script_goes_on_past_a_failed_check_and_exits_non_zero(tmp_pa
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_checks.sh")], env=env, capture_output=True,
                           text=True, stdin=subprocess.DEVNULL)  # fmt: skip
     assert proc.returncode == 1
-    for name in ("bench_pack", "bench_step", "bench_step_compiled", "bench_step_fp16"):
+    for name in ("bench_pack", "bench_step", "bench_step_compiled", "bench_step_fp16", "bench_step_sdxl"):
         assert f"{name}: FAILED" in proc.stdout
     assert "no GPU here: scripts/bench_step.py" in (tmp_path / "out" / "bench_step_fp16.err").read_text()
