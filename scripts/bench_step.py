@@ -84,10 +84,10 @@ def sd15_shaped_folder(folder: Path) -> Path:
 def sdxl_shaped_folder(folder: Path) -> Path:
     """A diffusers folder with SDXL base 1.0's architecture and random weights (nothing is downloaded),
     saved in bfloat16 (the benchmark casts to its own dtype)."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from conceptlab.backbone import clip_tokenizer, sd_scheduler
+    from conceptlab.backbone import save_sd_folder
 
     torch.manual_seed(0)
     common = {
@@ -117,11 +117,7 @@ def sdxl_shaped_folder(folder: Path) -> Path:
         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=1024,
         scaling_factor=0.13025,
     ).to(torch.bfloat16)  # fmt: skip
-    StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(),
-        tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=sd_scheduler(),
-    ).save_pretrained(folder)  # fmt: skip
-    return folder
+    return save_sd_folder(folder, text_encoder, vae, unet, text_encoder_2)
 
 
 SHAPED = {"sd15": sd15_shaped_folder, "sdxl": sdxl_shaped_folder}

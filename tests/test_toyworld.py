@@ -424,3 +424,14 @@ def test_pretraining_runs_every_stage_and_resumes(tmp_path):
 
     assert Encoders(str(tmp_path / "out" / "clip"), None).clip.config.vision_config.image_size == 32
     assert set(json.loads((tmp_path / "out" / "clip" / "retrieval.json").read_text())) >= {"caption", "style"}
+
+    # An SDXL-shaped toy on the same world, reusing that folder's VAE, judge and CLIP (nothing else trains).
+    xl = [*args[:2], "--out", str(tmp_path / "xl"), "--work", str(tmp_path / "xl_work"), *args[6:], "--unet-steps", "2",
+          "--family", "sdxl", "--reuse", str(tmp_path / "out")]  # fmt: skip
+    made = subprocess.run(xl, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert "vae:" not in made.stderr and "judge:" not in made.stderr and "clip:" not in made.stderr
+    assert json.loads((tmp_path / "xl" / MANIFEST).read_text())["family"] == "sdxl"
+    backbone = load_backbone(toy_model_config(tmp_path / "xl"))
+    assert backbone.is_xl and backbone.text_widths == [64, 96]
+    assert json.loads((tmp_path / "xl" / "results.json").read_text())["samples"] == 2

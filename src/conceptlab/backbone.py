@@ -599,7 +599,7 @@ def _save_tiny_xl(folder: str | os.PathLike) -> Path:
     SDXL's block pattern (no attention at the first level, two transformer layers at the second), linear
     projections and `text_time` conditioning, and the same factor-8 VAE; CLIP's vocabulary in both
     tokenizers, the second padding with "!" as SDXL's does."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     text_encoder = clip_text_encoder(width=32, intermediate=64, layers=2, heads=4)
     text_encoder_2 = clip_text_encoder(width=48, intermediate=96, layers=2, heads=4, projection=True)
@@ -621,12 +621,7 @@ def _save_tiny_xl(folder: str | os.PathLike) -> Path:
         projection_class_embeddings_input_dim=48 + 6 * time_dim,
         norm_num_groups=8,
     )
-    pipe = StableDiffusionXLPipeline(
-        vae=tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(),
-        tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=sd_scheduler(),
-    )  # fmt: skip
-    pipe.save_pretrained(folder)
-    return Path(folder)
+    return save_sd_folder(folder, text_encoder, tiny_vae(), unet, text_encoder_2)
 
 
 def tiny_vae():
@@ -669,20 +664,21 @@ def clip_text_encoder(width: int, intermediate: int, layers: int, heads: int, pr
     )
 
 
-def save_sd_folder(folder: str | os.PathLike, text_encoder, vae, unet) -> Path:
-    """Save SD parts as a diffusers pipeline folder, with CLIP's tokenizer and SD's noise schedule."""
-    from diffusers import StableDiffusionPipeline
+def save_sd_folder(folder: str | os.PathLike, text_encoder, vae, unet, text_encoder_2=None) -> Path:
+    """Save SD parts as a diffusers pipeline folder, with CLIP's tokenizer and SD's noise schedule; with
+    `text_encoder_2`, an SDXL folder (its second tokenizer pads with "!", as SDXL's does)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=sd_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": clip_tokenizer(), "unet": unet,
+             "scheduler": sd_scheduler()}  # fmt: skip
+    if text_encoder_2 is not None:
+        pipe = StableDiffusionXLPipeline(
+            **parts, text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(pad_token="!")
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     pipe.save_pretrained(folder)
     return Path(folder)
 

@@ -37,6 +37,12 @@ FILES = (
     "judge/config.json",
     "judge/diffusion_pytorch_model.safetensors",
 )
+# ... and an SDXL-shaped one's second text encoder.
+XL_FILES = (
+    "tokenizer_2/tokenizer_config.json",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
+)
 REBUILD = "python scripts/pretrain_toyworld.py --out {folder}"
 
 
@@ -71,7 +77,8 @@ def check_toy_folder(folder: Path) -> dict:
             f"{manifest_path} says toy-world version {manifest.get('version')!r}, but this conceptlab draws "
             f"version {TOY_VERSION}; rebuild the checkpoint with `{rebuild}`"
         )
-    missing = [name for name in FILES if not (folder / name).is_file()]
+    needed = FILES + (XL_FILES if manifest.get("family") == "sdxl" else ())
+    missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         raise BackboneError(
             f"toy-world checkpoint {folder} is missing {', '.join(missing)}; rebuild it with `{rebuild}`"
@@ -80,9 +87,11 @@ def check_toy_folder(folder: Path) -> dict:
 
 
 def toy_model_config(folder: str | Path):
-    """The model config of a toy-world folder, as model=toy composes it (with its folder check)."""
-
-    return ModelConfig(name="toy", path=str(folder), check=f"{__name__}.check_toy_folder", context_dim=64)
+    """The model config of a toy-world folder, as model=toy composes it (with its folder check); an
+    SDXL-shaped one's family and joint text width."""
+    xl = check_toy_folder(Path(folder)).get("family") == "sdxl"
+    return ModelConfig(name="toy_xl" if xl else "toy", path=str(folder), check=f"{__name__}.check_toy_folder",
+                       context_dim=160 if xl else 64, family="sdxl" if xl else "sd")  # fmt: skip
 
 
 def load_judge(folder: Path):

@@ -63,6 +63,10 @@ class PretrainConfig:
     clip_batch: int = 192
     clip_lr: float = 1e-3
     only_clip: bool = False  # train the CLIP and add it to an existing checkpoint folder (`out`)
+    family: str = "sd"  # sd, or sdxl: SDXL's shape (two text encoders, pooled text and size conditioning)
+    reuse: str = (
+        ""  # a toy checkpoint folder whose VAE, judge and CLIP this run takes instead of training its own
+    )
     eval_scenes: int = 192  # caption following: this many fully named scenes, one sample each
     mix: WorldMix = field(default_factory=WorldMix)
 
@@ -71,8 +75,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """Run every stage that has not run yet; return the caption-following results."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.family not in ("sd", "sdxl"):
+        raise ValueError(f"--family {cfg.family}: sd or sdxl")
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
+    if cfg.reuse:  # the world's VAE, judge and CLIP are the backbone's neighbours, not its shape
+        for part in ("vae", "judge", "clip"):
+            if not (work / part / "config.json").is_file():
+                shutil.copytree(Path(cfg.reuse) / part, work / part, dirs_exist_ok=True)
     pool = stage_pool(cfg, work / "pool.npz", cfg.pool_size, cfg.mix, cfg.seed)
     whole = stage_pool(cfg, work / "judge_pool.npz", cfg.judge_pool_size, whole_world(), cfg.seed + 1)
     both = {
@@ -148,7 +158,7 @@ def stage_vae(cfg: PretrainConfig, folder: Path, images: np.ndarray):
     from diffusers import AutoencoderKL
 
     if (folder / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(folder).eval()
+        return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(
         in_channels=3,
@@ -199,7 +209,7 @@ def _save(model, folder: Path) -> None:
 def stage_judge(cfg: PretrainConfig, folder: Path, pool: dict, vae) -> Judge:
     """The judge, trained on clean images and on their VAE reconstructions (what samples look like)."""
     if (folder / "config.json").is_file():
-        return Judge.from_pretrained(folder).eval()
+        return Judge.from_pretrained(folder, torch_dtype=torch.float32).eval()
     torch.manual_seed(cfg.seed)
     judge = Judge()
     opt = torch.optim.AdamW(judge.parameters(), lr=cfg.judge_lr, weight_decay=1e-4)
@@ -249,11 +259,25 @@ def judge_accuracy(judge: Judge, vae, images: np.ndarray, labels: torch.Tensor) 
 # ------------------------------------------------------------------------------ UNet + text encoder
 
 
-def build_unet_and_text_encoder(seed: int):
+def build_unet_and_text_encoders(seed: int, family: str = "sd") -> tuple:
+    """The UNet and its text encoders (one; SDXL's shape: two, the second with a projection)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     text_encoder = clip_text_encoder(width=64, intermediate=256, layers=3, heads=4)
+    if family == "sdxl":
+        # SDXL's pattern at the toy's size: a wider second encoder whose pooled projection joins the time
+        # embedding with the six size ids; attention from the second level down, two layers at the last.
+        text_encoder_2 = clip_text_encoder(width=96, intermediate=384, layers=3, heads=4, projection=True)
+        unet = UNet2DConditionModel(
+            sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, block_out_channels=(64, 128, 128),
+            layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2), attention_head_dim=8, use_linear_projection=True,
+            cross_attention_dim=64 + 96, addition_embed_type="text_time", addition_time_embed_dim=16,
+            projection_class_embeddings_input_dim=96 + 6 * 16, mid_block_type=None,
+        )  # fmt: skip
+        return unet, [text_encoder, text_encoder_2]
     unet = UNet2DConditionModel(
         sample_size=RESOLUTION // 4,
         in_channels=4,
@@ -267,7 +291,24 @@ def build_unet_and_text_encoder(seed: int):
         # No middle block: at 2x2 it adds a million parameters (2 MB of the checkpoint) and little else.
         mid_block_type=None,
     )
-    return unet, text_encoder
+    return unet, [text_encoder]
+
+
+def unet_inputs(encoders: list, tokenizers: list, texts: list[str]) -> dict:
+    """The UNet's text inputs for captions: SD, the text encoder's last hidden state; SDXL's shape, both
+    encoders' penultimate states side by side, the second's pooled projection and the size ids of an
+    uncropped picture at the world's resolution (as conceptlab's Backbone gives them)."""
+    ids = [tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+           for tok in tokenizers]  # fmt: skip
+    if len(encoders) == 1:
+        return {"encoder_hidden_states": encoders[0](ids[0])[0]}
+    first = encoders[0](ids[0], output_hidden_states=True)
+    second = encoders[1](ids[1], output_hidden_states=True)
+    size = torch.tensor([RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION], dtype=torch.float32)
+    return {
+        "encoder_hidden_states": torch.cat([first.hidden_states[-2], second.hidden_states[-2]], -1),
+        "added_cond_kwargs": {"text_embeds": second.text_embeds, "time_ids": size.repeat(len(texts), 1)},
+    }
 
 
 @torch.no_grad()
@@ -278,6 +319,11 @@ def encode_pool(vae, images: np.ndarray) -> torch.Tensor:
         dist = vae.encode(to_tensor(images[start : start + 512])).latent_dist
         moments.append(torch.cat([dist.mean, dist.logvar], dim=1))
     return torch.cat(moments)
+
+
+TEXT_KEYS = ("text_encoder", "text_encoder_2")
+# Each model's EMA in the stage's state (the SD recipe's names, which its resumable states carry).
+EMA_KEYS = {"unet": "ema_unet", "text_encoder": "ema_text", "text_encoder_2": "ema_text_2"}
 
 
 def stage_unet(cfg: PretrainConfig, work: Path, pool: dict, vae) -> None:
@@ -292,33 +338,32 @@ def stage_unet(cfg: PretrainConfig, work: Path, pool: dict, vae) -> None:
             torch.save(encode_pool(vae, pool["images"]), tmp)
     moments = torch.load(moments_path, weights_only=True)
     scaling = vae.config.scaling_factor
-    unet, text_encoder = build_unet_and_text_encoder(cfg.seed)
-    tokenizer = clip_tokenizer()
+    unet, encoders = build_unet_and_text_encoders(cfg.seed, cfg.family)
+    tokenizers = [clip_tokenizer(), clip_tokenizer(pad_token="!")][: len(encoders)]
     noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                     num_train_timesteps=1000)  # fmt: skip
     params = [
         {"params": list(unet.parameters()), "lr": cfg.unet_lr},
-        {"params": list(text_encoder.parameters()), "lr": cfg.text_lr},
+        *({"params": list(encoder.parameters()), "lr": cfg.text_lr} for encoder in encoders),
     ]
     opt = torch.optim.AdamW(params, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
-    ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay)
-    ema_text = EMAModel(text_encoder.parameters(), decay=cfg.ema_decay)
+    models = {"unet": unet, **{TEXT_KEYS[k]: encoder for k, encoder in enumerate(encoders)}}
+    emas = {key: EMAModel(model.parameters(), decay=cfg.ema_decay) for key, model in models.items()}
     step = 0
     if state_path.is_file():
         state = torch.load(state_path, weights_only=True)
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
+        for key, model in models.items():
+            model.load_state_dict(state[key])
+            emas[key].load_state_dict(state[EMA_KEYS[key]])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        ema_unet.load_state_dict(state["ema_unet"])
-        ema_text.load_state_dict(state["ema_text"])
         step = state["step"]
     if step >= cfg.unet_steps:
         return
     scenes = pool["scenes"]
-    unet.train()
-    text_encoder.train()
+    for model in models.values():
+        model.train()
     bar = tqdm(range(step, cfg.unet_steps), initial=step, total=cfg.unet_steps, desc="unet+text")
     for step in bar:
         # Every step's draws are a function of (seed, step): resuming replays the same stream.
@@ -327,31 +372,28 @@ def stage_unet(cfg: PretrainConfig, work: Path, pool: dict, vae) -> None:
         idx = torch.randint(0, len(scenes), (cfg.unet_batch,), generator=gen)
         mean, logvar = moments[idx].chunk(2, dim=1)
         latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)) * scaling
-        ids = tokenizer([caption(scenes[i], rng, cfg.mix) for i in idx.tolist()], padding="max_length",
-                        max_length=77, truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        texts = [caption(scenes[i], rng, cfg.mix) for i in idx.tolist()]
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        pred = unet(noisy, t, **unet_inputs(encoders, tokenizers, texts)).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
         opt.step()
         sched.step()
-        ema_unet.step(unet.parameters())
-        ema_text.step(text_encoder.parameters())
+        for key, model in models.items():
+            emas[key].step(model.parameters())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
             state = {
-                "unet": unet.state_dict(),
-                "text_encoder": text_encoder.state_dict(),
+                **{key: model.state_dict() for key, model in models.items()},
+                **{EMA_KEYS[key]: ema.state_dict() for key, ema in emas.items()},
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
-                "ema_unet": ema_unet.state_dict(),
-                "ema_text": ema_text.state_dict(),
                 "step": done,
             }
             with atomic_path(state_path) as tmp:
@@ -366,19 +408,22 @@ def export(cfg: PretrainConfig, work: Path, out: Path) -> Path:
     from diffusers import AutoencoderKL
     from diffusers.training_utils import EMAModel
 
-    unet, text_encoder = build_unet_and_text_encoder(cfg.seed)
+    unet, encoders = build_unet_and_text_encoders(cfg.seed, cfg.family)
     state = torch.load(work / "unet_state.pt", weights_only=True)
-    for model, key in ((unet, "ema_unet"), (text_encoder, "ema_text")):
+    models = {"unet": unet, **{TEXT_KEYS[k]: encoder for k, encoder in enumerate(encoders)}}
+    for key, model in models.items():
         ema = EMAModel(model.parameters())
-        ema.load_state_dict(state[key])
+        ema.load_state_dict(state[EMA_KEYS[key]])
         ema.copy_to(model.parameters())
-    vae = AutoencoderKL.from_pretrained(work / "vae")
-    judge = Judge.from_pretrained(work / "judge")
+    vae = AutoencoderKL.from_pretrained(work / "vae", torch_dtype=torch.float32)
+    judge = Judge.from_pretrained(work / "judge", torch_dtype=torch.float32)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_sd_folder(tmp, text_encoder.half(), vae.half(), unet.half())
+    save_sd_folder(tmp, encoders[0].half(), vae.half(), unet.half(), *(e.half() for e in encoders[1:]))
     judge.half().save_pretrained(tmp / "judge")
-    write_manifest(tmp, {"steps": state["step"], "seed": cfg.seed, "recipe": _recipe(cfg)})
+    write_manifest(
+        tmp, {"steps": state["step"], "seed": cfg.seed, "family": cfg.family, "recipe": _recipe(cfg)}
+    )
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -389,6 +434,7 @@ def _recipe(cfg: PretrainConfig) -> dict:
     recipe.pop("out")
     recipe.pop("work")
     recipe.pop("only_clip")
+    recipe.pop("reuse")
     return recipe
 
 
