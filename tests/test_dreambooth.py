@@ -64,8 +64,34 @@ def test_a_dreambooth_run_fine_tunes_the_unet_with_cached_class_images(tmp_path,
     assert all(torch.equal(saved[k], weights[k]) for k in weights)
     assert summary["trainable_params"] == sum(v.numel() for v in base.values())
     # a second run reads the class images the first drew; another backbone (another folder) draws its own
-    run_train(tmp_path / "again", *FAST, "seed=1", "trainer.max_steps=1")
+    again = run_train(
+        tmp_path / "again", *FAST, "seed=1", "trainer.max_steps=1", "method.checkpoint_file=true"
+    )
     assert drawn == [3]
+    # ... and writes the whole model as one original-layout file, which diffusers' single-file loader (the
+    # webui's and ComfyUI's layout) reads back as the fine-tuned UNet with the frozen VAE and text encoder
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    file = tmp_path / "again" / "concepts" / "checkpoint" / "robot.safetensors"
+    assert "concepts/checkpoint/robot.safetensors" in again["files"]["concepts"]
+    with safe_open(str(file), framework="pt") as f:
+        assert (
+            "format" not in f.metadata()
+            and f.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16
+        )
+    pipe = StableDiffusionPipeline.from_single_file(str(file), config=str(tiny_dir), local_files_only=True,
+                                                    safety_checker=None, requires_safety_checker=False)  # fmt: skip
+    tuned = UNet2DConditionModel.from_pretrained(
+        tmp_path / "again" / "concepts" / "diffusers" / "unet"
+    ).state_dict()
+    loaded = pipe.unet.state_dict()
+    assert loaded.keys() == tuned.keys() and all(
+        torch.equal(loaded[k].half(), tuned[k].half()) for k in tuned
+    )
+    bare_vae = AutoencoderKL.from_pretrained(tiny_dir, subfolder="vae")
+    assert all(
+        torch.equal(v.half(), bare_vae.state_dict()[k].half()) for k, v in pipe.vae.state_dict().items()
+    )
     other = tmp_path / "other-backbone"
     shutil.copytree(tiny_dir, other)
     run_train(tmp_path / "other", *FAST, f"model.path={other}", "trainer.max_steps=1")

@@ -140,10 +140,11 @@ def _renamed(entry: zipfile.ZipInfo, name: str) -> zipfile.ZipInfo:
 
 
 def write_safetensors(
-    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> Path:
-    """Save float32 CPU copies of `tensors` as safetensors, atomically."""
-    plain = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:  # fmt: skip
+    """Save CPU copies of `tensors` in `dtype` (float32 unless said) as safetensors, atomically."""
+    plain = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(plain, str(tmp), metadata=metadata)

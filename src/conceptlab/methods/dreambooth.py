@@ -7,7 +7,9 @@ cache for every run and sweep, and trained beside the concept's, their loss weig
 Files (`concepts/`): `<concept>.safetensors`, the fine-tuned UNet's weights under diffusers' names (what
 `generate.py` reads: `<dreambooth:<concept>:m>` applies base + m x (fine-tuned - base), so 0 is the bare
 model), and `diffusers/unet/`, the UNet as diffusers saves it (`UNet2DConditionModel.from_pretrained`,
-or a pipeline's `unet=`).
+or a pipeline's `unet=`). With `method.checkpoint_file=true` on SD 1.x, also `checkpoint/<concept>.safetensors`:
+the whole model (the fine-tuned UNet, the frozen VAE and text encoder) as one original-layout file in
+float16, what the webui's `models/Stable-diffusion/` and ComfyUI's checkpoint loader take.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..backbone import Backbone
 from ..config import opt
 from ..errors import ConceptFileError, ConfigError
 from ..formats import TensorFile, write_safetensors
+from ..layouts import original_sd1_checkpoint
 from .base import Concept, Method, MethodConfig, PriorSpec, method_key
 
 FORMAT = "conceptlab-dreambooth"  # the metadata's `format` of a DreamBooth UNet file
@@ -53,6 +56,11 @@ class DreamBoothConfig(MethodConfig):
     class_steps: int = opt(50, "DDIM steps of the class images", valid="[1, inf)")
     class_guidance: float = opt(7.5, "classifier-free guidance of the class images", valid="[0, inf)")
     lr: Any = method_key("lr", 5.0e-6, "learning rate of the UNet (the diffusers example's 5e-6)")
+    checkpoint_file: bool = opt(
+        False,
+        "SD 1.x: also write the whole model as one original-layout float16 .safetensors (concepts/checkpoint/; "
+        "the webui's models/Stable-diffusion/, ComfyUI's checkpoints/), ~2 GB for SD 1.5 at every export",
+    )
 
 
 class DreamBooth(Method):
@@ -65,8 +73,9 @@ class DreamBooth(Method):
     def __init__(self, name: str, lr: float | str, scale_lr: bool, concept: str, init_from: str | None = None,
                  identifier: str = "sks", class_word: str | None = None, num_class_images: int = 100,
                  prior_loss_weight: float = 1.0, class_prompt: str | None = None, class_steps: int = 50,
-                 class_guidance: float = 7.5):  # fmt: skip
+                 class_guidance: float = 7.5, checkpoint_file: bool = False):  # fmt: skip
         super().__init__(name=name, lr=lr, scale_lr=scale_lr, concept=concept, init_from=init_from)
+        self.checkpoint_file = checkpoint_file
         if not class_word:
             raise ConfigError(
                 "method=dreambooth needs the subject's class noun for its captions and class images: set "
@@ -108,6 +117,11 @@ class DreamBooth(Method):
         return self.spec
 
     def attach(self, backbone: Backbone) -> None:
+        if self.checkpoint_file and (backbone.is_xl or backbone.context_dim == 1024):  # SD 2's is OpenCLIP's
+            raise ConfigError(
+                "method.checkpoint_file=true writes SD 1.x checkpoints; this model is "
+                f"{'SDXL' if backbone.is_xl else 'SD 2.x-shaped'}: use the diffusers UNet folder (method.checkpoint_file=false)"
+            )
         object.__setattr__(self, "_backbone", backbone)
         # The bare weights, for the multipliers (<dreambooth:name:0> is the bare model) and the files.
         self._base = {k: v.detach().clone() for k, v in backbone.unet.state_dict().items()}
@@ -142,7 +156,16 @@ class DreamBooth(Method):
             backbone.unet.save_pretrained(tmp)
             for file in sorted(Path(tmp).iterdir()):
                 os.replace(file, unet_folder / file.name)
-        return [path, unet_folder / "diffusion_pytorch_model.safetensors"]
+        files = [path, unet_folder / "diffusion_pytorch_model.safetensors"]
+        if self.checkpoint_file:
+            state = original_sd1_checkpoint(backbone.unet, backbone.vae, backbone.text_encoder)
+            about = {k: v for k, v in meta.items() if k != "format"}  # a model, not a concept file
+            files.append(
+                write_safetensors(
+                    folder / "checkpoint" / f"{self.concept}.safetensors", state, about, torch.float16
+                )
+            )
+        return files
 
     @classmethod
     def concept_from_file(cls, file: TensorFile) -> DreamBoothConcept | None:
