@@ -384,3 +384,15 @@ def test_evaluate_py_scores_an_sdxl_lora_under_the_dreambooth_protocol(runs, tin
 @pytest.mark.slow
 def test_an_sdxl_ti_run_resumes_bit_for_bit(tmp_path):
     check_resume(tmp_path, "model=tiny_xl", "method=ti", "samples.every_n_steps=0", "evaluate.enabled=false")
+
+
+def test_dreambooth_refuses_an_sd1_checkpoint_file_on_sdxl_in_one_line(xl):
+    from conceptlab.errors import ConfigError
+    from conceptlab.methods.dreambooth import DreamBooth
+
+    method = DreamBooth(name="dreambooth", lr=1e-5, scale_lr=False, concept="robot", class_word="robot",
+                        checkpoint_file=True)  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"checkpoint_file=true writes SD 1.x checkpoints; this model is SDXL"
+    ):
+        method.attach(xl)
