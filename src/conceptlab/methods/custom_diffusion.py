@@ -1,0 +1,257 @@
+"""Custom Diffusion (Kumari et al. 2023) as the diffusers example trains it: the key and value projections
+of the UNet's cross-attention (with `train_q_out`, its query and output projections too) fine-tuned
+together with a new modifier word ("<new1>"), on the concept's images captioned "a photo of <new1> dog",
+with prior preservation from class images drawn once and cached (as DreamBooth's).
+
+Files (`concepts/`):
+* `<concept>.safetensors`: the fine-tuned projections under diffusers' module names and the word's vectors
+  (metadata `format: conceptlab-custom-diffusion`): what `generate.py` reads. The word is the word;
+  `<custom_diffusion:<concept>:m>` applies base + m x (fine-tuned - base) to the projections, so 0 is
+  the bare model (with the word).
+* `diffusers/pytorch_custom_diffusion_weights.safetensors` and `diffusers/<word>.safetensors`: diffusers'
+  Custom Diffusion layout (a processor entry for every attention layer, empty where nothing trains) and
+  its textual-inversion file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..atomic import atomic_path
+from ..backbone import Backbone
+from ..config import opt
+from ..errors import ConceptFileError, ConfigError
+from ..formats import TensorFile, write_safetensors
+from .base import Concept, Method, MethodConfig, PriorSpec, method_key
+from .dreambooth import DreamBoothConfig, mixed
+from .textual_inversion import (
+    Embedding,
+    EmbeddingConcept,
+    TextualInversion,
+    TextualInversionConfig,
+    write_diffusers_embedding,
+)
+
+FORMAT = "conceptlab-custom-diffusion"
+WORD = "word."  # the key prefix of the word's vectors in conceptlab's file
+DIFFUSERS_FILE = "pytorch_custom_diffusion_weights.safetensors"
+
+
+@dataclass
+class CustomDiffusionConfig(MethodConfig):
+    """Custom Diffusion: the cross-attention's key/value projections and a modifier word, with prior
+    preservation."""
+
+    _target_: str = "conceptlab.methods.custom_diffusion.CustomDiffusion"
+    name: str = method_key("name", "custom_diffusion")
+    placeholder: str | None = method_key(
+        "placeholder",
+        "<new1>",
+        "the modifier word (the diffusers example's <new1>)",
+        of=TextualInversionConfig,
+    )
+    initializer_token: str = method_key(
+        "initializer_token", "sks", "a rare existing token its vectors start from (one CLIP token: sks)",
+        of=TextualInversionConfig,
+    )  # fmt: skip
+    train_q_out: bool = opt(False, "also fine-tune the cross-attention's query and output projections")
+    class_word: str | None = method_key("class_word", None, of=DreamBoothConfig)
+    num_class_images: int = method_key("num_class_images", 100, of=DreamBoothConfig)
+    prior_loss_weight: float = method_key("prior_loss_weight", 1.0, of=DreamBoothConfig)
+    class_prompt: str | None = method_key("class_prompt", None, of=DreamBoothConfig)
+    class_steps: int = method_key("class_steps", 50, of=DreamBoothConfig)
+    class_guidance: float = method_key("class_guidance", 7.5, of=DreamBoothConfig)
+    lr: Any = method_key("lr", 1.0e-5, "learning rate of the projections and the word (the example's 1e-5)")
+
+
+class CustomDiffusion(Method):
+    """Fine-tune the cross-attention's key/value projections and a modifier word, with prior preservation."""
+
+    Config = CustomDiffusionConfig
+    prompt_tag = "custom_diffusion"
+    file_formats = "a Custom Diffusion file (.safetensors, metadata format conceptlab-custom-diffusion)"
+
+    def __init__(self, name: str, lr: float | str, scale_lr: bool, concept: str, init_from: str | None = None,
+                 placeholder: str | None = "<new1>", initializer_token: str = "sks", train_q_out: bool = False,
+                 class_word: str | None = None, num_class_images: int = 100, prior_loss_weight: float = 1.0,
+                 class_prompt: str | None = None, class_steps: int = 50, class_guidance: float = 7.5):  # fmt: skip
+        super().__init__(name=name, lr=lr, scale_lr=scale_lr, concept=concept, init_from=init_from)
+        if not class_word:
+            raise ConfigError(
+                "method=custom_diffusion needs the subject's class noun for its captions and class images: set "
+                "data.class_word=dog (or method.class_word=dog)"
+            )
+        if init_from:
+            raise ConfigError(
+                "method.init_from: Custom Diffusion starts from the backbone; use resume=true to go on"
+            )
+        self.word = TextualInversion(name="ti", lr=lr, scale_lr=False, concept=concept, placeholder=placeholder,
+                                     initializer_token=initializer_token)  # fmt: skip
+        self.class_word, self.train_q_out = class_word, train_q_out
+        self.spec = (
+            PriorSpec(
+                class_prompt or f"a photo of a {class_word}",
+                num_class_images,
+                prior_loss_weight,
+                class_steps,
+                class_guidance,
+            )  # fmt: skip
+            if num_class_images > 0
+            else None
+        )
+        self._backbone: Backbone | None = None  # not a submodule: the projections are the backbone's
+        self._base: dict[str, torch.Tensor] = {}
+
+    @property
+    def prompt_text(self) -> str:
+        return f"{self.word.prompt_text} {self.class_word}"
+
+    @property
+    def prompt_words(self) -> str:
+        return self.word.prompt_text  # the class word follows it in every evaluation prompt
+
+    @property
+    def prior(self) -> PriorSpec | None:
+        return self.spec
+
+    def trained_names(self, backbone: Backbone) -> list[str]:
+        """The UNet's parameters this method trains: each cross-attention's to_k and to_v weights (and with
+        train_q_out to_q's and to_out.0's weight and bias)."""
+        parts = ("to_k.weight", "to_v.weight")
+        if self.train_q_out:
+            parts += ("to_q.weight", "to_out.0.weight", "to_out.0.bias")
+        return [n for n, _ in backbone.unet.named_parameters() if ".attn2." in n and n.endswith(parts)]
+
+    def attach(self, backbone: Backbone) -> None:
+        self.word.attach(backbone)
+        object.__setattr__(self, "_backbone", backbone)
+        params = dict(backbone.unet.named_parameters())
+        self._base = {n: params[n].detach().clone() for n in self.trained_names(backbone)}
+        for name in self._base:
+            params[name].requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = dict(self._backbone.unet.named_parameters())
+        return [*self.word.vector_parts, *(params[n] for n in self._base)]
+
+    @contextmanager
+    def at_multiplier(self, multiplier: float) -> Iterator[None]:
+        if multiplier == 1:
+            yield
+            return
+        unet = self._backbone.unet
+        trained = {n: p.detach().clone() for n, p in unet.named_parameters() if n in self._base}
+        with torch.no_grad():
+            unet.load_state_dict(mixed(self._base, trained, multiplier), strict=False)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                unet.load_state_dict(trained, strict=False)
+
+    def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
+        if backbone.is_xl:
+            raise ConfigError("method=custom_diffusion writes SD 1.x/2.x files; SDXL is not supported yet")
+        params = dict(backbone.unet.named_parameters())
+        weights = {n: params[n].detach() for n in self._base}
+        vectors = self.word.vectors.detach()
+        meta = {"format": FORMAT, "word": self.word.placeholder, "class_word": self.class_word,
+                "base": str(backbone.checkpoint_name), "step": str(int(step))}  # fmt: skip
+        ours = write_safetensors(folder / f"{self.concept}.safetensors",
+                                 {**weights, f"{WORD}{self.word.placeholder}": vectors}, meta)  # fmt: skip
+        diffusers = folder / "diffusers"
+        return [
+            ours,
+            write_diffusers_custom_diffusion(diffusers / DIFFUSERS_FILE, backbone, weights),
+            write_diffusers_embedding(
+                diffusers / f"{self.word.placeholder}.safetensors", self.word.placeholder, vectors
+            ),  # fmt: skip
+        ]
+
+    @classmethod
+    def concept_from_file(cls, file: TensorFile) -> CustomDiffusionConcept | None:
+        if not file.is_safetensors or file.metadata.get("format") != FORMAT:
+            return None
+        return CustomDiffusionConcept(file.path.stem, file.path, file.data, file.metadata)
+
+
+def write_diffusers_custom_diffusion(
+    path: Path, backbone: Backbone, weights: dict[str, torch.Tensor]
+) -> Path:
+    """diffusers' Custom Diffusion file (`unet.load_attn_procs`): for every attention processor of the
+    UNet, `<processor>.to_k_custom_diffusion.weight` and `.to_v_custom_diffusion.weight` (`to_q_…`,
+    `to_out_custom_diffusion.0.…` with train_q_out) where it trained, an empty tensor under its name where
+    it did not (the loader gives those processors nothing to train)."""
+    renamed = {"to_k.weight": "to_k_custom_diffusion.weight", "to_v.weight": "to_v_custom_diffusion.weight",
+               "to_q.weight": "to_q_custom_diffusion.weight", "to_out.0.weight": "to_out_custom_diffusion.0.weight",
+               "to_out.0.bias": "to_out_custom_diffusion.0.bias"}  # fmt: skip
+    state = {}
+    for processor in backbone.unet.attn_processors:  # "down_blocks.0.attentions.0.…attn1.processor"
+        module = processor.removesuffix(".processor")
+        own = {f"{processor}.{new}": weights[f"{module}.{old}"] for old, new in renamed.items()
+               if f"{module}.{old}" in weights}  # fmt: skip
+        state.update(own or {processor: torch.zeros(0)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}, str(tmp))
+    return path
+
+
+class CustomDiffusionConcept(Concept):
+    """A Custom Diffusion file: its word joins the tokenizer; `<custom_diffusion:name:m>` applies the
+    projections' change at strength m (0: the bare model's projections)."""
+
+    method = CustomDiffusion
+
+    def __init__(self, name: str, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+        super().__init__(name, path)
+        self.metadata = metadata
+        word = metadata.get("word", "")
+        vectors = tensors.get(f"{WORD}{word}")
+        if vectors is None:
+            raise ConceptFileError(
+                f"{path}: a Custom Diffusion file without its word's vectors ({WORD}{word})"
+            )
+        self.word = EmbeddingConcept(Embedding(name=word, vectors=vectors.float()), Path(path))
+        self.weights = {k: v for k, v in tensors.items() if not k.startswith(WORD)}
+        self.backbone: Backbone | None = None
+        self.base: dict[str, torch.Tensor] = {}
+
+    @property
+    def words(self) -> str:
+        return self.word.token
+
+    def install(self, backbone: Backbone) -> None:
+        own = dict(backbone.unet.named_parameters())
+        wrong = [k for k, v in self.weights.items() if k not in own or own[k].shape != v.shape]
+        if wrong:
+            raise ConceptFileError(
+                f"Custom Diffusion file {self.name!r} ({self.path}): {len(wrong)} of its projections do not fit this "
+                f"model's UNet (e.g. {wrong[0]}): it was trained for another model"
+            )
+        self.word.install(backbone)
+        self.backbone = backbone
+        self.base = {k: own[k].detach().clone() for k in self.weights}
+        self.weights = {k: v.to(own[k]) for k, v in self.weights.items()}
+        self.deactivate()
+
+    def activate(self, multiplier: float) -> None:
+        with torch.no_grad():
+            self.backbone.unet.load_state_dict(mixed(self.base, self.weights, multiplier), strict=False)
+
+    def deactivate(self) -> None:
+        self.activate(0.0)
+
+    def rewrite_prompt(self, text: str) -> str:
+        return self.word.rewrite_prompt(text)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "word": self.word.token, "class_word": self.metadata.get("class_word")}
