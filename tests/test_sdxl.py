@@ -396,3 +396,19 @@ def test_dreambooth_refuses_an_sd1_checkpoint_file_on_sdxl_in_one_line(xl):
         ConfigError, match=r"checkpoint_file=true writes SD 1.x checkpoints; this model is SDXL"
     ):
         method.attach(xl)
+
+
+def test_a_float16_vae_that_says_force_upcast_encodes_in_float32_and_stays_float16(xl):
+    """SDXL's own VAE overflows in float16: its config's force_upcast makes the latents' caching encode
+    in float32 (as diffusers' pipelines decode), and the VAE is float16 again afterwards."""
+    from PIL import Image
+
+    from conceptlab.data import encode_latents
+
+    image = Image.fromarray(np.full((64, 64, 3), 120, np.uint8))
+    reference, _ = encode_latents(xl, [image], False, torch.device("cpu"))
+    xl.vae.to(torch.float16)
+    assert xl.vae.config.force_upcast
+    mean, _ = encode_latents(xl, [image], False, torch.device("cpu"))
+    assert xl.vae.dtype == torch.float16
+    torch.testing.assert_close(mean, reference, rtol=1e-2, atol=1e-2)  # float16 weights, float32 arithmetic

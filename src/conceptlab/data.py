@@ -834,6 +834,18 @@ def encode_latents(backbone: Backbone, images: list[Image.Image], flips: bool, d
     """Latent distribution (mean, std) of each image, and of its mirror image: [images, flips, C, h, w]."""
 
     vae = backbone.vae.to(device)
+    # SDXL's own VAE overflows in float16 (its config says force_upcast, as diffusers' pipelines read it):
+    # it encodes in float32, then goes back (a fixed VAE, model.vae_path, needs none of this).
+    dtype = vae.dtype
+    if dtype == torch.float16 and vae.config.get("force_upcast", False):
+        vae.to(torch.float32)
+    try:
+        return _encode_views(vae, images, flips, device)
+    finally:
+        vae.to(dtype)
+
+
+def _encode_views(vae, images: list[Image.Image], flips: bool, device: torch.device):
     pixels = torch.stack([image_to_tensor(im) for im in images])
     views = [pixels, pixels.flip(-1)] if flips else [pixels]
     means, stds = [], []
@@ -856,7 +868,8 @@ def encode_latents(backbone: Backbone, images: list[Image.Image], flips: bool, d
 @torch.no_grad()
 def encode_contexts(backbone: Backbone, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The text encoder's output for every caption, computed once: [captions, 77, width] on the CPU."""
-    backbone.text_encoder.to(device)
+    for encoder in backbone.text_encoders:
+        encoder.to(device)
     return torch.cat([backbone.encode_text(chunk.to(device)).cpu() for chunk in ids.split(64)])
 
 
