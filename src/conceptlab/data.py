@@ -496,9 +496,10 @@ class ConceptLatents(Dataset):
                  loss_weights: torch.Tensor | None = None, masks: torch.Tensor | None = None,
                  caption_dropout: float = 0.0, prior: tuple | None = None,
                  time_ids: torch.Tensor | None = None):  # fmt: skip
-        """time_ids: SDXL's size conditioning of each image [images, 6] (`size_ids`). noise_offset: each sample's noise plus this times one normal draw per channel (drawn after the
+        """noise_offset: each sample's noise plus this times one normal draw per channel (drawn after the
         rest of the sample, so a run without it draws what it always drew). loss_weights: a weight per
-        timestep for the sample's loss (min-SNR-γ, `snr_weights`), given with the sample."""
+        timestep for the sample's loss (min-SNR-γ, `snr_weights`), given with the sample. time_ids: SDXL's
+        size conditioning of each image [images, 6] (`size_ids`), given with its samples."""
         self.mean, self.std = mean, std  # [images, flips, C, h, w], or per image [flips, C, h, w] (buckets)
         self.noise_offset, self.loss_weights = noise_offset, loss_weights
         self.masks = masks  # [images, flips, 1, h, w] at the latent grid, or None (data.mask off)
