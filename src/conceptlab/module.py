@@ -58,7 +58,9 @@ def diffusion_losses(
     # SDXL's size conditioning: each image's own where the data module gives it, else the latents' size.
     time_ids = None
     if backbone.is_xl:
-        time_ids = _joined([batch.get("time_ids", backbone.size_ids(batch["latents"])) for batch in batches])
+        time_ids = _joined(
+            [b["time_ids"] if "time_ids" in b else backbone.size_ids(b["latents"]) for b in batches]
+        )
     with route(list(range(len(batches))), sizes):
         prediction = backbone.denoise(noisy.to(dtype), timesteps, context, time_ids)
     if scheduler.config.prediction_type == "v_prediction":
