@@ -412,3 +412,20 @@ def test_a_float16_vae_that_says_force_upcast_encodes_in_float32_and_stays_float
     mean, _ = encode_latents(xl, [image], False, torch.device("cpu"))
     assert xl.vae.dtype == torch.float16
     torch.testing.assert_close(mean, reference, rtol=1e-2, atol=1e-2)  # float16 weights, float32 arithmetic
+
+
+def test_the_data_module_gives_each_sdxl_sample_its_images_size_ids(xl, tmp_path):
+    from PIL import Image
+
+    from conceptlab.config import DataConfig
+    from conceptlab.data import ConceptDataModule, read_concept_images
+
+    Image.fromarray(np.full((100, 200, 3), 90, np.uint8)).save(tmp_path / "wide.png")  # 200 wide, 100 high
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "square.png")
+    cfg = DataConfig(path=str(tmp_path), batch_size=2, val_images=0)
+    images = read_concept_images(cfg)
+    data = ConceptDataModule(cfg, images, xl, "robot", 0, 64, cache_context=True)
+    data.setup()
+    ids = {im.path.name: data.dataset[(k, 0)]["time_ids"].tolist() for k, im in enumerate(images)}
+    assert ids == {"wide.png": [100, 200, 0, 32, 64, 64], "square.png": [64, 64, 0, 0, 64, 64]}
+    assert data.dataset[(0, 0)]["context"].shape == (78, 80)  # both encoders' context and the pooled row
