@@ -61,6 +61,7 @@ def runs(tmp_path_factory, tiny_xl_dir):
     return out
 
 
+@pytest.mark.slow
 def test_the_tiny_xl_folder_is_sdxl_and_our_conditioning_is_the_pipelines(xl, tiny_xl_dir):
     """Both encoders' penultimate layers side by side, the pooled projection of the second, and the
     same picture as diffusers' SDXL pipeline draws from the prompt itself."""
@@ -208,6 +209,7 @@ def test_ti_on_sdxl_trains_both_encoders_and_its_files_load_in_diffusers_and_gen
     assert not np.array_equal(first_image(bare), first_image(word))
 
 
+@pytest.mark.slow
 def test_embeddings_of_the_other_family_or_missing_a_half_are_refused_in_one_line(tmp_path, tiny_xl_dir):
     save_file({"<sd>": torch.zeros(1, 32)}, tmp_path / "sd.safetensors")
     save_file({"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 48)}, tmp_path / "xl.safetensors")

@@ -361,11 +361,11 @@ def test_textual_inversion_learns_the_attribute_combination(tmp_path):
 
 @pytest.mark.slow
 def test_hypernetwork_learns_the_unseen_style_and_is_the_bare_model_at_zero(tmp_path):
-    """Budgeted by steps: half the recipe's 800 (measured: style 0.00, 0.22, 0.41, 0.38 at 0-600 steps)."""
+    """The recipe's 800 steps (at 400 the style is 0.28-0.41 from run to run: too close to the goal)."""
     proc, [run_dir] = train_subprocess(
         tmp_path, "method=hypernet", "data=toy_pastel", "logger=csv", "trainer.enable_progress_bar=false",
         # No cache: the bare model's scores after training are computed again, not read as step 0's.
-        "trainer.max_steps=400", "evaluate.every_n_steps=400", "evaluate.cache=false", "samples.every_n_steps=0",
+        "evaluate.every_n_steps=800", "evaluate.cache=false", "samples.every_n_steps=0",
         "evaluate.multipliers=[1.0,0.0]", "evaluate.num_samples=8", fast=False, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

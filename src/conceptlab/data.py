@@ -837,13 +837,13 @@ def encode_latents(backbone: Backbone, images: list[Image.Image], flips: bool, d
     vae = backbone.vae.to(device)
     # SDXL's own VAE overflows in float16 (its config says force_upcast, as diffusers' pipelines read it):
     # it encodes in float32, then goes back (a fixed VAE, model.vae_path, needs none of this).
-    dtype = vae.dtype
-    if dtype == torch.float16 and vae.config.get("force_upcast", False):
-        vae.to(torch.float32)
+    if not (vae.dtype == torch.float16 and vae.config.get("force_upcast", False)):
+        return _encode_views(vae, images, flips, device)
+    vae.to(torch.float32)
     try:
         return _encode_views(vae, images, flips, device)
     finally:
-        vae.to(dtype)
+        vae.to(torch.float16)
 
 
 def _encode_views(vae, images: list[Image.Image], flips: bool, device: torch.device):
