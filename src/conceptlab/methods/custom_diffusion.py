@@ -31,7 +31,7 @@ from ..config import opt
 from ..errors import ConceptFileError, ConfigError
 from ..formats import TensorFile, write_safetensors
 from .base import Concept, Method, MethodConfig, PriorSpec, method_key
-from .dreambooth import DreamBoothConfig, mixed
+from .dreambooth import DreamBoothConfig, class_prior, mixed
 from .textual_inversion import (
     Embedding,
     EmbeddingConcept,
@@ -84,29 +84,11 @@ class CustomDiffusion(Method):
                  class_word: str | None = None, num_class_images: int = 100, prior_loss_weight: float = 1.0,
                  class_prompt: str | None = None, class_steps: int = 50, class_guidance: float = 7.5):  # fmt: skip
         super().__init__(name=name, lr=lr, scale_lr=scale_lr, concept=concept, init_from=init_from)
-        if not class_word:
-            raise ConfigError(
-                "method=custom_diffusion needs the subject's class noun for its captions and class images: set "
-                "data.class_word=dog (or method.class_word=dog)"
-            )
-        if init_from:
-            raise ConfigError(
-                "method.init_from: Custom Diffusion starts from the backbone; use resume=true to go on"
-            )
+        self.spec = class_prior("custom_diffusion", "Custom Diffusion", init_from, class_word, class_prompt, num_class_images,
+                                prior_loss_weight, class_steps, class_guidance)  # fmt: skip
         self.word = TextualInversion(name="ti", lr=lr, scale_lr=False, concept=concept, placeholder=placeholder,
                                      initializer_token=initializer_token)  # fmt: skip
         self.class_word, self.train_q_out = class_word, train_q_out
-        self.spec = (
-            PriorSpec(
-                class_prompt or f"a photo of a {class_word}",
-                num_class_images,
-                prior_loss_weight,
-                class_steps,
-                class_guidance,
-            )  # fmt: skip
-            if num_class_images > 0
-            else None
-        )
         self._backbone: Backbone | None = None  # not a submodule: the projections are the backbone's
         self._base: dict[str, torch.Tensor] = {}
 

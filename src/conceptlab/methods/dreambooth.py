@@ -76,27 +76,9 @@ class DreamBooth(Method):
                  class_guidance: float = 7.5, checkpoint_file: bool = False):  # fmt: skip
         super().__init__(name=name, lr=lr, scale_lr=scale_lr, concept=concept, init_from=init_from)
         self.checkpoint_file = checkpoint_file
-        if not class_word:
-            raise ConfigError(
-                "method=dreambooth needs the subject's class noun for its captions and class images: set "
-                "data.class_word=dog (or method.class_word=dog)"
-            )
-        if init_from:
-            raise ConfigError(
-                "method.init_from: DreamBooth starts from the backbone itself; use resume=true to go on"
-            )
         self.identifier, self.class_word = identifier, class_word
-        self.spec = (
-            PriorSpec(
-                class_prompt or f"a photo of a {class_word}",
-                num_class_images,
-                prior_loss_weight,
-                class_steps,
-                class_guidance,
-            )  # fmt: skip
-            if num_class_images > 0
-            else None
-        )
+        self.spec = class_prior("dreambooth", "DreamBooth", init_from, class_word, class_prompt, num_class_images,
+                                prior_loss_weight, class_steps, class_guidance)  # fmt: skip
         self._backbone: Backbone | None = None  # not a submodule: the UNet is the backbone's
         self._base: dict[str, torch.Tensor] = {}
 
@@ -172,6 +154,25 @@ class DreamBooth(Method):
         if not file.is_safetensors or file.metadata.get("format") != FORMAT:
             return None
         return DreamBoothConcept(file.path.stem, file.path, file.data, file.metadata)
+
+
+def class_prior(method: str, label: str, init_from: str | None, class_word: str | None, class_prompt: str | None,
+                count: int, weight: float, steps: int, guidance: float) -> PriorSpec | None:  # fmt: skip
+    """The prior preservation of a method that fine-tunes the backbone's own weights on "<word> <class>"
+    captions (DreamBooth, Custom Diffusion): refused without a class word or with init_from; None for
+    no class images."""
+    if not class_word:
+        raise ConfigError(
+            f"method={method} needs the subject's class noun for its captions and class images: set "
+            "data.class_word=dog (or method.class_word=dog)"
+        )
+    if init_from:
+        raise ConfigError(
+            f"method.init_from: {label} starts from the backbone itself; use resume=true to go on"
+        )
+    if count <= 0:
+        return None
+    return PriorSpec(class_prompt or f"a photo of a {class_word}", count, weight, steps, guidance)
 
 
 def mixed(
