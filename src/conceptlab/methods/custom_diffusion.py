@@ -31,7 +31,7 @@ from ..config import opt
 from ..errors import ConceptFileError, ConfigError
 from ..formats import TensorFile, write_safetensors
 from .base import Concept, Method, MethodConfig, PriorSpec, method_key
-from .dreambooth import DreamBoothConfig, class_prior, mixed
+from .dreambooth import DreamBoothConfig, class_prior, mixed, weights_at
 from .textual_inversion import (
     Embedding,
     EmbeddingConcept,
@@ -126,18 +126,8 @@ class CustomDiffusion(Method):
 
     @contextmanager
     def at_multiplier(self, multiplier: float) -> Iterator[None]:
-        if multiplier == 1:
+        with weights_at(self._backbone.unet, self._base, multiplier):
             yield
-            return
-        unet = self._backbone.unet
-        trained = {n: p.detach().clone() for n, p in unet.named_parameters() if n in self._base}
-        with torch.no_grad():
-            unet.load_state_dict(mixed(self._base, trained, multiplier), strict=False)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                unet.load_state_dict(trained, strict=False)
 
     def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
         if backbone.is_xl:

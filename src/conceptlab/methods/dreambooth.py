@@ -114,18 +114,8 @@ class DreamBooth(Method):
 
     @contextmanager
     def at_multiplier(self, multiplier: float) -> Iterator[None]:
-        if multiplier == 1:
+        with weights_at(self._backbone.unet, self._base, multiplier):
             yield
-            return
-        unet = self._backbone.unet
-        trained = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-        with torch.no_grad():
-            unet.load_state_dict(mixed(self._base, trained, multiplier))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                unet.load_state_dict(trained)
 
     def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in backbone.unet.state_dict().items()}
@@ -173,6 +163,24 @@ def class_prior(method: str, label: str, init_from: str | None, class_word: str 
     if count <= 0:
         return None
     return PriorSpec(class_prompt or f"a photo of a {class_word}", count, weight, steps, guidance)
+
+
+@contextmanager
+def weights_at(unet: nn.Module, base: dict[str, torch.Tensor], multiplier: float) -> Iterator[None]:
+    """The UNet's tensors named in `base` at base + m x (trained - base) for the duration, then trained
+    again (a method that fine-tunes the backbone's own weights: DreamBooth, Custom Diffusion)."""
+    if multiplier == 1:
+        yield
+        return
+    state = unet.state_dict()
+    trained = {k: state[k].detach().clone() for k in base}
+    with torch.no_grad():
+        unet.load_state_dict(mixed(base, trained, multiplier), strict=False)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            unet.load_state_dict(trained, strict=False)
 
 
 def mixed(
