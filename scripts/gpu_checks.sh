@@ -14,7 +14,7 @@
 #   bash scripts/gpu_checks.sh --wheels   # here, once: what a bare GPU machine lacks, as wheels in .whl/
 #   bash scripts/gpu_checks.sh            # there, with .whl/ copied beside it (allow 10 minutes)
 #   SHAPE=tiny DEVICE=cpu DTYPE=float32 COMPILE=default STEPS=6 bash scripts/gpu_checks.sh   # a dry run on the CPU
-# (COMPILE= empty leaves the compiled check out; JOBS sets the pack's jobs, 16.)
+# (COMPILE= empty leaves the compiled check out; JOBS sets the pack's jobs, 16; ROUNDS the timed rounds, 3.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,6 +42,7 @@ DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}
 COMPILE=${COMPILE-reduce-overhead}
 STEPS=${STEPS:-30}
+ROUNDS=${ROUNDS:-3}
 JOBS=${JOBS:-16}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -79,13 +80,13 @@ check() {  # check NAME ARGS...: one benchmark, its JSON in $OUT/NAME.json, its 
 check bench_pack scripts/bench_pack.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --jobs "$JOBS" --batch 1 \
     --methods ti,hypernet --profile --folder "$FOLDER"
 check bench_step scripts/bench_step.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --batch-size 1,4,16 \
-    --steps "$STEPS" --rounds 3 --folder "$FOLDER"
+    --steps "$STEPS" --rounds "$ROUNDS" --folder "$FOLDER"
 if [ -n "$COMPILE" ]; then
     check bench_step_compiled scripts/bench_step.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
-        --batch-size 1,16 --compile "$COMPILE" --steps "$STEPS" --rounds 3 --folder "$FOLDER"
+        --batch-size 1,16 --compile "$COMPILE" --steps "$STEPS" --rounds "$ROUNDS" --folder "$FOLDER"
 fi
 check bench_step_fp16 scripts/bench_step.py --shape "$SHAPE" --device "$DEVICE" --dtype float16 --batch-size 4 \
-    --steps "$STEPS" --rounds 3 --folder "$FOLDER"
+    --steps "$STEPS" --rounds "$ROUNDS" --folder "$FOLDER"
 check bench_step_sdxl scripts/bench_step.py --shape "$XL_SHAPE" --device "$DEVICE" --dtype "$DTYPE" --batch-size 1 \
-    --methods ti,lora --gradient-checkpointing --steps "$STEPS" --rounds 3 --folder "$KEEP/sdxl"
+    --methods ti,lora --gradient-checkpointing --steps "$STEPS" --rounds "$ROUNDS" --folder "$KEEP/sdxl"
 exit $failed

@@ -206,7 +206,7 @@ def test_gpu_checks_script_runs_every_check_on_the_cpu(tiny_dir, tmp_path):
 
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "SHAPE": "tiny", "DEVICE": "cpu", "DTYPE": "float32", "COMPILE": "",
-           "STEPS": "2", "JOBS": "2", "PYTHON": sys.executable}  # fmt: skip
+           "STEPS": "2", "ROUNDS": "1", "JOBS": "2", "PYTHON": sys.executable}  # fmt: skip
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_checks.sh")], env=env, capture_output=True,
                           text=True, stdin=subprocess.DEVNULL)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -85,7 +85,7 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").warning("a real Light
 """
 
 
-@pytest.mark.parametrize("verbose", [False, True])
+@pytest.mark.parametrize("verbose", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_noise_is_filtered_by_message_at_its_source_and_verbose_brings_it_back(verbose):
     code = "import logging; logging.basicConfig(level=logging.INFO)\n" + QUIET.format(verbose=verbose)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -91,8 +91,52 @@ def test_generate_reads_the_word_and_zero_is_the_bare_projections(cd_run, tmp_pa
     assert record["concepts"][0]["method"] == "custom_diffusion" and record["concepts"][0]["word"] == "<new1>"
 
 
-def test_without_a_class_word_the_run_says_how_to_give_one(tmp_path):
+def test_a_missing_class_word_or_a_bad_joint_entry_says_how_to_mend_it(tmp_path):
     with pytest.raises(
         ConfigError, match=r"method=custom_diffusion needs the subject's class noun .* data.class_word=dog"
     ):
         run_train(tmp_path / "run", "method=custom_diffusion")
+    with pytest.raises(ConfigError, match=r"method.joint\[0\]: give path and placeholder"):
+        run_train(tmp_path / "joint", *FAST, 'method.joint=[{path: "bundled:ink"}]')
+    with pytest.raises(ConfigError, match=r"method.joint\[0\].placeholder=<new1>: already the word"):
+        run_train(tmp_path / "twice", *FAST, 'method.joint=[{path: "bundled:ink", placeholder: "<new1>"}]')
+
+
+JOINT = 'method.joint=[{path: "bundled:ink", placeholder: "<new2>", class_word: drawing}]'
+
+
+@pytest.mark.slow
+def test_two_concepts_train_jointly_each_with_its_word_and_class_images(tmp_path, tiny_dir, monkeypatch):
+    """method.joint (the paper's multi-concept fine-tuning): the ink drawings with their own word and class
+    images beside the robot's; both words train, the one file holds both, and generation reads both."""
+    from test_dreambooth import counting_draws
+
+    from conceptlab.backbone import load_backbone
+    from conceptlab.config import ModelConfig
+    from conceptlab.formats import read_tensor_file
+    from conceptlab.methods.custom_diffusion import CustomDiffusion
+
+    drawn = counting_draws(monkeypatch)
+    run_dir = tmp_path / "run"
+    # class_steps=4: class images of this test's own (others draw at 2 and 3 steps)
+    summary = run_train(run_dir, *FAST, JOINT, "method.class_steps=4")
+    assert summary["status"] == "completed" and drawn == [2, 2]  # each class's images, drawn once
+    [joint] = summary["joint"]
+    assert joint["words"] == "<new2> drawing" and len(joint["images"]) == 5 and summary["num_images"] == 5
+    file = run_dir / "concepts" / "robot.safetensors"
+    tensors = load_file(file)
+    backbone = load_backbone(ModelConfig(path=str(tiny_dir)))
+    start = backbone.text_encoder.get_input_embeddings().weight[
+        backbone.tokenizer.convert_tokens_to_ids("sks")
+    ]
+    for word in ("<new1>", "<new2>"):  # both words trained from sks's row
+        assert not torch.allclose(tensors[f"word.{word}"][0], start)
+    assert (run_dir / "concepts" / "diffusers" / "<new2>.safetensors").is_file()
+    # generate.py's reader installs both words: each token reads its trained vector
+    concept = CustomDiffusion.concept_from_file(read_tensor_file(file))
+    concept.install(backbone)
+    assert concept.describe()["joint_words"] == ["<new2>"]
+    table = backbone.text_encoder.get_input_embeddings()
+    for word in ("<new1>", "<new2>"):
+        row = table(torch.tensor([backbone.tokenizer.convert_tokens_to_ids(word)]))
+        torch.testing.assert_close(row[0], tensors[f"word.{word}"][0])

@@ -154,4 +154,50 @@ def test_generate_applies_the_unet_at_a_multiplier_and_zero_is_the_bare_model(tm
 
 @pytest.mark.slow
 def test_a_dreambooth_run_resumes_bit_for_bit(tmp_path):
-    check_resume(tmp_path, *FAST)
+    """With the text encoder training too: both parts come back from the checkpoint."""
+    check_resume(tmp_path, *FAST, "method.train_text_encoder=true")
+
+
+@pytest.mark.slow
+def test_with_train_text_encoder_the_text_encoder_trains_and_every_reader_gets_it(tmp_path, tiny_dir):
+    """method.train_text_encoder=true: the UNet and the text encoder train; the concept file holds both,
+    diffusers' folders hold each, and the tag at 0 is the bare model and at 1 the trained one."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from conceptlab.backbone import load_backbone
+    from conceptlab.config import ModelConfig
+    from conceptlab.formats import read_tensor_file
+    from conceptlab.methods.dreambooth import DreamBooth
+
+    run_dir = tmp_path / "run"
+    summary = run_train(
+        run_dir, *FAST, "method.train_text_encoder=true", "trainer.max_steps=2", "method.checkpoint_file=true"
+    )
+    bare_text = CLIPTextModel.from_pretrained(tiny_dir, subfolder="text_encoder").state_dict()
+    bare_unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet").state_dict()
+    assert summary["trainable_params"] == sum(v.numel() for v in [*bare_text.values(), *bare_unet.values()])
+    weights = load_file(run_dir / "concepts" / "robot.safetensors")
+    text = {k.removeprefix("text_encoder."): v for k, v in weights.items() if k.startswith("text_encoder.")}
+    assert text.keys() == bare_text.keys() and any(not torch.equal(text[k], bare_text[k]) for k in text)
+    saved = CLIPTextModel.from_pretrained(run_dir / "concepts" / "diffusers" / "text_encoder").state_dict()
+    assert all(torch.equal(saved[k], text[k]) for k in text)
+    # the whole-model file (the webui's, ComfyUI's) holds the trained text encoder, as diffusers reads it
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(run_dir / "concepts" / "checkpoint" / "robot.safetensors"), config=str(tiny_dir), local_files_only=True,
+        safety_checker=None, requires_safety_checker=False,
+    )  # fmt: skip
+    loaded = pipe.text_encoder.state_dict()
+    assert all(torch.equal(loaded[k].half(), text[k].half()) for k in text if k in loaded)
+    assert any(not torch.equal(loaded[k].half(), bare_text[k].half()) for k in text if k in loaded)
+    # generate.py's reader: at 0 both parts are the bare model's, at 1 the trained ones
+    backbone = load_backbone(ModelConfig(path=str(tiny_dir)))
+    concept = DreamBooth.concept_from_file(read_tensor_file(run_dir / "concepts" / "robot.safetensors"))
+    concept.install(backbone)
+    concept.activate(1.0)
+    assert all(torch.equal(backbone.text_encoder.state_dict()[k], text[k]) for k in text)
+    concept.activate(0.0)
+    assert all(torch.equal(backbone.text_encoder.state_dict()[k], bare_text[k]) for k in text)
+    assert all(torch.equal(backbone.unet.state_dict()[k], bare_unet[k]) for k in bare_unet)

@@ -269,6 +269,7 @@ def test_evaluate_resumes_with_the_images_it_made(tmp_path, tiny_encoders, monke
     assert json.loads((out / "eval.json").read_text())["metrics"] == pytest.approx(record["metrics"])
 
 
+@pytest.mark.slow
 def test_evaluate_py_scores_a_sweep_and_the_report_reads_it(tmp_path, tiny_encoders):
     """train.py -m, then evaluate.py sweep=..., then report.py: runs.csv holds the eval/ columns."""
     from conftest import FAST

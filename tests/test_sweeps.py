@@ -51,9 +51,14 @@ def test_every_experiment_names_its_study_and_sweeps_valid_values(experiment):
     assert cfg.study.name == experiment and cfg.study.metric and cfg.study.question
     params = sweep_params(experiment)
     assert params, f"{experiment} sweeps nothing"
-    for key, values in params.items():
-        for value in values:  # every swept value composes (the key exists and the value has its type)
-            compose([f"+experiment={experiment}", f"{key}={value}"])
+    # Every swept value composes (the key exists and the value has its type): the i-th value of every key
+    # together, so a sweep of n values per key composes n times, not once per value.
+    for i in range(max(len(values) for values in params.values())):
+        chosen = [f"{key}={values[i % len(values)]}" for key, values in params.items()]
+        try:
+            compose([f"+experiment={experiment}", *chosen])
+        except Exception as err:
+            raise AssertionError(f"{experiment}: {chosen} do not compose: {err}") from err
 
 
 @pytest.mark.slow
@@ -170,7 +175,7 @@ def test_ddp_jobs_inside_a_local_sweep_do_not_start_new_sweeps(tmp_path):
     """Lightning's ddp would re-run `train.py -m ...` for rank 1; inside a sweep a job uses ddp_spawn."""
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
     proc, folder = sweep(
-        tmp_path, *ddp, "seed=1", "trainer.max_steps=3"
+        tmp_path, *ddp, "seed=1", "trainer.max_steps=3", "samples.every_n_steps=0", "evaluate.enabled=false"
     )  # a one-job sweep: the same launcher
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / "multirun").iterdir())) == 1, "a rank started a sweep of its own"

@@ -510,7 +510,7 @@ class ConceptLatents(Dataset):
         self.caption_key = "context" if captions_are_contexts else "input_ids"
         self.flip_p, self.seed = flip_p, seed
         self.scaling_factor, self.num_timesteps = scaling_factor, num_timesteps
-        self.prior = prior  # (mean, std [class images, C, h, w], its caption's ids or context) or None
+        self.prior = prior  # (mean, std [class images, C, h, w], each one's caption's ids or context) or None
         self.time_ids = time_ids
 
     def __len__(self) -> int:
@@ -548,8 +548,9 @@ class ConceptLatents(Dataset):
     def _prior_sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """A class image's sample beside the concept's (`prior_` keys): its own image, latent draw, noise and
         timestep, no flip or noise offset, min-SNR's weight where on."""
-        mean, std, caption = self.prior
+        mean, std, captions = self.prior
         k = int(torch.randint(mean.shape[0], (), generator=gen))
+        caption = captions[k]
         out = {
             "prior_latents": (mean[k] + std[k] * torch.randn(mean[k].shape, generator=gen))
             * self.scaling_factor,
@@ -633,17 +634,20 @@ class StreamSampler(Sampler):
 class ConceptDataModule(pl.LightningDataModule):
     """Concept images -> cached latents and tokenized captions -> a resumable stream of samples."""
 
-    def __init__(self, cfg: DataConfig, images: list[ConceptImage], backbone: Backbone, prompt_text: str,
-                 seed: int, resolution: int, cache_context: bool = False, memo: dict | None = None,
-                 noise_offset: float | None = None, snr_gamma: float | None = None,
-                 prior: PriorSpec | None = None, prior_draw: Callable | None = None,
+    def __init__(self, cfg: DataConfig, images: list[ConceptImage], backbone: Backbone,
+                 prompt_text: str | list[str], seed: int, resolution: int, cache_context: bool = False,
+                 memo: dict | None = None, noise_offset: float | None = None, snr_gamma: float | None = None,
+                 prior: PriorSpec | list[PriorSpec] | None = None, prior_draw: Callable | None = None,
                  cache: EvaluationCache | None = None):  # fmt: skip
-        """memo: where jobs of one process that share a backbone (a packed sweep's pack) keep the latents
-        and text contexts they compute, keyed by what these depend on, so the same images and captions
-        are encoded once. prior: class images to train beside the concept's (`class_images`, drawn by
-        `prior_draw` on the training device at set-up, kept in `cache`)."""
+        """prompt_text: what stands for the concept in the captions, or one per image (several concepts
+        trained jointly). memo: where jobs of one process that share a backbone (a packed sweep's pack)
+        keep the latents and text contexts they compute, keyed by what these depend on, so the same
+        images and captions are encoded once. prior: class images to train beside the concept's
+        (`class_images`, drawn by `prior_draw` on the training device at set-up, kept in `cache`); with
+        several specs their images are pooled, each with its own caption."""
         super().__init__()
-        if prior is not None and cfg.buckets:
+        prior = [prior] if isinstance(prior, PriorSpec) else list(prior or [])
+        if prior and cfg.buckets:
             raise ConfigError(
                 "data.buckets=true with prior preservation: the class images are squares; use data.buckets=false"
             )
@@ -657,13 +661,19 @@ class ConceptDataModule(pl.LightningDataModule):
         templates = load_templates(cfg.templates)
         orders = [tag_orders(image.caption, cfg, seed, k) if cfg.shuffle_tags else [image.caption]
                   for k, image in enumerate(images)]  # fmt: skip
+        texts = [prompt_text] * len(images) if isinstance(prompt_text, str) else list(prompt_text)
         # Per image: every template with every order of its caption, then (data.caption_dropout) the bare one.
-        self.captions = [[fill_template(t, prompt_text, c) for t in templates for c in cs] for cs in orders]
+        self.captions = [
+            [fill_template(t, text, c) for t in templates for c in cs] for cs, text in zip(orders, texts)
+        ]
         self.caption_dropout = cfg.caption_dropout or 0.0
         if self.caption_dropout:
-            for captions in self.captions:
-                captions.append(fill_template("{}", prompt_text, ""))
-        check_captions_fit(backbone.tokenizer, prompt_text, {c for cs in self.captions for c in cs})
+            for captions, text in zip(self.captions, texts):
+                captions.append(fill_template("{}", text, ""))
+        for text in sorted(set(texts)):
+            check_captions_fit(
+                backbone.tokenizer, text, {c for cs, t in zip(self.captions, texts) if t == text for c in cs}
+            )
         # data.buckets: each image at the size of its aspect ratio's bucket; else all at resolution².
         if cfg.buckets:
             sizes = bucket_sizes(resolution, size_multiple(backbone))
@@ -719,23 +729,27 @@ class ConceptDataModule(pl.LightningDataModule):
             self.backbone.vae.config.scaling_factor, self.backbone.scheduler.config.num_train_timesteps,
             captions_are_contexts=self.cache_context, noise_offset=self.noise_offset,
             loss_weights=self._loss_weights(), masks=self._latent_masks([m.shape[-2:] for m in mean], flips),
-            caption_dropout=self.caption_dropout, prior=self._prior(device) if self.prior is not None else None,
+            caption_dropout=self.caption_dropout, prior=self._prior(device) if self.prior else None,
             time_ids=torch.tensor([size_ids(im.image.size, size, self.cfg.center_crop)
                                    for im, size in zip(self.images, self.sizes)]) if self.backbone.is_xl else None,
         )  # fmt: skip
 
     def _prior(self, device: torch.device) -> tuple:
-        """The class images' latents (no flip) and their caption's ids or text context."""
+        """The class images' latents (no flip) and each one's caption's ids or text context (every spec's
+        images pooled, in the order of the specs)."""
         self.backbone.to(device)  # drawn where training runs (Lightning moves the module there next)
-        images = class_images(self.backbone, self.prior, self.prior_draw, self.cache)
-        pictures = [fit(im, (self.resolution, self.resolution), True) for im in images]
+        images = [(im, spec.prompt) for spec in self.prior
+                  for im in class_images(self.backbone, spec, self.prior_draw, self.cache)]  # fmt: skip
+        pictures = [fit(im, (self.resolution, self.resolution), True) for im, _ in images]
         mean, std = self._once(
             ("latents", str(device), self.resolution, False, *(np.asarray(im).tobytes() for im in pictures)),
             lambda: encode_latents(self.backbone, pictures, False, device),
         )
-        ids = self.backbone.tokenize([self.prior.prompt])
-        caption = encode_contexts(self.backbone, ids, device) if self.cache_context else ids
-        return mean[:, 0], std[:, 0], caption[0]
+        prompts = [spec.prompt for spec in self.prior]
+        ids = self.backbone.tokenize(prompts)
+        captions = encode_contexts(self.backbone, ids, device) if self.cache_context else ids
+        which = torch.tensor([prompts.index(prompt) for _, prompt in images])
+        return mean[:, 0], std[:, 0], captions[which]
 
     def _encode(self, pictures: list[Image.Image], flips: bool, device: torch.device):
         """Latent (mean, std) per image: [images, flips, C, h, w], or per image [flips, C, h, w] when

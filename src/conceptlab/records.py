@@ -85,6 +85,8 @@ class RunSummary:
     num_images: int | None = None
     images: list[str] = field(default_factory=list)
     held_out_images: list[str] = field(default_factory=list)  # data.val_images: measured, never trained on
+    # concepts trained in the same run (Method.joint_sets): {"words", "path", "images"} each
+    joint: list[dict[str, Any]] = field(default_factory=list)
     resolution: int | None = None
     buckets: dict[str, int] | None = None  # data.buckets: images per size "WxH" (None: off, all squares)
     resumed_from: str | None = None

@@ -41,7 +41,7 @@ from .callbacks import (
 )
 from .config import OPTIMIZERS, DataConfig, ModelConfig, TrainConfig, check_config
 from .console import StepProgress, is_verbose, logging_around_bars, quiet_third_party, say
-from .data import ConceptDataModule, read_concept_split
+from .data import ConceptDataModule, read_concept_images, read_concept_split
 from .errors import ConceptLabError, ConfigError, error_line
 from .evalcache import EvaluationCache, default_cache_dir
 from .loggers import make_loggers
@@ -232,17 +232,25 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
     check_search(cfg, [e.evidence for e in evaluators if getattr(e, "evidence", None)])
     images, held_out = read_concept_split(cfg.data)
     method = make_method(cfg, concept)  # its own checks, before any model loads
+    joint = [(s, read_concept_images(OmegaConf.merge(cfg.data, {"path": s.path, "val_images": 0, "mask": None})))
+             for s in method.joint_sets]  # fmt: skip
     # In a packed sweep: this job's copy of the pack's backbone (its own modules, the pack's weights).
     backbone = pack.backbone(cfg.model, method) if pack is not None else load_backbone(cfg.model)
     method.attach(backbone)
     resolution = cfg.data.resolution or backbone.native_resolution
     # Results computed once for every run (evaluate.cache): class images here, sample grids below.
     cache = EvaluationCache(default_cache_dir(cfg.model.cache_dir)) if cfg.evaluate.cache else None
+    # Other concepts trained jointly (Custom Diffusion's): their images with their own words and class images.
+    texts = [method.prompt_text] * len(images) + [s.prompt_text for s, more in joint for _ in more]
+    priors = list(
+        {p.prompt: p for p in [method.prior, *(s.prior for s, _ in joint)] if p is not None}.values()
+    )
     data = ConceptDataModule(
-        cfg.data, images, backbone, method.prompt_text, cfg.seed, resolution,
+        cfg.data, images + [im for _, more in joint for im in more], backbone,
+        texts if joint else method.prompt_text, cfg.seed, resolution,
         cache_context=not method.changes_text_encoding, memo=pack.data_memo if pack is not None else None,
         noise_offset=cfg.optim.noise_offset, snr_gamma=cfg.optim.snr_gamma,
-        prior=method.prior, prior_draw=BareDraw(backbone, method) if method.prior else None, cache=cache,
+        prior=priors, prior_draw=BareDraw(backbone, method) if priors else None, cache=cache,
     )  # fmt: skip
     record.update(
         headline=[key for e in evaluators for key in getattr(e, "headline", ())],
@@ -264,6 +272,7 @@ def fit(cfg: DictConfig, record: RunRecord, pack: Member | None = None) -> None:
     record.update(
         num_images=len(images), images=[str(im.path) for im in images], resolution=resolution,
         held_out_images=[str(im.path) for im in held_out],
+        joint=[{"words": s.prompt_text, "path": s.path, "images": [str(im.path) for im in more]} for s, more in joint],
         buckets=data.bucket_counts() if cfg.data.buckets else None,
         resumed_from=str(ckpt_path) if ckpt_path else None,
         trainable_params=sum(p.numel() for p in method.trainable_parameters()),

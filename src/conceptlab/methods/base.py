@@ -15,7 +15,9 @@ A method is one module in this package (or in a user's package, advertised under
   `trainable_parameters` (and `parameter_groups` where parts train at rates of their own), `before_step`
   (a change by step), `prompt_text`, `changes_text_encoding`, `export` (its concept files),
   `enable_gradient_checkpointing` (`trainer.gradient_checkpointing`),
-  `at_multiplier` / `inference` (sampling during training), `usage` (the generate prompt).
+  `at_multiplier` / `inference` (sampling during training), `usage` (the generate prompt), `prior`
+  (class images trained beside the concept's) and `joint_sets` (other image sets trained in the same
+  run, each with its own words and class images: Custom Diffusion's multi-concept training).
 * packed sweeps (optional): `packed_modules` (where it acts), `prepare_pack_lead`, and on the modules
   it installs there a static `packed_group` (`PackedGroup`: several jobs' modules computed together).
 * inference: `prompt_tag` and `concept_from_file` (recognise and read its files) returning a
@@ -76,6 +78,17 @@ class PriorSpec:
     weight: float
     steps: int
     guidance: float
+
+
+@dataclass(frozen=True)
+class JointSet:
+    """Another concept trained in the same run (`Method.joint_sets`): the images of the data folder
+    `path` (read with the run's data settings, none held out), captioned with `prompt_text` in the run's
+    templates, and its own class images (`prior`, or None), pooled with the run's."""
+
+    path: str
+    prompt_text: str
+    prior: PriorSpec | None
 
 
 class PackedGroup(Protocol):
@@ -216,6 +229,12 @@ class Method(nn.Module, ABC):
         """Prior preservation: class images the frozen backbone draws, trained beside the concept's
         (DreamBooth's); None (the default) for none."""
         return None
+
+    @property
+    def joint_sets(self) -> list[JointSet]:
+        """Other concepts trained in the same run, beside the run's own (`JointSet`); none by default.
+        Evaluation, samples and the run's name follow the run's own concept."""
+        return []
 
     def before_step(self, step: int) -> None:
         """Called before each training step with the global step; what it does must follow from the step

@@ -1,16 +1,18 @@
 """Custom Diffusion (Kumari et al. 2023) as the diffusers example trains it: the key and value projections
 of the UNet's cross-attention (with `train_q_out`, its query and output projections too) fine-tuned
 together with a new modifier word ("<new1>"), on the concept's images captioned "a photo of <new1> dog",
-with prior preservation from class images drawn once and cached (as DreamBooth's).
+with prior preservation from class images drawn once and cached (as DreamBooth's). `method.joint` trains
+more concepts in the same run, as the paper's multi-concept fine-tuning and the example's
+`--concepts_list` do: each its images, its own word ("<new2>") and class, the projections shared.
 
 Files (`concepts/`):
-* `<concept>.safetensors`: the fine-tuned projections under diffusers' module names and the word's vectors
-  (metadata `format: conceptlab-custom-diffusion`): what `generate.py` reads. The word is the word;
+* `<concept>.safetensors`: the fine-tuned projections under diffusers' module names and each word's vectors
+  (metadata `format: conceptlab-custom-diffusion`): what `generate.py` reads. The words are the words;
   `<custom_diffusion:<concept>:m>` applies base + m x (fine-tuned - base) to the projections, so 0 is
   the bare model (with the word).
 * `diffusers/pytorch_custom_diffusion_weights.safetensors` and `diffusers/<word>.safetensors`: diffusers'
   Custom Diffusion layout (a processor entry for every attention layer, empty where nothing trains) and
-  its textual-inversion file.
+  a textual-inversion file per word.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..backbone import Backbone
 from ..config import opt
 from ..errors import ConceptFileError, ConfigError
 from ..formats import TensorFile, write_safetensors
-from .base import Concept, Method, MethodConfig, PriorSpec, method_key
+from .base import Concept, JointSet, Method, MethodConfig, PriorSpec, method_key
 from .dreambooth import DreamBoothConfig, class_prior, mixed, weights_at
 from .textual_inversion import (
     Embedding,
@@ -70,6 +72,11 @@ class CustomDiffusionConfig(MethodConfig):
     class_steps: int = method_key("class_steps", 50, of=DreamBoothConfig)
     class_guidance: float = method_key("class_guidance", 7.5, of=DreamBoothConfig)
     lr: Any = method_key("lr", 1.0e-5, "learning rate of the projections and the word (the example's 1e-5)")
+    joint: list[Any] = opt(
+        [],
+        "more concepts trained jointly: [{path: <images>, placeholder: <new2>, class_word: <noun>}, ...] "
+        "(class_word: the run's if left out; class_prompt optional)",
+    )
 
 
 class CustomDiffusion(Method):
@@ -82,13 +89,44 @@ class CustomDiffusion(Method):
     def __init__(self, name: str, lr: float | str, scale_lr: bool, concept: str, init_from: str | None = None,
                  placeholder: str | None = "<new1>", initializer_token: str = "sks", train_q_out: bool = False,
                  class_word: str | None = None, num_class_images: int = 100, prior_loss_weight: float = 1.0,
-                 class_prompt: str | None = None, class_steps: int = 50, class_guidance: float = 7.5):  # fmt: skip
+                 class_prompt: str | None = None, class_steps: int = 50, class_guidance: float = 7.5,
+                 joint: list[Any] | None = None):  # fmt: skip
         super().__init__(name=name, lr=lr, scale_lr=scale_lr, concept=concept, init_from=init_from)
-        self.spec = class_prior("custom_diffusion", "Custom Diffusion", init_from, class_word, class_prompt, num_class_images,
-                                prior_loss_weight, class_steps, class_guidance)  # fmt: skip
-        self.word = TextualInversion(name="ti", lr=lr, scale_lr=False, concept=concept, placeholder=placeholder,
-                                     initializer_token=initializer_token)  # fmt: skip
+
+        def prior(word: str | None, prompt: str | None) -> PriorSpec | None:
+            return class_prior("custom_diffusion", "Custom Diffusion", init_from, word, prompt, num_class_images,
+                               prior_loss_weight, class_steps, class_guidance)  # fmt: skip
+
+        def new_word(placeholder: str | None) -> TextualInversion:
+            return TextualInversion(name="ti", lr=lr, scale_lr=False, concept=concept, placeholder=placeholder,
+                                    initializer_token=initializer_token)  # fmt: skip
+
+        self.spec = prior(class_word, class_prompt)
+        self.word = new_word(placeholder)
         self.class_word, self.train_q_out = class_word, train_q_out
+        # method.joint: each other concept's images, word (a module: its vectors train) and class images
+        self.joint_words = nn.ModuleList()
+        self._joint: list[JointSet] = []
+        for k, entry in enumerate(joint or []):
+            entry = dict(entry)
+            unknown = set(entry) - {"path", "placeholder", "class_word", "class_prompt"}
+            if not entry.get("path") or not entry.get("placeholder") or unknown:
+                raise ConfigError(
+                    f"method.joint[{k}]: give path and placeholder (and optionally class_word, class_prompt), "
+                    f"e.g. {{path: bundled:toy_gem, placeholder: '<new2>', class_word: shape}}"
+                    + (f"; unknown keys {sorted(unknown)}" if unknown else "")
+                )
+            words = [self.word.placeholder, *(w.placeholder for w in self.joint_words)]
+            if entry["placeholder"] in words:
+                raise ConfigError(
+                    f"method.joint[{k}].placeholder={entry['placeholder']}: already the word of another concept of "
+                    "this run; give each concept its own (<new2>, <new3>, ...)"
+                )
+            self.joint_words.append(new_word(entry["placeholder"]))
+            noun = entry.get("class_word") or class_word
+            self._joint.append(
+                JointSet(str(entry["path"]), f"{entry['placeholder']} {noun}", prior(noun, entry.get("class_prompt")))
+            )  # fmt: skip
         self._backbone: Backbone | None = None  # not a submodule: the projections are the backbone's
         self._base: dict[str, torch.Tensor] = {}
 
@@ -104,6 +142,15 @@ class CustomDiffusion(Method):
     def prior(self) -> PriorSpec | None:
         return self.spec
 
+    @property
+    def joint_sets(self) -> list[JointSet]:
+        return self._joint
+
+    @property
+    def words(self) -> list[TextualInversion]:
+        """Every word this run trains: the concept's, then method.joint's."""
+        return [self.word, *self.joint_words]
+
     def trained_names(self, backbone: Backbone) -> list[str]:
         """The UNet's parameters this method trains: each cross-attention's to_k and to_v weights (and with
         train_q_out to_q's and to_out.0's weight and bias)."""
@@ -113,7 +160,8 @@ class CustomDiffusion(Method):
         return [n for n, _ in backbone.unet.named_parameters() if ".attn2." in n and n.endswith(parts)]
 
     def attach(self, backbone: Backbone) -> None:
-        self.word.attach(backbone)
+        for word in self.words:
+            word.attach(backbone)
         object.__setattr__(self, "_backbone", backbone)
         params = dict(backbone.unet.named_parameters())
         self._base = {n: params[n].detach().clone() for n in self.trained_names(backbone)}
@@ -122,7 +170,7 @@ class CustomDiffusion(Method):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = dict(self._backbone.unet.named_parameters())
-        return [*self.word.vector_parts, *(params[n] for n in self._base)]
+        return [*(p for word in self.words for p in word.vector_parts), *(params[n] for n in self._base)]
 
     @contextmanager
     def at_multiplier(self, multiplier: float) -> Iterator[None]:
@@ -134,18 +182,16 @@ class CustomDiffusion(Method):
             raise ConfigError("method=custom_diffusion writes SD 1.x/2.x files; SDXL is not supported yet")
         params = dict(backbone.unet.named_parameters())
         weights = {n: params[n].detach() for n in self._base}
-        vectors = self.word.vectors.detach()
+        vectors = {word.placeholder: word.vectors.detach() for word in self.words}
         meta = {"format": FORMAT, "word": self.word.placeholder, "class_word": self.class_word,
                 "base": str(backbone.checkpoint_name), "step": str(int(step))}  # fmt: skip
         ours = write_safetensors(folder / f"{self.concept}.safetensors",
-                                 {**weights, f"{WORD}{self.word.placeholder}": vectors}, meta)  # fmt: skip
+                                 {**weights, **{f"{WORD}{w}": v for w, v in vectors.items()}}, meta)  # fmt: skip
         diffusers = folder / "diffusers"
         return [
             ours,
             write_diffusers_custom_diffusion(diffusers / DIFFUSERS_FILE, backbone, weights),
-            write_diffusers_embedding(
-                diffusers / f"{self.word.placeholder}.safetensors", self.word.placeholder, vectors
-            ),  # fmt: skip
+            *(write_diffusers_embedding(diffusers / f"{w}.safetensors", w, v) for w, v in vectors.items()),
         ]
 
     @classmethod
@@ -187,12 +233,15 @@ class CustomDiffusionConcept(Concept):
         super().__init__(name, path)
         self.metadata = metadata
         word = metadata.get("word", "")
-        vectors = tensors.get(f"{WORD}{word}")
-        if vectors is None:
+        if f"{WORD}{word}" not in tensors:
             raise ConceptFileError(
                 f"{path}: a Custom Diffusion file without its word's vectors ({WORD}{word})"
             )
-        self.word = EmbeddingConcept(Embedding(name=word, vectors=vectors.float()), Path(path))
+        # its word first, then those of concepts trained with it
+        self.embeddings = [EmbeddingConcept(Embedding(name=k.removeprefix(WORD), vectors=v.float()), Path(path))
+                       for k, v in sorted(tensors.items(), key=lambda kv: kv[0] != f"{WORD}{word}")
+                       if k.startswith(WORD)]  # fmt: skip
+        self.word = self.embeddings[0]
         self.weights = {k: v for k, v in tensors.items() if not k.startswith(WORD)}
         self.backbone: Backbone | None = None
         self.base: dict[str, torch.Tensor] = {}
@@ -209,7 +258,8 @@ class CustomDiffusionConcept(Concept):
                 f"Custom Diffusion file {self.name!r} ({self.path}): {len(wrong)} of its projections do not fit this "
                 f"model's UNet (e.g. {wrong[0]}): it was trained for another model"
             )
-        self.word.install(backbone)
+        for embedding in self.embeddings:
+            embedding.install(backbone)
         self.backbone = backbone
         self.base = {k: own[k].detach().clone() for k in self.weights}
         self.weights = {k: v.to(own[k]) for k, v in self.weights.items()}
@@ -223,7 +273,10 @@ class CustomDiffusionConcept(Concept):
         self.activate(0.0)
 
     def rewrite_prompt(self, text: str) -> str:
-        return self.word.rewrite_prompt(text)
+        for embedding in self.embeddings:
+            text = embedding.rewrite_prompt(text)
+        return text
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "word": self.word.token, "class_word": self.metadata.get("class_word")}
+        return {**super().describe(), "word": self.word.token, "class_word": self.metadata.get("class_word"),
+                "joint_words": [e.token for e in self.embeddings[1:]]}  # fmt: skip

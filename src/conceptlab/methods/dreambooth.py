@@ -4,10 +4,15 @@ preservation: class images ("a photo of a dog") drawn once by the frozen backbon
 cache for every run and sweep, and trained beside the concept's, their loss weighted by
 `prior_loss_weight`.
 
-Files (`concepts/`): `<concept>.safetensors`, the fine-tuned UNet's weights under diffusers' names (what
-`generate.py` reads: `<dreambooth:<concept>:m>` applies base + m x (fine-tuned - base), so 0 is the bare
-model), and `diffusers/unet/`, the UNet as diffusers saves it (`UNet2DConditionModel.from_pretrained`,
-or a pipeline's `unet=`). With `method.checkpoint_file=true` on SD 1.x, also `checkpoint/<concept>.safetensors`:
+With `method.train_text_encoder=true` the text encoder (SDXL: both) trains too, at the same rate, as
+the diffusers example's `--train_text_encoder` does.
+
+Files (`concepts/`): `<concept>.safetensors`, the fine-tuned UNet's weights under diffusers' names (and a
+trained text encoder's under `text_encoder.` / `text_encoder_2.`; what `generate.py` reads:
+`<dreambooth:<concept>:m>` applies base + m x (fine-tuned - base), so 0 is the bare model), and
+`diffusers/unet/` (and `diffusers/text_encoder/`, `diffusers/text_encoder_2/`), each part as diffusers
+saves it (`UNet2DConditionModel.from_pretrained`, `CLIPTextModel.from_pretrained`, or a pipeline's
+`unet=` / `text_encoder=`). With `method.checkpoint_file=true` on SD 1.x, also `checkpoint/<concept>.safetensors`:
 the whole model (the fine-tuned UNet, the frozen VAE and text encoder) as one original-layout file in
 float16, what the webui's `models/Stable-diffusion/` and ComfyUI's checkpoint loader take.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ from ..layouts import original_sd1_checkpoint
 from .base import Concept, Method, MethodConfig, PriorSpec, method_key
 
 FORMAT = "conceptlab-dreambooth"  # the metadata's `format` of a DreamBooth UNet file
+TEXT_PARTS = ("text_encoder", "text_encoder_2")  # a trained text encoder's key prefixes in that file
 
 
 @dataclass
@@ -56,6 +62,10 @@ class DreamBoothConfig(MethodConfig):
     class_steps: int = opt(50, "DDIM steps of the class images", valid="[1, inf)")
     class_guidance: float = opt(7.5, "classifier-free guidance of the class images", valid="[0, inf)")
     lr: Any = method_key("lr", 5.0e-6, "learning rate of the UNet (the diffusers example's 5e-6)")
+    train_text_encoder: bool = opt(
+        False,
+        "fine-tune the text encoder (SDXL: both) too, at method.lr (the example's --train_text_encoder)",
+    )
     checkpoint_file: bool = opt(
         False,
         "SD 1.x: also write the whole model as one original-layout float16 .safetensors (concepts/checkpoint/; "
@@ -73,14 +83,15 @@ class DreamBooth(Method):
     def __init__(self, name: str, lr: float | str, scale_lr: bool, concept: str, init_from: str | None = None,
                  identifier: str = "sks", class_word: str | None = None, num_class_images: int = 100,
                  prior_loss_weight: float = 1.0, class_prompt: str | None = None, class_steps: int = 50,
-                 class_guidance: float = 7.5, checkpoint_file: bool = False):  # fmt: skip
+                 class_guidance: float = 7.5, train_text_encoder: bool = False,
+                 checkpoint_file: bool = False):  # fmt: skip
         super().__init__(name=name, lr=lr, scale_lr=scale_lr, concept=concept, init_from=init_from)
-        self.checkpoint_file = checkpoint_file
+        self.checkpoint_file, self.train_text_encoder = checkpoint_file, train_text_encoder
         self.identifier, self.class_word = identifier, class_word
         self.spec = class_prior("dreambooth", "DreamBooth", init_from, class_word, class_prompt, num_class_images,
                                 prior_loss_weight, class_steps, class_guidance)  # fmt: skip
         self._backbone: Backbone | None = None  # not a submodule: the UNet is the backbone's
-        self._base: dict[str, torch.Tensor] = {}
+        self._base: dict[str, dict[str, torch.Tensor]] = {}  # the bare weights of each part that trains
 
     @property
     def prompt_text(self) -> str:
@@ -92,7 +103,7 @@ class DreamBooth(Method):
 
     @property
     def changes_text_encoding(self) -> bool:
-        return False  # the text encoder stays frozen: captions' contexts are computed once
+        return self.train_text_encoder  # if frozen, captions' contexts are computed once
 
     @property
     def prior(self) -> PriorSpec | None:
@@ -106,29 +117,45 @@ class DreamBooth(Method):
             )
         object.__setattr__(self, "_backbone", backbone)
         # The bare weights, for the multipliers (<dreambooth:name:0> is the bare model) and the files.
-        self._base = {k: v.detach().clone() for k, v in backbone.unet.state_dict().items()}
-        backbone.unet.requires_grad_(True)
+        for part in self.parts(backbone):
+            module = getattr(backbone, part)
+            self._base[part] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            module.requires_grad_(True)
+
+    def parts(self, backbone: Backbone) -> list[str]:
+        """The backbone's parts this run fine-tunes: the UNet, and the text encoders with train_text_encoder."""
+        return ["unet", *(backbone.text_parts if self.train_text_encoder else [])]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self._backbone.unet.parameters() if p.requires_grad]
+        return [
+            p for part in self._base for p in getattr(self._backbone, part).parameters() if p.requires_grad
+        ]
 
     @contextmanager
     def at_multiplier(self, multiplier: float) -> Iterator[None]:
-        with weights_at(self._backbone.unet, self._base, multiplier):
+        with ExitStack() as stack:
+            for part, base in self._base.items():
+                stack.enter_context(weights_at(getattr(self._backbone, part), base, multiplier))
             yield
 
     def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in backbone.unet.state_dict().items()}
+        weights = {
+            (k if part == "unet" else f"{part}.{k}"): v.detach().to("cpu").contiguous()
+            for part in self._base
+            for k, v in getattr(backbone, part).state_dict().items()
+        }
         meta = {"format": FORMAT, "identifier": self.identifier, "class_word": self.class_word,
                 "base": str(backbone.checkpoint_name), "step": str(int(step))}  # fmt: skip
         path = write_safetensors(folder / f"{self.concept}.safetensors", weights, meta)
-        unet_folder = folder / "diffusers" / "unet"
-        unet_folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=unet_folder) as tmp:  # each file renamed into place whole
-            backbone.unet.save_pretrained(tmp)
-            for file in sorted(Path(tmp).iterdir()):
-                os.replace(file, unet_folder / file.name)
-        files = [path, unet_folder / "diffusion_pytorch_model.safetensors"]
+        files = [path]
+        for part in self._base:  # diffusers' folder of each part that trained
+            part_folder = folder / "diffusers" / part
+            part_folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=part_folder) as tmp:  # each file renamed into place whole
+                getattr(backbone, part).save_pretrained(tmp)
+                for file in sorted(Path(tmp).iterdir()):
+                    os.replace(file, part_folder / file.name)
+            files.append(next(part_folder.glob("*.safetensors")))
         if self.checkpoint_file:
             state = original_sd1_checkpoint(backbone.unet, backbone.vae, backbone.text_encoder)
             about = {k: v for k, v in meta.items() if k != "format"}  # a model, not a concept file
@@ -201,29 +228,43 @@ class DreamBoothConcept(Concept):
 
     def __init__(self, name: str, path: Path, weights: dict[str, torch.Tensor], metadata: dict[str, str]):
         super().__init__(name, path)
-        self.weights, self.metadata = weights, metadata
+        self.metadata = metadata
+        # {part: its tensors}: the UNet's keys are bare, a text encoder's carry its part's name
+        self.weights: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in weights.items():
+            part, _, rest = key.partition(".")
+            part, rest = (part, rest) if part in TEXT_PARTS else ("unet", key)
+            self.weights.setdefault(part, {})[rest] = value
         self.backbone: Backbone | None = None
-        self.base: dict[str, torch.Tensor] = {}
+        self.base: dict[str, dict[str, torch.Tensor]] = {}
 
     @property
     def words(self) -> str:
         return self.metadata.get("identifier", "sks")  # the class word follows it in evaluation prompts
 
     def install(self, backbone: Backbone) -> None:
-        own = backbone.unet.state_dict()
-        wrong = [k for k in own if k not in self.weights or self.weights[k].shape != own[k].shape]
-        if wrong or len(self.weights) != len(own):
+        missing = [part for part in self.weights if part not in ("unet", *backbone.text_parts)]
+        if missing:
             raise ConceptFileError(
-                f"DreamBooth UNet {self.name!r} ({self.path}) does not fit this model's UNet ({len(wrong)} tensors "
-                f"differ, e.g. {wrong[0] if wrong else next(k for k in self.weights if k not in own)}): it was trained for another model"
+                f"DreamBooth file {self.name!r} ({self.path}) holds a {missing[0]} this model does not have: "
+                "it was trained for another model"
             )
+        for part, weights in self.weights.items():
+            own = getattr(backbone, part).state_dict()
+            wrong = [k for k in own if k not in weights or weights[k].shape != own[k].shape]
+            if wrong or len(weights) != len(own):
+                raise ConceptFileError(
+                    f"DreamBooth file {self.name!r} ({self.path}) does not fit this model's {part} ({len(wrong)} tensors "
+                    f"differ, e.g. {wrong[0] if wrong else next(k for k in weights if k not in own)}): it was trained for another model"
+                )
+            self.base[part] = {k: v.detach().clone() for k, v in own.items()}
+            self.weights[part] = {k: v.to(own[k]) for k, v in weights.items()}
         self.backbone = backbone
-        self.base = {k: v.detach().clone() for k, v in own.items()}
-        self.weights = {k: v.to(own[k]) for k, v in self.weights.items()}
 
     def activate(self, multiplier: float) -> None:
         with torch.no_grad():
-            self.backbone.unet.load_state_dict(mixed(self.base, self.weights, multiplier))
+            for part, weights in self.weights.items():
+                getattr(self.backbone, part).load_state_dict(mixed(self.base[part], weights, multiplier))
 
     def deactivate(self) -> None:
         self.activate(0.0)

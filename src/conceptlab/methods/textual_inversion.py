@@ -283,6 +283,12 @@ class TextualInversion(Method):
             self._check_new_word(tokenizer)
         init = self._initial_vectors(backbone)
         for part, (tokenizer, text_encoder) in enumerate(zip(backbone.tokenizers, backbone.text_encoders)):
+            # Words attached before this one (several concepts trained together) wrap the table: the bare
+            # table is resized, and they wrap this word's lookup in turn.
+            before = []
+            while isinstance(text_encoder.get_input_embeddings(), PlaceholderEmbedding):
+                before.append(text_encoder.get_input_embeddings())
+                text_encoder.set_input_embeddings(before[-1].table)
             # This backbone's own parameter object for the table (its tensor stays shared until the resize
             # below replaces it): transformers resizes in place (`weight.data = ...`), and a packed sweep's
             # jobs hold the same parameter objects, so one job's new words would resize every job's table.
@@ -304,7 +310,10 @@ class TextualInversion(Method):
                 )
             table.weight.requires_grad_(False)
             setattr(self, "vectors_2" if part else "vectors", nn.Parameter(init[part].float().clone()))
-            text_encoder.set_input_embeddings(PlaceholderEmbedding(table, self, part))
+            lookup = PlaceholderEmbedding(table, self, part)
+            for outer in reversed(before):
+                outer.table, lookup = lookup, outer
+            text_encoder.set_input_embeddings(lookup)
 
     @property
     def vector_parts(self) -> list[nn.Parameter]:
