@@ -431,3 +431,54 @@ def test_the_data_module_gives_each_sdxl_sample_its_images_size_ids(xl, tmp_path
     ids = {im.path.name: data.dataset[(k, 0)]["time_ids"].tolist() for k, im in enumerate(images)}
     assert ids == {"wide.png": [100, 200, 0, 32, 64, 64], "square.png": [64, 64, 0, 0, 64, 64]}
     assert data.dataset[(0, 0)]["context"].shape == (78, 80)  # both encoders' context and the pooled row
+
+
+@pytest.mark.slow
+def test_dreambooth_and_custom_diffusion_on_sdxl_train_both_encoders_and_their_files_load(
+    tmp_path, tiny_xl_dir
+):
+    """DreamBooth with its text encoders (both train; its reader puts back all three parts at 0), and
+    Custom Diffusion (its word in both encoders; diffusers' SDXL UNet with its processors predicts what
+    ours does)."""
+    from conceptlab.backbone import load_backbone
+    from conceptlab.config import ModelConfig
+    from conceptlab.inference import load_concepts
+
+    prior = ["data.class_word=robot", "method.num_class_images=2", "method.class_steps=2", "method.lr=1e-3"]
+    db = run_train(tmp_path / "db", "method=dreambooth", "method.train_text_encoder=true", *prior, *XL,
+                   "trainer.max_steps=1")  # fmt: skip
+    parts = {k.split(".")[0] for k in load_file(tmp_path / "db" / "concepts" / "robot.safetensors")}
+    assert {"text_encoder", "text_encoder_2"} <= parts and db["status"] == "completed"
+    backbone = load_backbone(ModelConfig(name="sdxl", path=str(tiny_xl_dir)))
+    bare = {part: {k: v.clone() for k, v in getattr(backbone, part).state_dict().items()}
+            for part in ("unet", "text_encoder", "text_encoder_2")}  # fmt: skip
+    [concept] = load_concepts([tmp_path / "db"])
+    concept.install(backbone)
+    concept.activate(1.0)
+    assert not torch.equal(backbone.text_encoder_2.state_dict()["text_projection.weight"],
+                           bare["text_encoder_2"]["text_projection.weight"])  # fmt: skip
+    concept.activate(0.0)
+    for part, state in bare.items():
+        assert all(torch.equal(getattr(backbone, part).state_dict()[k], v) for k, v in state.items()), part
+
+    run_train(tmp_path / "cd", "method=custom_diffusion", *prior, *XL, "trainer.max_steps=1")
+    file = load_file(tmp_path / "cd" / "concepts" / "robot.safetensors")
+    assert file["word.<new1>"].shape == (1, 32) and file["word_g.<new1>"].shape == (1, 48)
+    folder = tmp_path / "cd" / "concepts" / "diffusers"
+    assert torch.equal(load_file(folder / "<new1>_2.safetensors")["<new1>"], file["word_g.<new1>"])
+    backbone = load_backbone(ModelConfig(name="sdxl", path=str(tiny_xl_dir)))
+    [concept] = load_concepts([tmp_path / "cd"])
+    concept.install(backbone)
+    concept.activate(1.0)
+    pipe = xl_pipeline(tiny_xl_dir)
+    pipe.unet.load_attn_procs(
+        folder, weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe
+    )
+    context = backbone.encode_text(backbone.tokenize(["a photo of <new1> robot"]))
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    time_ids = backbone.size_ids(latents)
+    with torch.no_grad():
+        ours = backbone.denoise(latents, torch.tensor([500]), context, time_ids)
+        theirs = pipe.unet(latents, torch.tensor([500]), context[:, :77],
+                           added_cond_kwargs={"text_embeds": context[:, 77, :48], "time_ids": time_ids}).sample  # fmt: skip
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)

@@ -43,7 +43,8 @@ from .textual_inversion import (
 )
 
 FORMAT = "conceptlab-custom-diffusion"
-WORD = "word."  # the key prefix of the word's vectors in conceptlab's file
+WORD = "word."  # the key prefix of a word's vectors in conceptlab's file
+WORD_G = "word_g."  # ... and of an SDXL word's second half (the second text encoder's, clip_g)
 DIFFUSERS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 
 
@@ -178,21 +179,27 @@ class CustomDiffusion(Method):
             yield
 
     def export(self, folder: Path, step: int, backbone: Backbone) -> list[Path]:
-        if backbone.is_xl:
-            raise ConfigError("method=custom_diffusion writes SD 1.x/2.x files; SDXL is not supported yet")
         params = dict(backbone.unet.named_parameters())
         weights = {n: params[n].detach() for n in self._base}
         vectors = {word.placeholder: word.vectors.detach() for word in self.words}
+        # SDXL: each word's second encoder's half; diffusers loads it as a second file (text_encoder_2)
+        halves = {
+            word.placeholder: word.vectors_2.detach() for word in self.words if word.vectors_2 is not None
+        }
         meta = {"format": FORMAT, "word": self.word.placeholder, "class_word": self.class_word,
                 "base": str(backbone.checkpoint_name), "step": str(int(step))}  # fmt: skip
-        ours = write_safetensors(folder / f"{self.concept}.safetensors",
-                                 {**weights, **{f"{WORD}{w}": v for w, v in vectors.items()}}, meta)  # fmt: skip
+        tensors = {**weights, **{f"{WORD}{w}": v for w, v in vectors.items()},
+                   **{f"{WORD_G}{w}": v for w, v in halves.items()}}  # fmt: skip
         diffusers = folder / "diffusers"
-        return [
-            ours,
+        files = [
+            write_safetensors(folder / f"{self.concept}.safetensors", tensors, meta),
             write_diffusers_custom_diffusion(diffusers / DIFFUSERS_FILE, backbone, weights),
-            *(write_diffusers_embedding(diffusers / f"{w}.safetensors", w, v) for w, v in vectors.items()),
         ]
+        for w, v in vectors.items():
+            files.append(write_diffusers_embedding(diffusers / f"{w}.safetensors", w, v))
+            if w in halves:
+                files.append(write_diffusers_embedding(diffusers / f"{w}_2.safetensors", w, halves[w]))
+        return files
 
     @classmethod
     def concept_from_file(cls, file: TensorFile) -> CustomDiffusionConcept | None:
@@ -237,12 +244,18 @@ class CustomDiffusionConcept(Concept):
             raise ConceptFileError(
                 f"{path}: a Custom Diffusion file without its word's vectors ({WORD}{word})"
             )
+
         # its word first, then those of concepts trained with it
-        self.embeddings = [EmbeddingConcept(Embedding(name=k.removeprefix(WORD), vectors=v.float()), Path(path))
-                       for k, v in sorted(tensors.items(), key=lambda kv: kv[0] != f"{WORD}{word}")
-                       if k.startswith(WORD)]  # fmt: skip
+        def embedding(name: str, vectors: torch.Tensor) -> EmbeddingConcept:
+            half = tensors.get(f"{WORD_G}{name}")  # SDXL's second half
+            return EmbeddingConcept(Embedding(name=name, vectors=vectors.float(),
+                                              sdxl_clip_g=None if half is None else half.float()), Path(path))  # fmt: skip
+
+        self.embeddings = [embedding(k.removeprefix(WORD), v)
+                           for k, v in sorted(tensors.items(), key=lambda kv: kv[0] != f"{WORD}{word}")
+                           if k.startswith(WORD)]  # fmt: skip
         self.word = self.embeddings[0]
-        self.weights = {k: v for k, v in tensors.items() if not k.startswith(WORD)}
+        self.weights = {k: v for k, v in tensors.items() if not k.startswith((WORD, WORD_G))}
         self.backbone: Backbone | None = None
         self.base: dict[str, torch.Tensor] = {}
 
