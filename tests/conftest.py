@@ -34,6 +34,37 @@ FAST = [
 ]
 
 
+# The longest tests (seconds on CPU-2, measured 2026-12-07), run first: with two workers that steal work
+# from each other (`--dist worksteal` in pyproject), the suite then ends on short tests on both workers
+# instead of one worker finishing a long test alone. A name not listed keeps its place.
+LONG_FIRST = {
+    "test_hypernetwork_learns_the_unseen_style_and_is_the_bare_model_at_zero": 96,
+    "test_gpu_checks_script_runs_every_check_on_the_cpu": 78,
+    "test_pretraining_runs_every_stage_and_resumes": 71,
+    "test_a_word_learned_from_the_balanced_set_draws_closer_to_uniform_than_the_bare_prompt": 48,
+    "test_caption_following_of_the_shipped_checkpoint_meets_its_targets": 46,
+    "test_packed_and_one_by_one_sweeps_leave_the_same_records": 35,
+    "test_the_main_command_says_where_the_run_is_what_it_learned_and_how_to_use_it": 34,
+    "test_evaluate_py_scores_a_sweep_and_the_report_reads_it": 33,
+    "test_lora_learns_the_attribute_combination_and_is_the_bare_model_at_zero": 33,
+    "test_the_main_job_runs_from_an_empty_folder": 31,
+    "test_ddp_jobs_inside_a_local_sweep_do_not_start_new_sweeps": 30,
+    "test_the_newer_methods_give_packed_jobs_the_files_they_give_alone": 28,
+    "test_textual_inversion_learns_the_attribute_combination": 27,
+    "test_bench_sweep_times_both_launchers_on_the_same_jobs": 26,
+    "test_unreachable_wandb_server_falls_back_to_offline": 25,
+    "test_the_recipe_knobs_give_packed_jobs_the_files_they_give_alone": 24,
+    "test_four_job_sweep_then_the_report": 22,
+    "test_a_running_run_holds_its_folder_and_sigterm_records_interrupted": 22,
+    "test_composition_sweep_pairs_the_runs_and_the_report_shows_them": 21,
+    "test_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_embedding": 54,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: -LONG_FIRST.get(item.originalname or item.name, 0))
+
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n 2: each worker (and each process a test starts) computes on one core, the two in parallel.
     os.environ.setdefault("OMP_NUM_THREADS", "1")

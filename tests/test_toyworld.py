@@ -351,7 +351,8 @@ def test_caption_following_of_the_shipped_checkpoint_meets_its_targets():
 @pytest.mark.slow
 def test_textual_inversion_learns_the_attribute_combination(tmp_path):
     """`python train.py method=ti data=toy_combo` as the README says: the concept from <=0.1 to >=0.8,
-    budgeted by steps (half the recipe's 200: the concept is learned by step 100, measured 0.00 -> 1.00)."""
+    budgeted by steps (half the recipe's 200: the concept is learned by step 100, measured 0.00 -> 1.00),
+    and CLIP-I (the toy world's CLIP) rises with it."""
     proc, [run_dir] = train_subprocess(
         tmp_path, "method=ti", "data=toy_combo", "logger=csv", "trainer.enable_progress_bar=false",
         "trainer.max_steps=100", "samples.every_n_steps=0", "evaluate.num_samples=8", fast=False, timeout=600,
@@ -359,7 +360,12 @@ def test_textual_inversion_learns_the_attribute_combination(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in _judge_rows(run_dir) if r["judge/concept"] != ""]
     assert rows[0]["step"] == "0" and float(rows[0]["judge/concept"]) <= 0.1
-    assert read_summary(run_dir)["metrics"]["judge/concept"] >= 0.8
+    summary = read_summary(run_dir)
+    assert summary["metrics"]["judge/concept"] >= 0.8
+    # ... and the toy world's CLIP agrees: CLIP-I of its samples against the concept's images rises
+    start, end = summary["metrics_at_start"], summary["metrics"]
+    assert end["metrics/recon_clip_i"] > start["metrics/recon_clip_i"] + 0.02, (start, end)
+    assert end["metrics/clip_i"] > start["metrics/clip_i"], (start, end)
 
 
 @pytest.mark.slow
