@@ -412,7 +412,7 @@ def _judge_rows(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_pretraining_runs_every_stage_and_resumes(tmp_path):
     args = [sys.executable, str(ROOT / "scripts" / "pretrain_toyworld.py"), "--out", str(tmp_path / "out"),
-            "--work", str(tmp_path / "work"), "--pool-size", "256", "--judge-pool-size", "256", "--vae-steps", "3",
+            "--work", str(tmp_path / "work"), "--pool-size", "64", "--judge-pool-size", "64", "--vae-steps", "3",
             "--judge-steps", "3", "--unet-batch", "8", "--checkpoint-every", "2", "--eval-scenes", "2",
             "--clip-steps", "2", "--clip-batch", "8"]  # fmt: skip
     first = subprocess.run([*args, "--unet-steps", "2"], capture_output=True, text=True, timeout=300)

@@ -413,13 +413,31 @@ def test_broken_concept_file_is_reported_not_unpickled(tmp_path):
 
 @pytest.fixture
 def silent_server():
-    """A local port that accepts connections and never answers (a hung server)."""
+    """A local port that accepts connections and never answers (a hung server); `.connections` counts
+    the connections made to it."""
     import socket
+    import threading
+
+    class Silent(str):
+        connections: list = []
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(64)
-        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+        url = Silent(f"http://127.0.0.1:{server.getsockname()[1]}")
+        url.connections = []
+
+        def accept():
+            while True:
+                try:
+                    url.connections.append(server.accept()[0])  # kept open, never answered
+                except OSError:
+                    return
+
+        threading.Thread(target=accept, daemon=True).start()
+        yield url
+        for connection in url.connections:
+            connection.close()
 
 
 @pytest.mark.parametrize("server", ["refused", pytest.param("silent", marks=pytest.mark.slow)])
@@ -434,6 +452,8 @@ def test_unreachable_wandb_server_falls_back_to_offline(tmp_path, server, silent
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert f"could not reach the server at {url} within 3 s" in output and "Traceback" not in output
+    if server == "silent":  # the offline run sends the server nothing after the probe (W&B's analytics off)
+        assert len(silent_server.connections) == 1
     assert read_summary(run_dir)["status"] == "completed"
     [offline] = (run_dir / "wandb").glob("offline-run-*")
     # The offline run's id is recorded: a requeue continues it and `wandb sync` uploads it.

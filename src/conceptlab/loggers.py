@@ -59,6 +59,8 @@ def log_sweep_table(cfg: LoggerConfig, group: str | None, sweep_dir: Path, table
         mode = wandb_mode(cfg)
         if mode == "disabled":
             return
+        if mode == "offline":
+            no_wandb_analytics()
         run = wandb.init(
             project=cfg.project, entity=cfg.entity, group=group, job_type="sweep",
             name=f"{group or 'sweep'}: {title}", dir=str(sweep_dir), mode=mode, reinit="create_new",
@@ -86,6 +88,8 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
 
     def start(mode: str, run_id: str) -> WandbLogger:
+        if mode == "offline":
+            no_wandb_analytics()
         logger = WandbLogger(
             id=run_id,
             resume="allow",
@@ -143,6 +147,18 @@ def make_wandb_logger(cfg: LoggerConfig, run_dir: Path, run_name: str, config: d
 
 
 DEFAULT_WANDB_URL = "https://api.wandb.ai"
+
+
+def no_wandb_analytics() -> None:
+    """W&B's own usage analytics for the process, off. They post to the W&B server even when every run is
+    offline, and at exit wait up to 10 s on a server that never answers (wandb 0.31's OpenTelemetry
+    proxy); an offline run sends nothing."""
+    try:
+        from wandb.analytics.opentelemetry import opentelemetry_proxy
+
+        opentelemetry_proxy.disable()
+    except (ImportError, AttributeError):  # another wandb version: nothing of the kind to turn off
+        pass
 
 
 def unanswered(url: str, timeout: float) -> str | None:

@@ -182,7 +182,7 @@ def retrieval_accuracy(model, processor, pool: dict, seed: int, count: int = 512
     nearest caption names the right value of each attribute (the model's reading of the world)."""
 
     rng = np.random.default_rng(seed + 99)
-    idx = rng.choice(len(pool["scenes"]), count, replace=False)
+    idx = rng.choice(len(pool["scenes"]), min(count, len(pool["scenes"])), replace=False)
     scenes = [pool["scenes"][i] for i in idx]
     texts = [full_caption(s, random.Random(0), p_drop=0.0) for s in scenes]
     inputs = processor(text=texts, images=list(pool["images"][idx]), return_tensors="pt", padding=True)
