@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_train
+from conftest import check_resume, run_train
 from safetensors.torch import load_file
 from test_lora import check_tag_at_zero_and_one
 
@@ -140,3 +140,9 @@ def test_two_concepts_train_jointly_each_with_its_word_and_class_images(tmp_path
     for word in ("<new1>", "<new2>"):
         row = table(torch.tensor([backbone.tokenizer.convert_tokens_to_ids(word)]))
         torch.testing.assert_close(row[0], tensors[f"word.{word}"][0])
+
+
+@pytest.mark.slow
+def test_a_joint_custom_diffusion_run_resumes_bit_for_bit(tmp_path):
+    """The projections (the backbone's own tensors) and both words come back from the checkpoint."""
+    check_resume(tmp_path, *FAST, JOINT, "method.class_steps=4")

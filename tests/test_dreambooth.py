@@ -192,6 +192,13 @@ def test_with_train_text_encoder_the_text_encoder_trains_and_every_reader_gets_i
     loaded = pipe.text_encoder.state_dict()
     assert all(torch.equal(loaded[k].half(), text[k].half()) for k in text if k in loaded)
     assert any(not torch.equal(loaded[k].half(), bare_text[k].half()) for k in text if k in loaded)
+    # ... and generate.py takes it as the model
+    from test_lora import generate
+
+    checkpoint = run_dir / "concepts" / "checkpoint" / "robot.safetensors"
+    record, out = generate(tmp_path, "prompt=a photo of sks robot", f"model.path={checkpoint}",
+                           f"model.single_file_config={tiny_dir}", "seeds=[0]")  # fmt: skip
+    assert (out / record["images"][0]).is_file()
     # generate.py's reader: at 0 both parts are the bare model's, at 1 the trained ones
     backbone = load_backbone(ModelConfig(path=str(tiny_dir)))
     concept = DreamBooth.concept_from_file(read_tensor_file(run_dir / "concepts" / "robot.safetensors"))
