@@ -140,6 +140,12 @@ def test_two_concepts_train_jointly_each_with_its_word_and_class_images(tmp_path
     for word in ("<new1>", "<new2>"):
         row = table(torch.tensor([backbone.tokenizer.convert_tokens_to_ids(word)]))
         torch.testing.assert_close(row[0], tensors[f"word.{word}"][0])
+    # generate.py with the second concept's word: the run's folder gives both words
+    from test_lora import generate
+
+    record, out = generate(tmp_path, "prompt=a photo of <new2> drawing <custom_diffusion:robot:1>",
+                           f"concepts=[{run_dir}]", "seeds=[0]")  # fmt: skip
+    assert record["concepts"][0]["joint_words"] == ["<new2>"] and (out / record["images"][0]).is_file()
 
 
 @pytest.mark.slow

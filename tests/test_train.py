@@ -419,7 +419,7 @@ def silent_server():
     import threading
 
     class Silent(str):
-        connections: list = []
+        """The server's URL, with the connections made to it."""
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
