@@ -50,6 +50,10 @@ def installed(tmp_path_factory) -> Path:
                      "conceptlab/toyworld/checkpoint/judge/config.json", "conceptlab/examples/robot/00.png",
                      "conceptlab/single_file_configs/sd15/unet/config.json",
                      "conceptlab/single_file_configs/sd21/tokenizer/tokenizer_config.json",
+                     "conceptlab/single_file_configs/sdxl/text_encoder_2/config.json",
+                     "conceptlab/toyworld/checkpoint_xl/vocabulary.safetensors",
+                     "conceptlab/toyworld/checkpoint_xl/unet/diffusion_pytorch_model.safetensors",
+                     "conceptlab/conf/method/ti_start/toy_xl_objects.yaml",
                      "conceptlab/examples/toy_combo/00.png"):  # fmt: skip
         assert packaged in names, f"{packaged} is not in the wheel"
     env = tmp / "env"
@@ -96,6 +100,24 @@ def test_the_main_job_runs_from_an_empty_folder(installed, tmp_path):
     run([str(installed / "bin" / "python"), "-m", "conceptlab", "generate", prompt, "concepts=[" + str(summary.parent) + "]",
          "steps=2"], tmp_path)  # fmt: skip
     assert list(tmp_path.glob("outputs/generate/*/grid.png"))
+    # the SDXL-shaped toy: packed in the installed package, made whole in the cache on first use
+    run(
+        [
+            str(installed / "bin" / "conceptlab-train"),
+            "model=toy_xl",
+            "method=lora",
+            *SMALL,
+            "output_root=xl",
+        ],
+        tmp_path,
+    )
+    [summary] = list(tmp_path.glob("xl/runs/*/summary.json"))
+    record = json.loads(summary.read_text())
+    assert (
+        record["status"] == "completed"
+        and record["model"] == "toy_xl"
+        and "judge/concept" in record["metrics"]
+    )
 
 
 def test_a_users_experiment_sweeps_their_own_data_set_with_their_own_configs(installed, tmp_path):

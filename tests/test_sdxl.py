@@ -330,16 +330,54 @@ def test_pivotal_tuning_on_sdxl_bundles_both_halves_as_the_webui_reads_them(runs
     )
 
 
-def test_a_single_file_sdxl_checkpoint_is_refused_in_one_line_naming_the_way_round(tmp_path):
+def test_a_single_file_sdxl_checkpoint_loads_its_folders_weights_and_a_wrong_family_is_named(
+    tmp_path, tiny_dir, tiny_xl_dir
+):
+    """sd_xl_base_1.0.safetensors' layout (sgm's: `conditioner.embedders.0/1`, OpenCLIP's names for the
+    second encoder), written from the tiny SDXL folder, loads as that folder does; a file of the other
+    family is named before diffusers reads it."""
+    from ldm_layout import write_single_file
+
     from conceptlab.backbone import load_backbone
     from conceptlab.config import ModelConfig
 
-    file = tmp_path / "sd_xl_base_1.0.safetensors"
-    save_file({"x": torch.zeros(1)}, file)
+    file = write_single_file(tiny_xl_dir, tmp_path / "tiny-xl.safetensors")
+    with safe_open(str(file), framework="pt") as f:
+        keys = set(f.keys())
+    # the names sgm's (the webui's) and ComfyUI's SDXL models hold; OpenCLIP's q, k, v in one matrix
+    assert {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+            "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight",
+            "conditioner.embedders.1.model.text_projection", "conditioner.embedders.1.model.ln_final.weight",
+            "model.diffusion_model.label_emb.0.0.weight", "first_stage_model.decoder.up.0.block.0.conv1.weight"} <= keys  # fmt: skip
+    # ComfyUI's clip_g rules (comfy/utils.py clip_text_transformers_convert) rename every OpenCLIP key
+    comfy = re.compile(r"conditioner\.embedders\.1\.model\.(positional_embedding|token_embedding\.weight|"
+                       r"ln_final\.(weight|bias)|text_projection|transformer\.resblocks\.\d+\."
+                       r"(attn\.in_proj_(weight|bias)|(ln_1|ln_2|mlp\.c_fc|mlp\.c_proj|attn\.out_proj)\.(weight|bias)))")  # fmt: skip
+    second = [k for k in keys if k.startswith("conditioner.embedders.1.")]
+    assert len(second) == 3 + 2 + 2 * 12 and all(comfy.fullmatch(k) for k in second)  # 2 layers of 12 each
+    ours = load_backbone(
+        ModelConfig(name="sdxl", family="sdxl", path=str(file), single_file_config=str(tiny_xl_dir))
+    )
+    folder = load_backbone(ModelConfig(name="sdxl", path=str(tiny_xl_dir)))
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        mine, theirs = getattr(ours, part).state_dict(), getattr(folder, part).state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs), part
+    assert ours.tokenizer_2.pad_token == "!" and ours.checkpoint_name == "tiny-xl"
+    ids = ours.tokenize(["a photo of a cat"])
+    assert torch.equal(ids, folder.tokenize(["a photo of a cat"]))
+    sd1 = write_single_file(tiny_dir, tmp_path / "sd1.safetensors")
     with pytest.raises(
-        BackboneError, match=r"not yet from single files; save the checkpoint as a folder once"
+        BackboneError,
+        match=r"is an SD 1.x/2.x checkpoint, but the configs in .* describe an SDXL model; use model=sd15",
     ):
-        load_backbone(ModelConfig(name="sdxl", family="sdxl", path=str(file)))
+        load_backbone(
+            ModelConfig(name="sdxl", family="sdxl", path=str(sd1), single_file_config=str(tiny_xl_dir))
+        )
+    with pytest.raises(
+        BackboneError,
+        match=r"is an SDXL checkpoint, but the configs in .* describe an SD 1.x/2.x model; use model=sdxl",
+    ):
+        load_backbone(ModelConfig(name="sd15", path=str(file), single_file_config=str(tiny_dir)))
 
 
 @pytest.mark.slow
@@ -388,16 +426,16 @@ def test_an_sdxl_ti_run_resumes_bit_for_bit(tmp_path):
     check_resume(tmp_path, "model=tiny_xl", "method=ti", "samples.every_n_steps=0", "evaluate.enabled=false")
 
 
-def test_dreambooth_refuses_an_sd1_checkpoint_file_on_sdxl_in_one_line(xl):
+def test_dreambooth_refuses_a_checkpoint_file_of_an_sd2_shaped_model_in_one_line():
+    from types import SimpleNamespace
+
     from conceptlab.errors import ConfigError
     from conceptlab.methods.dreambooth import DreamBooth
 
     method = DreamBooth(name="dreambooth", lr=1e-5, scale_lr=False, concept="robot", class_word="robot",
                         checkpoint_file=True)  # fmt: skip
-    with pytest.raises(
-        ConfigError, match=r"checkpoint_file=true writes SD 1.x checkpoints; this model is SDXL"
-    ):
-        method.attach(xl)
+    with pytest.raises(ConfigError, match=r"writes SD 1.x and SDXL checkpoints; this model is SD 2.x-shaped"):
+        method.attach(SimpleNamespace(is_xl=False, context_dim=1024))
 
 
 def test_a_float16_vae_that_says_force_upcast_encodes_in_float32_and_stays_float16(xl):
@@ -446,7 +484,22 @@ def test_dreambooth_and_custom_diffusion_on_sdxl_train_both_encoders_and_their_f
 
     prior = ["data.class_word=robot", "method.num_class_images=2", "method.class_steps=2", "method.lr=1e-3"]
     db = run_train(tmp_path / "db", "method=dreambooth", "method.train_text_encoder=true", *prior, *XL,
-                   "trainer.max_steps=1")  # fmt: skip
+                   "trainer.max_steps=1", "method.checkpoint_file=true")  # fmt: skip
+    # the whole model in one SDXL file (the webui's, ComfyUI's): diffusers reads back the trained parts
+    from diffusers import StableDiffusionXLPipeline
+
+    checkpoint = tmp_path / "db" / "concepts" / "checkpoint" / "robot.safetensors"
+    pipe = StableDiffusionXLPipeline.from_single_file(
+        str(checkpoint), config=str(tiny_xl_dir), local_files_only=True
+    )
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        trained = load_file(next((tmp_path / "db" / "concepts" / "diffusers" / part).glob("*.safetensors")))
+        loaded = getattr(pipe, part).state_dict()
+        assert all(torch.equal(loaded[k].half(), trained[k].half()) for k in trained), part
+    # ... and generate.py takes it as the model, the way a user's sd_xl_base_1.0.safetensors is taken
+    record, out = generate(tmp_path, "model=tiny_xl", f"model.path={checkpoint}",
+                           f"model.single_file_config={tiny_xl_dir}", "seeds=[0]", "prompt=a photo of sks robot")  # fmt: skip
+    assert (out / record["images"][0]).is_file()
     parts = {k.split(".")[0] for k in load_file(tmp_path / "db" / "concepts" / "robot.safetensors")}
     assert {"text_encoder", "text_encoder_2"} <= parts and db["status"] == "completed"
     backbone = load_backbone(ModelConfig(name="sdxl", path=str(tiny_xl_dir)))

@@ -85,7 +85,8 @@ def test_a_single_file_needs_its_familys_configs_and_a_wrong_family_is_named(
     tmp_path, tiny_dir, single_files
 ):
     with pytest.raises(
-        BackboneError, match=r"pick its family \(model=sd15 for SD 1.x, model=sd21 for SD 2.x\)"
+        BackboneError,
+        match=r"pick its family \(model=sd15 for SD 1.x, model=sd21 for SD 2.x, model=sdxl for SDXL\)",
     ):
         load_backbone(ModelConfig(path=str(single_files[".safetensors"])))
     sd21 = "pkg://conceptlab.single_file_configs/sd21"
@@ -101,16 +102,17 @@ def test_a_single_file_needs_its_familys_configs_and_a_wrong_family_is_named(
 
 
 @pytest.mark.parametrize(
-    ("family", "sizes", "pad"),
-    [  # parameters of SD 1.5's and SD 2.1's UNet, VAE and text encoder, as published
-        ("sd15", (859_520_964, 83_653_863, 123_060_480), "<|endoftext|>"),
-        ("sd21", (865_910_724, 83_653_863, 340_387_840), "!"),
+    ("family", "sizes", "pads"),
+    [  # parameters of SD 1.5's, SD 2.1's and SDXL base 1.0's UNet, VAE and text encoder(s), as published
+        ("sd15", (859_520_964, 83_653_863, 123_060_480), ("<|endoftext|>",)),
+        ("sd21", (865_910_724, 83_653_863, 340_387_840), ("!",)),
+        ("sdxl", (2_567_463_684, 83_653_863, 123_060_480, 694_659_840), ("<|endoftext|>", "!")),
     ],
 )
-def test_the_shipped_configs_describe_the_real_models(family, sizes, pad, tmp_path, tiny_dir, single_files):
-    """No hub: the configs a single-file SD 1.5/2.1 checkpoint loads with ship with conceptlab."""
+def test_the_shipped_configs_describe_the_real_models(family, sizes, pads, tmp_path, tiny_dir, single_files):
+    """No hub: the configs a single-file SD 1.5/2.1/SDXL checkpoint loads with ship with conceptlab."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from conceptlab.cli import register_configs
 
@@ -122,9 +124,23 @@ def test_the_shipped_configs_describe_the_real_models(family, sizes, pad, tmp_pa
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
-        text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
-    assert tuple(sum(p.numel() for p in m.parameters()) for m in (unet, vae, text)) == sizes
-    assert json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())["pad_token"] == pad
+        texts = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))]
+        if family == "sdxl":  # OpenCLIP bigG with its projection, SDXL's pooled text embedding
+            texts.append(
+                CLIPTextModelWithProjection(
+                    CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2")
+                )
+            )
+    assert tuple(sum(p.numel() for p in m.parameters()) for m in (unet, vae, *texts)) == sizes
+    tokenizers = ("tokenizer", "tokenizer_2")[: len(pads)]
+    assert (
+        tuple(json.loads((folder / t / "tokenizer_config.json").read_text())["pad_token"] for t in tokenizers)
+        == pads
+    )
+    if family == "sdxl":  # the webui's size conditioning: 6 size ids of 256 and the 1280-wide pooled text
+        assert unet.config.projection_class_embeddings_input_dim == 6 * 256 + 1280
+        return
+    pad = pads[0]
     # A config folder without a vocabulary (like the shipped ones) gets CLIP's, with the folder's pad token.
     configs = tmp_path / "configs"
     shutil.copytree(tiny_dir, configs, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))

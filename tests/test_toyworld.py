@@ -444,3 +444,110 @@ def test_pretraining_runs_every_stage_and_resumes(tmp_path):
     backbone = load_backbone(toy_model_config(tmp_path / "xl"))
     assert backbone.is_xl and backbone.text_widths == [64, 96]
     assert json.loads((tmp_path / "xl" / "results.json").read_text())["samples"] == 2
+
+
+# ------------------------------------------------------------------------------ the SDXL-shaped toy
+
+
+def test_the_sdxl_shaped_toy_ships_packed_and_is_made_whole_once_in_the_cache(tmp_path):
+    """model=toy_xl: ~15 MB in the package; unpacked once into the cache (the same files in any cache),
+    a toy folder like model=toy's that holds the packed vocabulary rows, the SD-1 toy's VAE and judge."""
+    from safetensors.torch import load_file
+
+    from conceptlab.config import ModelConfig
+    from conceptlab.toyworld.checkpoint import VOCABULARY, check_toy_folder, unpack_toy_folder
+
+    packed = TOY.parent / "checkpoint_xl"
+    assert sum(p.stat().st_size for p in packed.rglob("*") if p.is_file()) <= 25 * 2**20
+    cfg = compose(["model=toy_xl"]).model
+    backbone = load_backbone(cfg)
+    folder = Path(backbone.path)
+    assert folder.name.startswith("toy_xl-v1-") and folder != packed
+    assert check_toy_folder(folder)["family"] == "sdxl" and backbone.is_xl and backbone.context_dim == 160
+    assert backbone.native_resolution == 32 and backbone.text_widths == [64, 96]
+    vocabulary = load_file(packed / VOCABULARY)
+    for part in ("text_encoder", "text_encoder_2"):
+        table = getattr(backbone, part).get_input_embeddings().weight
+        assert torch.equal(table[vocabulary[f"{part}.ids"]].half(), vocabulary[f"{part}.rows"])
+    # the world's words and special tokens ("!" pads SDXL's second tokenizer) are among the kept rows
+    words = backbone.tokenizer("a red circle", add_special_tokens=True).input_ids
+    assert set(words) <= set(vocabulary["text_encoder.ids"].tolist())
+    assert 0 in vocabulary["text_encoder_2.ids"].tolist()
+    for part in ("vae", "judge"):  # the SD-1 toy's, by reference
+        ours = load_file(folder / part / "diffusion_pytorch_model.safetensors")
+        shipped = load_file(TOY / part / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(ours[k], shipped[k]) for k in shipped)
+    # made once: loading again reads the same folder; another cache gets the same bytes
+    stamp = (folder / "text_encoder_2" / "model.safetensors").stat().st_mtime_ns
+    assert unpack_toy_folder(packed, cfg) == folder
+    assert (folder / "text_encoder_2" / "model.safetensors").stat().st_mtime_ns == stamp
+    again = unpack_toy_folder(packed, ModelConfig(cache_dir=str(tmp_path / "cache")))
+    for name in ("text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+                 "unet/diffusion_pytorch_model.safetensors"):  # fmt: skip
+        assert (again / name).read_bytes() == (folder / name).read_bytes(), name
+    results = json.loads((packed / "results.json").read_text())["packed"]["caption_following"]
+    assert results["shape_large"] >= 0.85 and results["colour"] >= 0.90 and results["style"] >= 0.90
+
+
+def test_a_toy_xl_run_trains_and_the_judge_scores_it(tmp_path):
+    """`python train.py model=toy_xl`: the toy world's configs (its concept set, judge, recipe) as on
+    model=toy."""
+    summary = run_train(tmp_path / "run", "model=toy_xl", "method=ti", "trainer.max_steps=2",
+                        "evaluate.num_samples=2", "samples.every_n_steps=0")  # fmt: skip
+    assert (
+        summary["status"] == "completed"
+        and summary["model"] == "toy_xl"
+        and summary["concept"] == "toy_combo"
+    )
+    assert "judge/concept" in summary["metrics"]
+    assert compose(["model=toy_xl", "method=ti"]).method.lr == compose(["model=toy", "method=ti"]).method.lr
+
+
+def test_packing_keeps_the_vocabulary_rows_pretraining_moved_and_refuses_another_vae(tmp_path):
+    """scripts/pretrain_toyworld.py --pack on a stand-in for a pretrained SDXL-shaped toy (its weights
+    at their start, decayed, and three rows moved): the packed form keeps exactly those rows."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    from conceptlab.backbone import save_sd_folder
+    from conceptlab.config import ModelConfig
+    from conceptlab.toyworld.checkpoint import VOCABULARY, unpack_toy_folder, write_manifest
+    from conceptlab.toyworld.pretrain import build_unet_and_text_encoders, pack_toy_folder
+
+    unet, encoders = build_unet_and_text_encoders(0, "sdxl")
+    moved = [5, 320, 49407]
+    with torch.no_grad():
+        for encoder in encoders:
+            table = encoder.get_input_embeddings().weight
+            table.mul_(0.98)
+            table[moved] += 0.1
+    vae = AutoencoderKL.from_pretrained(TOY / "vae", torch_dtype=torch.float16)
+    folder = tmp_path / "pretrained"
+    save_sd_folder(folder, encoders[0].half(), vae, unet.half(), encoders[1].half())
+    for part in ("judge", "clip"):
+        shutil.copytree(TOY / part, folder / part)
+    write_manifest(folder, {"steps": 0, "seed": 0, "family": "sdxl"})
+    packed = pack_toy_folder(folder, tmp_path / "packed", TOY, seed=0)
+    vocabulary = load_file(packed / VOCABULARY)
+    assert vocabulary["text_encoder.ids"].tolist() == vocabulary["text_encoder_2.ids"].tolist() == moved
+    whole = unpack_toy_folder(packed, ModelConfig(cache_dir=str(tmp_path / "cache")))
+    for k, part in enumerate(("text_encoder", "text_encoder_2")):
+        original = load_file(folder / part / "model.safetensors")
+        rebuilt = load_file(whole / part / "model.safetensors")
+        key = next(name for name in original if name.endswith("token_embedding.weight"))
+        assert torch.equal(rebuilt[key][moved], original[key][moved])
+        assert all(torch.equal(rebuilt[name], original[name]) for name in original if name != key)
+        others = rebuilt[key].float()[:5]  # drawn again at the spread the untouched rows had
+        assert not torch.equal(others, original[key].float()[:5])
+        assert abs(rebuilt[key].float()[:1000].std() - original[key].float()[:1000].std()) < 2e-3
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    weights = load_file(other / "vae" / "diffusion_pytorch_model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v + 1 for k, v in weights.items()}, other / "vae" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(
+        ValueError, match=r"--pack: .*other/vae is not .*checkpoint/vae; pretrain with --reuse"
+    ):
+        pack_toy_folder(other, tmp_path / "packed2", TOY, seed=0)
+    assert not (tmp_path / "packed2").exists()

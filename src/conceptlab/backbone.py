@@ -352,6 +352,8 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
     """Load the frozen backbone a model config names: a diffusers folder, a hub id, a single-file
     checkpoint (.safetensors/.ckpt, what webui users have), or the tiny default."""
     source = str(resolve_path(cfg.path)) if cfg.path else str(ensure_tiny_backbone(cfg))
+    if cfg.unpack:  # e.g. the packed SDXL-shaped toy, made a whole folder once in the cache
+        source = str(get_method(cfg.unpack)(Path(source), cfg))
     if cfg.check:
         get_method(cfg.check)(Path(source))  # e.g. the toy world's manifest and version check
     if cfg.family is not None and cfg.family not in FAMILIES:
@@ -479,17 +481,11 @@ def _load_single_file(file: Path, cfg: ModelConfig) -> dict:
             f"model.path={cfg.path!r} is a {file.suffix or 'suffix-less'} file: a single-file checkpoint is "
             f"{' or '.join(SINGLE_FILE_SUFFIXES)}; otherwise point model.path at a diffusers folder"
         )
-    if cfg.family == "sdxl" and not cfg.single_file_config:
-        raise BackboneError(
-            f"model.path={cfg.path!r}: conceptlab reads SDXL from diffusers folders, not yet from single files; "
-            "save the checkpoint as a folder once (StableDiffusionXLPipeline.from_single_file(file).save_pretrained(folder)) "
-            "and point model.path at the folder"
-        )
     if not cfg.single_file_config:
         raise BackboneError(
             f"model.path={cfg.path!r} is a single-file checkpoint, and model={cfg.name} does not say how its "
-            "parts are shaped: pick its family (model=sd15 for SD 1.x, model=sd21 for SD 2.x) or set "
-            "model.single_file_config= a diffusers folder whose configs describe it"
+            "parts are shaped: pick its family (model=sd15 for SD 1.x, model=sd21 for SD 2.x, model=sdxl for "
+            "SDXL) or set model.single_file_config= a diffusers folder whose configs describe it"
         )
     config = resolve_path(cfg.single_file_config)
     if not (config / "model_index.json").is_file():
@@ -502,6 +498,17 @@ def _load_single_file(file: Path, cfg: ModelConfig) -> dict:
             file, "convert it to .safetensors with a tool you trust", BackboneError, CKPT_EXTRAS
         )
     xl = (config / "text_encoder_2").is_dir()
+    if cfg.family is not None and xl != (cfg.family == "sdxl"):
+        raise BackboneError(
+            f"model.single_file_config={cfg.single_file_config!r} describes an {'SDXL' if xl else 'SD 1.x/2.x'} "
+            f"model, but model={cfg.name} says family={cfg.family}; give the configs of its family"
+        )
+    if file.suffix == ".safetensors" and (found := _single_file_family(file)) and (found == "sdxl") != xl:
+        raise BackboneError(
+            f"model.path={cfg.path!r} is an {'SDXL' if found == 'sdxl' else 'SD 1.x/2.x'} checkpoint, but "
+            f"the configs in {config} describe an {'SDXL' if xl else 'SD 1.x/2.x'} model; "
+            f"use {'model=sdxl' if found == 'sdxl' else 'model=sd15 (SD 1.x) or model=sd21 (SD 2.x)'}"
+        )
     # A config folder without a vocabulary (the shipped ones) gets CLIP's, with the folder's special tokens.
     extra = (
         {} if xl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
@@ -518,12 +525,22 @@ def _load_single_file(file: Path, cfg: ModelConfig) -> dict:
     except Exception as err:  # diffusers raises several kinds for a file that is not what the configs say
         raise BackboneError(
             f"could not load the single-file checkpoint {file} with the configs in {config}: "
-            f"{str(err).splitlines()[0]}. Is it an SD 1.x (model=sd15) or SD 2.x (model=sd21) checkpoint, "
-            "or does model.single_file_config describe it?"
+            f"{str(err).splitlines()[0]}. Is it an SD 1.x (model=sd15), SD 2.x (model=sd21) or SDXL (model=sdxl) "
+            "checkpoint, or does model.single_file_config describe it?"
         ) from err
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     parts = {c: getattr(pipe, c) for c in (XL_COMPONENTS if xl else COMPONENTS)}
     return {**parts, "scheduler": scheduler}
+
+
+def _single_file_family(file: Path) -> str | None:
+    """ "sdxl" or "sd" by the text encoders' names in a .safetensors checkpoint (SDXL's sit under
+    `conditioner.embedders.`, SD 1.x/2.x's under `cond_stage_model.`); None if it has neither."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        prefixes = {key.split(".", 1)[0] for key in f.keys()}
+    return "sdxl" if "conditioner" in prefixes else "sd" if "cond_stage_model" in prefixes else None
 
 
 def resolve_path(path: str) -> Path:
@@ -540,21 +557,35 @@ def resolve_path(path: str) -> Path:
 
 
 def tiny_backbone_dir(cfg: ModelConfig) -> Path:
-    root = Path(os.environ.get("CONCEPTLAB_CACHE") or cfg.cache_dir).expanduser()
+    root = cache_root(cfg)
     kind = "tiny_xl" if cfg.family == "sdxl" else "tiny"
     return root / f"{kind}-v{TINY_VERSION}-seed{cfg.tiny_seed}"
 
 
 def ensure_tiny_backbone(cfg: ModelConfig) -> Path:
-    """The cached tiny backbone folder, built on first use (atomically: parallel sweep jobs are safe)."""
-    folder = tiny_backbone_dir(cfg)
+    """The cached tiny backbone folder, built on first use."""
+    return build_once(
+        tiny_backbone_dir(cfg),
+        lambda tmp: save_tiny_backbone(tmp, seed=cfg.tiny_seed, family=cfg.family or "sd"),
+        "the embedded tiny backbone",
+    )
+
+
+def cache_root(cfg: ModelConfig) -> Path:
+    """Where built backbones are kept: $CONCEPTLAB_CACHE, else model.cache_dir."""
+    return Path(os.environ.get("CONCEPTLAB_CACHE") or cfg.cache_dir).expanduser()
+
+
+def build_once(folder: Path, build, what: str) -> Path:
+    """A diffusers folder built by `build(tmp)` on first use and renamed into place whole (atomically:
+    parallel sweep jobs are safe, and an interrupted build leaves nothing that looks finished)."""
     if (folder / "model_index.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        log.info("building the embedded tiny backbone in %s (once)", folder)
-        save_tiny_backbone(tmp, seed=cfg.tiny_seed, family=cfg.family or "sd")
+        log.info("building %s in %s (once)", what, folder)
+        build(tmp)
         try:
             os.replace(tmp, folder)
         except OSError:

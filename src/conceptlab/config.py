@@ -95,14 +95,14 @@ class ModelConfig:
     name: str = opt("tiny", "label used in run names and in exported files' sd_checkpoint_name")
     path: str | None = opt(
         None,
-        "a local diffusers SD 1.x/2.x or SDXL folder, a single-file SD 1.x/2.x checkpoint (.safetensors/.ckpt), a hub id, or "
+        "a local diffusers SD 1.x/2.x or SDXL folder, a single-file SD 1.x/2.x or SDXL checkpoint (.safetensors/.ckpt), a hub id, or "
         "pkg://package/folder inside an installed package; "
         "null = the embedded tiny backbone",
     )
     single_file_config: str | None = opt(
         None,
         "for model.path= a single-file .safetensors/.ckpt checkpoint: a diffusers folder whose configs describe "
-        "its parts (pkg:// too); sd15 and sd21 name the shipped configs of their family",
+        "its parts (pkg:// too); sd15, sd21 and sdxl name the shipped configs of their family",
     )
     revision: str | None = opt(None, "hub revision (ignored for local folders)")
     variant: str | None = opt(None, "weight variant to load, e.g. fp16")
@@ -112,7 +112,7 @@ class ModelConfig:
     )
     prediction_type: str | None = opt(None, "epsilon | v_prediction | null (the folder's scheduler config)")
     context_dim: int | None = opt(
-        None, "text-context width the folder must have (768 SD 1.x, 1024 SD 2.x); null = any"
+        None, "text-context width the folder must have (768 SD 1.x, 1024 SD 2.x, 2048 SDXL); null = any"
     )
     cache_dir: str = opt(
         "~/.cache/conceptlab", "where the embedded tiny backbone is built once (env CONCEPTLAB_CACHE wins)"
@@ -131,6 +131,11 @@ class ModelConfig:
     check: str | None = opt(
         None,
         "a function (dotted path) that checks the model folder before loading, e.g. the toy world's manifest check",
+    )
+    unpack: str | None = opt(
+        None,
+        "a function (dotted path) given model.path's folder and this config that returns the folder to load, "
+        "e.g. model=toy_xl's, which rebuilds the shipped packed toy once into cache_dir",
     )
 
 

@@ -1,11 +1,12 @@
 """Names in the original Stable Diffusion layout (CompVis / Stability AI: the UNet's `input_blocks` /
-`middle_block` / `output_blocks`, the VAE's `encoder.down.<i>.block.<j>`), from diffusers' names for the
-same modules, and an SD 1.x checkpoint in that layout.
+`middle_block` / `output_blocks`, the VAE's `encoder.down.<i>.block.<j>`, SDXL's second text encoder in
+OpenCLIP's `transformer.resblocks.<i>`), from diffusers' and transformers' names for the same modules, and
+an SD 1.x or SDXL checkpoint in that layout.
 
 kohya's sd-scripts names an SDXL LoRA's UNet modules this way (`lora_unet_input_blocks_4_1_...`), and
 the webui and ComfyUI look them up in the original checkpoint's own module names; SD 1.x/2.x LoRAs keep
 diffusers' names (`lora_unet_down_blocks_0_...`), which both tools translate themselves. A whole model
-for the webui's `models/Stable-diffusion/` is one file of original names (`original_sd1_checkpoint`).
+for the webui's `models/Stable-diffusion/` is one file of original names (`original_checkpoint`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 from typing import Any
 
 import torch
+from torch import nn
 
 from .errors import BackboneError
 
@@ -98,10 +100,13 @@ def original_vae_name(name: str, levels: int) -> str:
     return re.sub(r"^(encoder|decoder)\.conv_norm_out$", r"\1.norm_out", name)
 
 
-def original_sd1_checkpoint(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
-                            dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:  # fmt: skip
-    """An SD 1.x model as one state dict of original names (`model.diffusion_model.`, `first_stage_model.`,
-    `cond_stage_model.transformer.text_model.`), in `dtype`: what a webui checkpoint file holds."""
+def original_checkpoint(unet: nn.Module, vae: nn.Module, *text_encoders: nn.Module,
+                        dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:  # fmt: skip
+    """An SD 1.x model (one text encoder) or an SDXL model (two) as one state dict of original names, in
+    `dtype`: what a webui or ComfyUI checkpoint file holds. The UNet under `model.diffusion_model.`, the VAE
+    under `first_stage_model.`; SD 1.x's CLIP under `cond_stage_model.transformer.text_model.`, SDXL's
+    under `conditioner.embedders.0.transformer.text_model.` and its OpenCLIP under
+    `conditioner.embedders.1.model.` (SD 2.x's OpenCLIP drops a layer diffusers does not keep: not here)."""
     out = {}
     for prefix, module, rename in (
         ("model.diffusion_model.", unet, lambda name: original_unet_name(name, unet.config)),
@@ -112,10 +117,57 @@ def original_sd1_checkpoint(unet: torch.nn.Module, vae: torch.nn.Module, text_en
             if prefix == "first_stage_model." and ".mid_block.attentions." in name and value.ndim == 2:
                 value = value[:, :, None, None]  # the original's attention projections are 1x1 convolutions
             out[f"{prefix}{rename(name)}.{leaf}"] = value
+    if len(text_encoders) not in (1, 2):
+        raise BackboneError(
+            f"a checkpoint has one text encoder (SD 1.x) or two (SDXL), not {len(text_encoders)}"
+        )
+    clip = (
+        "conditioner.embedders.0.transformer." if len(text_encoders) == 2 else "cond_stage_model.transformer."
+    )
     # The original names CLIP's parts under text_model. (transformers 5 saves them without it).
-    for key, value in text_encoder.state_dict().items():
-        out[f"cond_stage_model.transformer.text_model.{key.removeprefix('text_model.')}"] = value
+    for key, value in text_encoders[0].state_dict().items():
+        if not key.endswith("position_ids"):
+            out[f"{clip}text_model.{key.removeprefix('text_model.')}"] = value
+    if len(text_encoders) == 2:
+        out.update(
+            {f"conditioner.embedders.1.model.{k}": v for k, v in open_clip_text(text_encoders[1]).items()}
+        )
     return {k: v.detach().to("cpu", dtype).contiguous() for k, v in out.items()}
+
+
+# A CLIP text layer's parts: transformers' names -> OpenCLIP's (the attention's q, k, v join in in_proj).
+OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}  # fmt: skip
+
+
+def open_clip_text(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModelWithProjection's weights under OpenCLIP's names (SDXL's second encoder
+    in the original checkpoint): `token_embedding.weight`, `positional_embedding`, `transformer.resblocks.<i>.`
+    (`attn.in_proj_weight` = q, k, v stacked), `ln_final.` and `text_projection` as OpenCLIP multiplies by it
+    (transposed)."""
+    state = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
+    out = {
+        "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        "text_projection": state.pop("text_projection.weight").T,
+    }
+    state.pop("embeddings.position_ids", None)
+    for key, value in state.items():
+        if m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key):
+            layer, part, leaf = m.groups()
+            if part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                if part.startswith("self_attn.q"):  # written once, from all three
+                    qkv = [state[f"encoder.layers.{layer}.self_attn.{x}_proj.{leaf}"] for x in "qkv"]
+                    out[f"transformer.resblocks.{layer}.attn.in_proj_{leaf}"] = torch.cat(qkv)
+                continue
+            if part in OPEN_CLIP_LAYER:
+                out[f"transformer.resblocks.{layer}.{OPEN_CLIP_LAYER[part]}.{leaf}"] = value
+                continue
+        elif key.startswith("final_layer_norm."):
+            out[key.replace("final_layer_norm.", "ln_final.")] = value
+            continue
+        raise BackboneError(f"text encoder weight {key!r} has no name in OpenCLIP's layout")
+    return out
 
 
 def _layers_per_block(config: Any) -> int:

@@ -12,9 +12,10 @@ trained text encoder's under `text_encoder.` / `text_encoder_2.`; what `generate
 `<dreambooth:<concept>:m>` applies base + m x (fine-tuned - base), so 0 is the bare model), and
 `diffusers/unet/` (and `diffusers/text_encoder/`, `diffusers/text_encoder_2/`), each part as diffusers
 saves it (`UNet2DConditionModel.from_pretrained`, `CLIPTextModel.from_pretrained`, or a pipeline's
-`unet=` / `text_encoder=`). With `method.checkpoint_file=true` on SD 1.x, also `checkpoint/<concept>.safetensors`:
-the whole model (the fine-tuned UNet, the frozen VAE and text encoder) as one original-layout file in
-float16, what the webui's `models/Stable-diffusion/` and ComfyUI's checkpoint loader take.
+`unet=` / `text_encoder=`). With `method.checkpoint_file=true` on SD 1.x or SDXL, also
+`checkpoint/<concept>.safetensors`: the whole model (the fine-tuned UNet, the VAE and the text encoders,
+trained or not) as one original-layout file in float16, what the webui's `models/Stable-diffusion/`,
+ComfyUI's checkpoint loader and diffusers' `from_single_file` take.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..backbone import Backbone
 from ..config import opt
 from ..errors import ConceptFileError, ConfigError
 from ..formats import TensorFile, write_safetensors
-from ..layouts import original_sd1_checkpoint
+from ..layouts import original_checkpoint
 from .base import Concept, Method, MethodConfig, PriorSpec, method_key
 
 FORMAT = "conceptlab-dreambooth"  # the metadata's `format` of a DreamBooth UNet file
@@ -68,8 +69,8 @@ class DreamBoothConfig(MethodConfig):
     )
     checkpoint_file: bool = opt(
         False,
-        "SD 1.x: also write the whole model as one original-layout float16 .safetensors (concepts/checkpoint/; "
-        "the webui's models/Stable-diffusion/, ComfyUI's checkpoints/), ~2 GB for SD 1.5 at every export",
+        "SD 1.x, SDXL: also write the whole model as one original-layout float16 .safetensors (concepts/checkpoint/; "
+        "the webui's models/Stable-diffusion/, ComfyUI's checkpoints/), ~2 GB for SD 1.5, ~7 GB for SDXL at every export",
     )
 
 
@@ -110,10 +111,10 @@ class DreamBooth(Method):
         return self.spec
 
     def attach(self, backbone: Backbone) -> None:
-        if self.checkpoint_file and (backbone.is_xl or backbone.context_dim == 1024):  # SD 2's is OpenCLIP's
+        if self.checkpoint_file and not backbone.is_xl and backbone.context_dim == 1024:  # SD 2's OpenCLIP
             raise ConfigError(
-                "method.checkpoint_file=true writes SD 1.x checkpoints; this model is "
-                f"{'SDXL' if backbone.is_xl else 'SD 2.x-shaped'}: use the diffusers UNet folder (method.checkpoint_file=false)"
+                "method.checkpoint_file=true writes SD 1.x and SDXL checkpoints; this model is SD 2.x-shaped: "
+                "use the diffusers UNet folder (method.checkpoint_file=false)"
             )
         object.__setattr__(self, "_backbone", backbone)
         # The bare weights, for the multipliers (<dreambooth:name:0> is the bare model) and the files.
@@ -157,7 +158,8 @@ class DreamBooth(Method):
                     os.replace(file, part_folder / file.name)
             files.append(next(part_folder.glob("*.safetensors")))
         if self.checkpoint_file:
-            state = original_sd1_checkpoint(backbone.unet, backbone.vae, backbone.text_encoder)
+            encoders = [getattr(backbone, part) for part in backbone.text_parts]
+            state = original_checkpoint(backbone.unet, backbone.vae, *encoders)
             about = {k: v for k, v in meta.items() if k != "format"}  # a model, not a concept file
             files.append(
                 write_safetensors(

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +24,17 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_path, write_json
 from ..backbone import clip_text_encoder, clip_tokenizer, load_backbone, save_sd_folder
-from .checkpoint import TOY_VERSION, load_judge, toy_model_config, write_manifest
+from ..config import ModelConfig
+from .checkpoint import (
+    MANIFEST,
+    TEXT_PARTS,
+    TOY_VERSION,
+    VOCABULARY,
+    load_judge,
+    toy_model_config,
+    unpack_toy_folder,
+    write_manifest,
+)
 from .clip import install_clip, stage_clip
 from .evaluate import named_attributes, sample_pairs
 from .judge import Judge
@@ -68,6 +80,9 @@ class PretrainConfig:
         ""  # a toy checkpoint folder whose VAE, judge and CLIP this run takes instead of training its own
     )
     eval_scenes: int = 192  # caption following: this many fully named scenes, one sample each
+    pack: str = (
+        ""  # SDXL's shape with --reuse: also write the packed form conceptlab ships (model=toy_xl) here
+    )
     mix: WorldMix = field(default_factory=WorldMix)
 
 
@@ -100,7 +115,66 @@ def pretrain(cfg: PretrainConfig) -> dict:
     install_clip(clip, out)
     results = caption_following(out, cfg)
     write_json(out / "results.json", results)
+    if cfg.pack:
+        packed = pack_toy_folder(out, Path(cfg.pack), Path(cfg.reuse), cfg.seed)
+        # what a user gets: the packed form unpacked, its other vocabulary rows drawn again
+        with tempfile.TemporaryDirectory() as cache:
+            unpacked = unpack_toy_folder(packed, ModelConfig(cache_dir=cache))
+            results["packed"] = caption_following(unpacked, cfg)
+        write_json(out / "results.json", results)
+        write_json(packed / "results.json", results)
     return results
+
+
+def pack_toy_folder(folder: Path, out: Path, shared: Path, seed: int) -> Path:
+    """An SDXL-shaped toy in the form conceptlab ships (toyworld/checkpoint.py says what it keeps): its
+    vocabulary rows that moved in pretraining (the others only decayed with the weights: a multiple of
+    their initial values, rebuilt here from the seed), and the VAE, judge and CLIP of `shared`, the toy
+    it was pretrained beside, by reference."""
+    from safetensors.torch import load_file, save_file
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if manifest.get("family") != "sdxl":
+        raise ValueError(f"--pack: {folder} is not an SDXL-shaped toy (--family sdxl)")
+    for part in ("vae", "judge"):
+        weights = "diffusion_pytorch_model.safetensors"
+        if load_file(folder / part / weights).keys() != load_file(shared / part / weights).keys() or any(
+            not torch.equal(a, b)
+            for a, b in zip(
+                load_file(folder / part / weights).values(), load_file(shared / part / weights).values()
+            )
+        ):
+            raise ValueError(
+                f"--pack: {folder}/{part} is not {shared}/{part}; pretrain with --reuse {shared}"
+            )
+    _, initial = build_unet_and_text_encoders(seed, "sdxl")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folder / "unet", tmp / "unet")
+    vocabulary, spreads = {}, []
+    for part, encoder in zip(TEXT_PARTS, initial):
+        state = load_file(folder / part / "model.safetensors")
+        key = next(name for name in state if name.endswith("token_embedding.weight"))
+        table, start = state.pop(key).float(), encoder.state_dict()[key].float()
+        scale = (table * start).sum() / (start * start).sum()
+        moved = (table - start * scale).abs().amax(1) > 1e-3
+        if moved.sum() > 1000:
+            raise ValueError(
+                f"--pack: {moved.sum()} rows of {folder}/{part} moved; was it pretrained from --seed {seed}?"
+            )
+        ids = moved.nonzero().flatten()
+        vocabulary[f"{part}.ids"], vocabulary[f"{part}.rows"] = ids, table[ids].half()
+        spreads.append(float(table[~moved].std()))
+        (tmp / part).mkdir()
+        shutil.copy(folder / part / "config.json", tmp / part / "config.json")
+        save_file(state, tmp / part / "model.safetensors")
+    save_file(vocabulary, tmp / VOCABULARY)
+    packed = {"shared": os.path.relpath(shared.resolve(), out.resolve().parent), "seed": seed,
+              "std": round(sum(spreads) / len(spreads), 6)}  # fmt: skip
+    write_json(tmp / MANIFEST, {**manifest, "packed": packed})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
 def whole_world() -> WorldMix:
