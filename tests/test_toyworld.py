@@ -531,7 +531,7 @@ def test_packing_keeps_the_vocabulary_rows_pretraining_moved_and_refuses_another
     vocabulary = load_file(packed / VOCABULARY)
     assert vocabulary["text_encoder.ids"].tolist() == vocabulary["text_encoder_2.ids"].tolist() == moved
     whole = unpack_toy_folder(packed, ModelConfig(cache_dir=str(tmp_path / "cache")))
-    for k, part in enumerate(("text_encoder", "text_encoder_2")):
+    for part in ("text_encoder", "text_encoder_2"):
         original = load_file(folder / part / "model.safetensors")
         rebuilt = load_file(whole / part / "model.safetensors")
         key = next(name for name in original if name.endswith("token_embedding.weight"))
