@@ -501,6 +501,12 @@ def test_a_toy_xl_run_trains_and_the_judge_scores_it(tmp_path):
     )
     assert "judge/concept" in summary["metrics"]
     assert compose(["model=toy_xl", "method=ti"]).method.lr == compose(["model=toy", "method=ti"]).method.lr
+    # ... and generate.py draws with the word as train.py's hint spells it (the file holds clip_l/clip_g)
+    from test_lora import generate
+
+    record, out = generate(tmp_path, "model=toy_xl", "seeds=[0]", "prompt=a photo of a <toy_combo>",
+                           f"concepts=[{tmp_path / 'run'}]")  # fmt: skip
+    assert (out / record["images"][0]).is_file()
 
 
 def test_packing_keeps_the_vocabulary_rows_pretraining_moved_and_refuses_another_vae(tmp_path):
