@@ -42,11 +42,14 @@ ON_TEST_CLUSTER = [
 
 
 def launch(tmp_path, *overrides, wait=True):
+    cluster = ON_TEST_CLUSTER
+    if any(o.startswith("model=") for o in overrides):  # another backbone in place of the tiny one
+        cluster = [o for o in cluster if not o.startswith("model=")]
     args = [
         sys.executable,
         str(ROOT / "train.py"),
         "-m",
-        *ON_TEST_CLUSTER,
+        *cluster,
         *overrides,
         f"output_root={tmp_path}",
     ]
@@ -60,12 +63,17 @@ def launch(tmp_path, *overrides, wait=True):
 @pytest.mark.slurm
 @needs_slurm
 def test_two_job_sweep_runs_on_slurm(tmp_path):
-    proc = launch(tmp_path, "method=ti,hypernet", "trainer.max_steps=3", "samples.every_n_steps=0")
+    """On SDXL's shape (the tiny one): each job trains its method and writes SDXL's files."""
+    proc = launch(tmp_path, "model=tiny_xl", "method=ti,hypernet", "trainer.max_steps=3", "samples.every_n_steps=0",
+                  "evaluate.enabled=false")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     [sweep] = list((tmp_path / "multirun").iterdir())
     summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
     assert sorted(summaries) == ["0_ti", "1_hypernet"]
-    assert all(s["status"] == "completed" and s["steps"] == 3 for s in summaries.values())
+    assert all(
+        s["status"] == "completed" and s["steps"] == 3 and s["model"] == "tiny_xl" for s in summaries.values()
+    )
+    assert load_file(sweep / "0_ti" / "concepts" / "robot.safetensors").keys() == {"clip_l", "clip_g"}
     assert list(sweep.glob(".submitit/*/*_log.out")), "submitit kept the jobs' logs in the sweep folder"
 
 
