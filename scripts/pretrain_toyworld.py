@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 
 from conceptlab.toyworld.pretrain import PretrainConfig, pretrain
 
@@ -31,7 +32,11 @@ def main() -> None:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=f"default: {f.default}")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    results = pretrain(PretrainConfig(**vars(args)))
+    try:
+        results = pretrain(PretrainConfig(**vars(args)))
+    except ValueError as err:  # a flag that cannot work: one line, before any stage runs
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(json.dumps(results, indent=2))
 
 

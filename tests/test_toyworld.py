@@ -557,3 +557,10 @@ def test_packing_keeps_the_vocabulary_rows_pretraining_moved_and_refuses_another
     ):
         pack_toy_folder(other, tmp_path / "packed2", TOY, seed=0)
     assert not (tmp_path / "packed2").exists()
+    # the script refuses --pack without an SDXL shape and a toy to take the VAE from, before any stage
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_toyworld.py"), "--pack", str(tmp_path / "p"),
+                           "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: --pack writes an SDXL"
+    )
+    assert not (tmp_path / "w").exists()

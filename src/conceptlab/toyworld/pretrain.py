@@ -92,6 +92,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     if cfg.family not in ("sd", "sdxl"):
         raise ValueError(f"--family {cfg.family}: sd or sdxl")
+    if cfg.pack and (cfg.family != "sdxl" or not cfg.reuse):
+        raise ValueError(
+            "--pack writes an SDXL-shaped toy that takes its VAE, judge and CLIP from another: give --family sdxl "
+            "and --reuse <that toy's folder> (src/conceptlab/toyworld/checkpoint)"
+        )
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
     if cfg.reuse:  # the world's VAE, judge and CLIP are the backbone's neighbours, not its shape
