@@ -18,8 +18,12 @@ def test_every_config_option_composes(group, option):
     plus = (
         "+" if group in ("experiment", "knob") else ""
     )  # added to the defaults (experiments, knobs), not chosen
-    # a recipe (<model>_<method>) holds its method's own keys: composed with that method
-    method = [f"method={option.split('_', 1)[1]}"] if group == "recipe" else []
+    # a recipe (<model>_<method>) holds its method's own keys: composed with that method (and model)
+    method = []
+    if group == "recipe":
+        models = sorted((p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")), key=len, reverse=True)
+        model = next(m for m in models if option.startswith(m + "_"))
+        method = [f"model={model}", f"method={option.removeprefix(model + '_')}"]
     cfg = compose([*method, f"{plus}{group}={option}"])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
