@@ -57,6 +57,7 @@ LONG_FIRST = {
     "test_four_job_sweep_then_the_report": 22,
     "test_a_running_run_holds_its_folder_and_sigterm_records_interrupted": 22,
     "test_composition_sweep_pairs_the_runs_and_the_report_shows_them": 21,
+    "test_ddp_on_cpu_gives_one_run_record_and_the_single_process_result": 21,
     "test_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_embedding": 54,
 }
 

@@ -436,9 +436,13 @@ def test_pretraining_runs_every_stage_and_resumes(tmp_path):
 
     # An SDXL-shaped toy on the same world, reusing that folder's VAE, judge and CLIP (nothing else trains).
     xl = [*args[:2], "--out", str(tmp_path / "xl"), "--work", str(tmp_path / "xl_work"), *args[6:], "--unet-steps", "2",
-          "--family", "sdxl", "--reuse", str(tmp_path / "out")]  # fmt: skip
+          "--family", "sdxl", "--reuse", str(tmp_path / "out"), "--pack", str(tmp_path / "xl_packed")]  # fmt: skip
     made = subprocess.run(xl, capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-3000:]
+    # ... and packed as conceptlab ships model=toy_xl, measured again unpacked
+    packed = json.loads((tmp_path / "xl_packed" / MANIFEST).read_text())["packed"]
+    assert packed["shared"] == "out" and (tmp_path / "xl_packed" / "vocabulary.safetensors").is_file()
+    assert json.loads((tmp_path / "xl_packed" / "results.json").read_text())["packed"]["samples"] == 2
     assert "vae:" not in made.stderr and "judge:" not in made.stderr and "clip:" not in made.stderr
     assert json.loads((tmp_path / "xl" / MANIFEST).read_text())["family"] == "sdxl"
     backbone = load_backbone(toy_model_config(tmp_path / "xl"))
