@@ -14,6 +14,7 @@ import random
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -205,12 +206,15 @@ def stage_pool(cfg: PretrainConfig, path: Path, size: int, mix: WorldMix, seed: 
         chunks = [
             (seed * 1_000_003 + i, min(1000, size - i * 1000), mix) for i in range((size + 999) // 1000)
         ]
-        with multiprocessing.get_context("spawn").Pool(
-            max(1, min(4, multiprocessing.cpu_count()))
-        ) as workers:
-            parts = list(
-                tqdm(workers.imap(_render_chunk, chunks), total=len(chunks), desc=f"render {path.stem}")
-            )
+        with ExitStack() as stack:
+            if len(chunks) == 1:  # one chunk: rendered here (a spawned worker would first import torch again)
+                rendered = map(_render_chunk, chunks)
+            else:
+                workers = stack.enter_context(
+                    multiprocessing.get_context("spawn").Pool(max(1, min(4, multiprocessing.cpu_count())))
+                )
+                rendered = workers.imap(_render_chunk, chunks)
+            parts = list(tqdm(rendered, total=len(chunks), desc=f"render {path.stem}"))
         scenes = [asdict(s) for part in parts for s in part[2]]
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
