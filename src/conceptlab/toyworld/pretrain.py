@@ -404,7 +404,6 @@ def encode_pool(vae, images: np.ndarray) -> torch.Tensor:
     return torch.cat(moments)
 
 
-TEXT_KEYS = ("text_encoder", "text_encoder_2")
 # Each model's EMA in the stage's state (the SD recipe's names, which its resumable states carry).
 EMA_KEYS = {"unet": "ema_unet", "text_encoder": "ema_text", "text_encoder_2": "ema_text_2"}
 
@@ -431,7 +430,7 @@ def stage_unet(cfg: PretrainConfig, work: Path, pool: dict, vae) -> None:
     ]
     opt = torch.optim.AdamW(params, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
-    models = {"unet": unet, **{TEXT_KEYS[k]: encoder for k, encoder in enumerate(encoders)}}
+    models = {"unet": unet, **{TEXT_PARTS[k]: encoder for k, encoder in enumerate(encoders)}}
     emas = {key: EMAModel(model.parameters(), decay=cfg.ema_decay) for key, model in models.items()}
     step = 0
     if state_path.is_file():
@@ -493,7 +492,7 @@ def export(cfg: PretrainConfig, work: Path, out: Path) -> Path:
 
     unet, encoders = build_unet_and_text_encoders(cfg.seed, cfg.family)
     state = torch.load(work / "unet_state.pt", weights_only=True)
-    models = {"unet": unet, **{TEXT_KEYS[k]: encoder for k, encoder in enumerate(encoders)}}
+    models = {"unet": unet, **{TEXT_PARTS[k]: encoder for k, encoder in enumerate(encoders)}}
     for key, model in models.items():
         ema = EMAModel(model.parameters())
         ema.load_state_dict(state[EMA_KEYS[key]])
