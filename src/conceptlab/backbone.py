@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 XL_COMPONENTS = (*COMPONENTS, "tokenizer_2", "text_encoder_2")
+TEXT_PARTS = ("text_encoder", "text_encoder_2")  # the text encoders' attribute names (SD: the first only)
 FAMILIES = ("sd", "sdxl")
 # Bump when a tiny backbone's architecture changes, so stale caches are rebuilt, not reused.
 TINY_VERSION = 1
@@ -111,7 +112,7 @@ class Backbone(nn.Module):
     @property
     def text_parts(self) -> list[str]:
         """The text encoders' attribute names: text_encoder (and SDXL's text_encoder_2)."""
-        return ["text_encoder", "text_encoder_2"] if self.is_xl else ["text_encoder"]
+        return list(TEXT_PARTS if self.is_xl else TEXT_PARTS[:1])
 
     @property
     def text_encoders(self) -> list[nn.Module]:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbone import Backbone
+from ..backbone import TEXT_PARTS, Backbone
 from ..config import opt
 from ..errors import ConceptFileError, ConfigError
 from ..formats import TensorFile, write_safetensors
@@ -39,7 +39,6 @@ from ..layouts import original_checkpoint
 from .base import Concept, Method, MethodConfig, PriorSpec, method_key
 
 FORMAT = "conceptlab-dreambooth"  # the metadata's `format` of a DreamBooth UNet file
-TEXT_PARTS = ("text_encoder", "text_encoder_2")  # a trained text encoder's key prefixes in that file
 
 
 @dataclass

@@ -441,7 +441,7 @@ class EmbeddingConcept(Concept):
         if self.embedding.named_by_file and self.token != f"<{self.name}>":
             # conceptlab's own spelling of a trained word, <name>, calls a file-named embedding too (an
             # SDXL run's clip_l/clip_g file, as train.py's hint writes it)
-            text = re.sub(rf"<{re.escape(self.name)}>", self.token, text)
+            text = text.replace(f"<{self.name}>", self.token)
         if self.token == self.name:
             return text
         return re.sub(rf"(?<![\w<-]){re.escape(self.name)}(?![\w>-])", self.token, text)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import write_json
-from ..backbone import build_once, cache_root, save_sd_folder
+from ..backbone import TEXT_PARTS, build_once, cache_root, save_sd_folder
 from ..config import ModelConfig
 from ..errors import BackboneError
 from .judge import Judge
@@ -55,7 +55,6 @@ XL_FILES = (
 REBUILD = "python scripts/pretrain_toyworld.py --out {folder}"
 # A packed SDXL-shaped toy's kept vocabulary rows: `<part>.ids` and `<part>.rows` for each text encoder.
 VOCABULARY = "vocabulary.safetensors"
-TEXT_PARTS = ("text_encoder", "text_encoder_2")
 
 
 def bundled_checkpoint() -> Path:

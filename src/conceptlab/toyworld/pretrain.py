@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path, write_json
-from ..backbone import clip_text_encoder, clip_tokenizer, load_backbone, save_sd_folder
+from ..backbone import TEXT_PARTS, clip_text_encoder, clip_tokenizer, load_backbone, save_sd_folder
 from ..config import ModelConfig
 from .checkpoint import (
     MANIFEST,
-    TEXT_PARTS,
     TOY_VERSION,
     VOCABULARY,
     load_judge,
@@ -143,13 +142,8 @@ def pack_toy_folder(folder: Path, out: Path, shared: Path, seed: int) -> Path:
     if manifest.get("family") != "sdxl":
         raise ValueError(f"--pack: {folder} is not an SDXL-shaped toy (--family sdxl)")
     for part in ("vae", "judge"):
-        weights = "diffusion_pytorch_model.safetensors"
-        if load_file(folder / part / weights).keys() != load_file(shared / part / weights).keys() or any(
-            not torch.equal(a, b)
-            for a, b in zip(
-                load_file(folder / part / weights).values(), load_file(shared / part / weights).values()
-            )
-        ):
+        ours, theirs = (load_file(f / part / "diffusion_pytorch_model.safetensors") for f in (folder, shared))
+        if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
             raise ValueError(
                 f"--pack: {folder}/{part} is not {shared}/{part}; pretrain with --reuse {shared}"
             )
